@@ -1,0 +1,395 @@
+"""The gateway: one FHIR base URL in front of the services.
+
+It authenticates the client (SMART Backend Services), checks the token's scopes against the
+interaction, picks the owning service and forwards the request with the caller's identity in a
+signed internal header. In the embedded mode every service runs in this process behind an
+in-process ASGI transport; in distributed mode the same code reaches them over HTTP.
+"""
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlencode
+
+import httpx
+import orjson
+from fastapi import FastAPI, Request
+from starlette.responses import Response
+
+from fhirkit import jsonio
+from fhirkit.api.handlers import install_exception_handlers
+from fhirkit.api.responses import FHIR_JSON, check_format
+from fhirkit.errors import (
+    BusinessRuleViolation,
+    FhirError,
+    Forbidden,
+    InvalidRequest,
+    NotSupported,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+from gateway import routing
+from gateway.auth import Authenticated, AuthSettings, authenticate, build_auth_router
+from gateway.capabilities import merge_capabilities
+from gateway.platform import DEFINITION as PLATFORM_DEFINITION
+from servicekit import topology
+from servicekit.app import ServiceDefinition, create_service_app
+from servicekit.identity import IDENTITY_HEADER, sign_identity
+from servicekit.observability import Metrics, RequestContextMiddleware, request_id_var
+from servicekit.peers import SYSTEM_IDENTITY
+from servicekit.settings import AllianceSettings
+
+FORWARDED_REQUEST_HEADERS = ("content-type", "prefer", "if-match", "if-none-exist", "if-none-match", "if-modified-since")
+FORWARDED_RESPONSE_HEADERS = ("etag", "location", "last-modified", "content-location", "www-authenticate", "retry-after")
+SYSTEM_OPERATIONS: dict[str, str] = {}  # `$name` at the base → owning service; filled as services add them
+
+
+def service_definitions() -> dict[str, ServiceDefinition]:
+    from directory.fhir import DEFINITION as DIRECTORY
+    from referral.fhir import DEFINITION as REFERRAL
+    from results_sharing.fhir import DEFINITION as RESULTS_SHARING
+    from telemedicine.fhir import DEFINITION as TELEMEDICINE
+
+    return {
+        "directory": DIRECTORY,
+        "referral": REFERRAL,
+        "results-sharing": RESULTS_SHARING,
+        "telemedicine": TELEMEDICINE,
+        "platform": PLATFORM_DEFINITION,
+    }
+
+
+@dataclass
+class Upstream:
+    status: int
+    headers: dict[str, str]
+    content: bytes
+
+
+class Gateway:
+    def __init__(self, settings: AllianceSettings, clients: dict[str, httpx.AsyncClient]) -> None:
+        self.settings = settings
+        self.clients = clients
+        self.secret = settings.secret("internal_secret")
+        self._capabilities: bytes | None = None
+
+    async def send(
+        self,
+        service: str,
+        method: str,
+        path: str,
+        *,
+        identity: Any,
+        headers: dict[str, str] | None = None,
+        content: bytes = b"",
+    ) -> Upstream:
+        outgoing = dict(headers or {})
+        outgoing[IDENTITY_HEADER] = sign_identity(identity, self.secret, request_id=request_id_var.get())
+        outgoing["x-request-id"] = request_id_var.get()
+        outgoing["x-forwarded-base"] = self.settings.base_url
+        try:
+            response = await self.clients[service].request(method, path, content=content, headers=outgoing)
+        except httpx.TimeoutException:
+            raise UpstreamTimeout(f"The {service} service did not answer in time") from None
+        except httpx.HTTPError as exc:
+            raise UpstreamUnavailable(f"The {service} service is unavailable ({type(exc).__name__})") from None
+        kept = {k: v for k, v in response.headers.items() if k.lower() in FORWARDED_RESPONSE_HEADERS}
+        return Upstream(response.status_code, kept, response.content)
+
+    async def capabilities(self) -> bytes:
+        if self._capabilities is None:
+            statements = []
+            for service in self.clients:
+                upstream = await self.send(service, "GET", "/fhir/metadata", identity=SYSTEM_IDENTITY)
+                if upstream.status != 200:
+                    raise UpstreamUnavailable(f"The {service} service did not describe itself")
+                statements.append(orjson.loads(upstream.content))
+            self._capabilities = orjson.dumps(merge_capabilities(statements, self.settings.base_url))
+        return self._capabilities
+
+
+def _response(upstream: Upstream) -> Response:
+    return Response(upstream.content, status_code=upstream.status, headers=upstream.headers, media_type=FHIR_JSON)
+
+
+def _forward_headers(request: Request) -> dict[str, str]:
+    return {k: v for k, v in request.headers.items() if k.lower() in FORWARDED_REQUEST_HEADERS}
+
+
+def _require(auth: Authenticated, resource_type: str, interaction: str) -> None:
+    if not auth.scopes.permits(resource_type, interaction):
+        names = {"c": "create", "r": "read", "u": "update", "d": "delete", "s": "search"}
+        raise Forbidden(
+            f"The token's scopes do not allow {names.get(interaction, interaction)} on {resource_type}",
+            details={"text": " ".join(auth.identity.scopes)[:200]},
+        )
+
+
+class FhirDispatcher:
+    """Maps one client request onto the owning service(s)."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+
+    async def dispatch(
+        self, auth: Authenticated, method: str, segments: list[str], query: str, headers: dict[str, str], body: bytes
+    ) -> Upstream:
+        path = "/fhir/" + "/".join(segments) + (f"?{query}" if query else "")
+        if not segments:
+            return await self._bundle(auth, headers, body, path)
+        resource_type = segments[0]
+        if resource_type.startswith("$"):
+            return await self._system_operation(auth, resource_type[1:], method, path, headers, body)
+        if resource_type == "_history":
+            raise NotSupported("System-wide _history spans services; ask for Type/_history instead")
+        if len(segments) == 1 or segments[1] in ("_search", "_history") or segments[1].startswith("$"):
+            return await self._type_level(auth, method, segments, query, path, headers, body)
+        return await self._instance_level(auth, method, segments, path, headers, body)
+
+    async def _type_level(
+        self, auth: Authenticated, method: str, segments: list[str], query: str, path: str,
+        headers: dict[str, str], body: bytes,
+    ) -> Upstream:
+        resource_type = segments[0]
+        owners = routing.owners_of(resource_type)
+        second = segments[1] if len(segments) > 1 else None
+        if second is None and method == "GET" or second == "_search":
+            _require(auth, resource_type, "s")
+            params = _params(query) + (_params(body.decode("utf-8", "replace")) if second == "_search" else [])
+            service = routing.services_for_search(resource_type, params)[0]
+        elif second == "_history":
+            _require(auth, resource_type, "r")
+            service = owners[0]
+        elif second is not None and second.startswith("$"):
+            _require(auth, resource_type, "r" if method == "GET" or second == "$validate" else "u")
+            service = owners[0]
+        elif method == "POST":
+            _require(auth, resource_type, "c")
+            service = routing.service_for_resource(_json_object(body)) if len(owners) > 1 else owners[0]
+        elif method in ("PUT", "PATCH"):
+            _require(auth, resource_type, "u")
+            service = owners[0]
+        elif method == "DELETE":
+            _require(auth, resource_type, "d")
+            service = owners[0]
+        else:
+            raise NotSupported(f"{method} on {resource_type} is not an interaction")
+        return await self.gateway.send(service, method, path, identity=auth.identity, headers=headers, content=body)
+
+    async def _instance_level(
+        self, auth: Authenticated, method: str, segments: list[str], path: str, headers: dict[str, str], body: bytes
+    ) -> Upstream:
+        resource_type, resource_id = segments[0], segments[1]
+        interaction = {"GET": "r", "PUT": "u", "PATCH": "u", "DELETE": "d", "POST": "u"}.get(method)
+        if interaction is None:
+            raise NotSupported(f"{method} is not an interaction on {resource_type}/{resource_id[:64]}")
+        if len(segments) > 2 and segments[2].startswith("$") and method == "GET":
+            interaction = "r"
+        _require(auth, resource_type, interaction)
+        candidates = routing.services_for_id(resource_type, resource_id)
+        if method == "PUT" and len(candidates) > 1:
+            candidates = await self._put_candidates(auth, resource_type, resource_id, body, candidates)
+        upstream: Upstream | None = None
+        for service in candidates:
+            upstream = await self.gateway.send(service, method, path, identity=auth.identity, headers=headers, content=body)
+            if upstream.status != 404:
+                return upstream
+        assert upstream is not None
+        return upstream
+
+    async def _put_candidates(
+        self, auth: Authenticated, resource_type: str, resource_id: str, body: bytes, candidates: tuple[str, ...]
+    ) -> tuple[str, ...]:
+        # An update goes where the resource lives; a create-by-update where its content says.
+        for service in candidates:
+            probe = await self.gateway.send(
+                service, "GET", f"/fhir/{resource_type}/{resource_id}", identity=auth.identity
+            )
+            if probe.status in (200, 410):
+                return (service,)
+        return (routing.service_for_resource(_json_object(body)),)
+
+    async def _system_operation(
+        self, auth: Authenticated, name: str, method: str, path: str, headers: dict[str, str], body: bytes
+    ) -> Upstream:
+        service = SYSTEM_OPERATIONS.get(name)
+        if service is None:
+            raise NotSupported(f"Operation ${name[:64]} is not supported at the system level")
+        return await self.gateway.send(service, method, path, identity=auth.identity, headers=headers, content=body)
+
+    async def _bundle(self, auth: Authenticated, headers: dict[str, str], body: bytes, path: str) -> Upstream:
+        bundle = _json_object(body)
+        if bundle.get("resourceType") != "Bundle" or bundle.get("type") not in ("batch", "transaction"):
+            raise InvalidRequest("POST to the base takes a batch or transaction Bundle")
+        services = self._entry_services(auth, bundle)
+        distinct = set(services)
+        if len(distinct) <= 1:
+            service = services[0] if services else "referral"
+            return await self.gateway.send(service, "POST", path, identity=auth.identity, headers=headers, content=body)
+        if bundle["type"] == "transaction":
+            raise BusinessRuleViolation(
+                "This transaction spans services (" + ", ".join(sorted(distinct)) + "); a transaction must "
+                "stay within one service's resource types (see docs/api.md, 'Transactions'). Send a batch, "
+                "or one transaction per service."
+            )
+        return await self._split_batch(auth, bundle, headers)
+
+    def _entry_services(self, auth: Authenticated, bundle: dict[str, Any]) -> list[str]:
+        services = []
+        for index, entry in enumerate(bundle.get("entry") or []):
+            request = entry.get("request") if isinstance(entry, dict) else None
+            if not isinstance(request, dict) or not isinstance(request.get("url"), str):
+                raise InvalidRequest(f"Bundle.entry[{index}].request.url is missing")
+            method = str(request.get("method", "")).upper()
+            url = request["url"]
+            resource_type = url.split("?")[0].split("/")[0]
+            interaction = {"GET": "s" if "/" not in url.split("?")[0] else "r", "POST": "c", "PUT": "u",
+                           "PATCH": "u", "DELETE": "d", "HEAD": "r"}.get(method, "r")
+            _require(auth, resource_type, interaction)
+            resource = entry.get("resource")
+            if isinstance(resource, dict) and method in ("POST", "PUT"):
+                services.append(routing.service_for_resource({**resource, "resourceType": resource_type}))
+            else:
+                services.append(self._service_for_url(url, resource_type))
+        return services
+
+    def _service_for_url(self, url: str, resource_type: str) -> str:
+        path, _, query = url.partition("?")
+        parts = [p for p in path.split("/") if p]
+        if len(parts) > 1:
+            return routing.services_for_id(resource_type, parts[1])[0]
+        return routing.services_for_search(resource_type, _params(query))[0]
+
+    async def _split_batch(self, auth: Authenticated, bundle: dict[str, Any], headers: dict[str, str]) -> Upstream:
+        entries = []
+        for entry in bundle.get("entry") or []:
+            single = {"resourceType": "Bundle", "type": "batch", "entry": [entry]}
+            upstream = await self._bundle(auth, headers, orjson.dumps(single), "/fhir")
+            if upstream.status != 200:
+                entries.append({"response": {"status": str(upstream.status), "outcome": orjson.loads(upstream.content)}})
+                continue
+            entries.extend(orjson.loads(upstream.content).get("entry") or [])
+        response = {"resourceType": "Bundle", "type": "batch-response", "entry": entries}
+        return Upstream(200, {}, orjson.dumps(response))
+
+
+def _params(query: str) -> list[tuple[str, str]]:
+    from urllib.parse import parse_qsl
+
+    return parse_qsl(query, keep_blank_values=True)
+
+
+def _json_object(body: bytes) -> dict[str, Any]:
+    if not body.strip():
+        raise InvalidRequest("The request has no body")
+    value = jsonio.loads(body)
+    if not isinstance(value, dict):
+        raise InvalidRequest("The body must be a JSON object holding a FHIR resource")
+    return value
+
+
+def create_gateway_app(
+    settings: AllianceSettings | None = None,
+    *,
+    distributed: bool = False,
+    clock: Callable[[], int] | None = None,
+) -> FastAPI:
+    """The whole system (embedded) or the gateway in front of remote services (distributed)."""
+    settings = settings or AllianceSettings()
+    definitions = service_definitions()
+    local = ["platform"] if distributed else list(definitions)
+    transports: dict[str, httpx.AsyncBaseTransport] = {}
+    apps = {name: create_service_app(definitions[name], settings, transports=transports, clock=clock) for name in local}
+    for name, app in apps.items():
+        transports[name] = httpx.ASGITransport(app=app)
+    clients: dict[str, httpx.AsyncClient] = {}
+    for name in definitions:
+        if name in transports:
+            clients[name] = httpx.AsyncClient(transport=transports[name], base_url=f"http://{name}", timeout=30.0)
+        else:
+            url = settings.service_url(name)
+            if not url:
+                raise RuntimeError(f"Distributed mode needs ALLIANCE_{name.upper().replace('-', '_')}_URL")
+            clients[name] = httpx.AsyncClient(base_url=url, timeout=30.0, limits=httpx.Limits(max_connections=100))
+    gateway = Gateway(settings, clients)
+    dispatcher = FhirDispatcher(gateway)
+    platform_db = apps["platform"].state.database
+    auth_settings = AuthSettings(
+        base_url=settings.base_url,
+        signing_key=settings.secret("token_signing_key"),
+        token_ttl_seconds=settings.access_token_ttl_seconds,
+        jwks_url_allow_list=tuple(settings.jwks_url_allow_list),
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with AsyncExitStack() as stack:
+            for service_app in apps.values():
+                await stack.enter_async_context(service_app.router.lifespan_context(service_app))
+            try:
+                yield
+            finally:
+                for client in clients.values():
+                    await client.aclose()
+
+    app = FastAPI(title="County medical alliance FHIR gateway", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.gateway = gateway
+    app.state.apps = apps
+    app.state.settings = settings
+    app.state.auth_settings = auth_settings
+    install_exception_handlers(app)
+    app.include_router(build_auth_router(get_engine=lambda request: platform_db.engine, settings=auth_settings))
+
+    @app.get("/fhir/metadata", include_in_schema=False)
+    async def metadata(request: Request) -> Response:
+        check_format(request.query_params.get("_format"), request.headers.get("accept"))
+        return Response(await gateway.capabilities(), media_type=FHIR_JSON)
+
+    @app.api_route("/fhir", methods=["POST"], include_in_schema=False)
+    @app.api_route("/fhir/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False)
+    async def fhir(request: Request, path: str = "") -> Response:
+        check_format(request.query_params.get("_format"), request.headers.get("accept"))
+        auth = await authenticate(request, engine=platform_db.engine, settings=auth_settings)
+        segments = [s for s in path.split("/") if s]
+        body = await request.body() if request.method in ("POST", "PUT", "PATCH") else b""
+        upstream = await dispatcher.dispatch(
+            auth, request.method, segments, request.url.query, _forward_headers(request), body
+        )
+        return _response(upstream)
+
+    _health(app, gateway)
+    app.add_middleware(RequestContextMiddleware, service="gateway", metrics=_metrics(app))
+    return app
+
+
+def _metrics(app: FastAPI) -> Metrics:
+    metrics = Metrics("gateway")
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics_endpoint() -> Response:
+        return metrics.response()
+
+    return metrics
+
+
+def _health(app: FastAPI, gateway: Gateway) -> None:
+    @app.get("/healthz", include_in_schema=False)
+    async def healthz() -> Response:
+        return Response(b'{"status":"ok"}', media_type="application/json")
+
+    @app.get("/readyz", include_in_schema=False)
+    async def readyz() -> Response:
+        states = {}
+        for name, client in gateway.clients.items():
+            try:
+                response = await client.get("/readyz")
+                states[name] = "ready" if response.status_code == 200 else "unavailable"
+            except httpx.HTTPError:
+                states[name] = "unreachable"
+        ready = all(state == "ready" for state in states.values())
+        return Response(orjson.dumps({"status": "ready" if ready else "unavailable", "services": states}),
+                        status_code=200 if ready else 503, media_type="application/json")
+
+
+__all__ = ["create_gateway_app", "FhirError", "urlencode"]

@@ -1,0 +1,19 @@
+"""The platform types the gateway itself owns: AuditEvent (the audit repository), Subscription and
+SubscriptionTopic (the notification hub) and Consent (read by access decisions). They are served
+by the same engine as every service, in-process with the gateway, on the gateway's database,
+which also holds the registered API clients."""
+
+from pathlib import Path
+
+from servicekit import topology
+from servicekit.app import ServiceDefinition
+from servicekit.migrations import Lineage
+
+LINEAGE = Lineage("gateway", Path(__file__).resolve().parent / "migrations", "gateway_alembic_version")
+
+DEFINITION = ServiceDefinition(
+    name="platform",
+    title="Alliance platform: audit repository, notification hub, consent",
+    resource_types=topology.PLATFORM_TYPES,
+    lineages=[LINEAGE],
+)

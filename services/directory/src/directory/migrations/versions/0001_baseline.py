@@ -1,0 +1,21 @@
+"""Start of the directory service's own lineage (its domain tables come in later revisions).
+
+Revision ID: directory_0001
+Revises:
+Create Date: 2026-11-23
+"""
+
+from collections.abc import Sequence
+
+revision: str = "directory_0001"
+down_revision: str | None = None
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+
+def upgrade() -> None:
+    pass
+
+
+def downgrade() -> None:
+    pass

@@ -1,0 +1,262 @@
+"""`batch` and `transaction` Bundles (https://hl7.org/fhir/R4/http.html#transaction).
+
+A transaction runs every entry in the request's one database transaction: entries are processed
+in the spec's order (DELETE, POST, PUT/PATCH, GET), `urn:uuid` full URLs and conditional
+references are resolved first, and any failure rolls everything back and answers with the
+failing entry's error. A batch runs each entry on its own savepoint and reports each outcome.
+"""
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+import orjson
+
+from fhirkit import resources
+from fhirkit.api import interactions, responses
+from fhirkit.api.interactions import RequestOptions, Result
+from fhirkit.errors import FhirError, InvalidRequest, MultipleMatches, PayloadTooLarge, UnprocessableEntity
+from fhirkit.search.values import format_instant
+from fhirkit.store.repository import Repository
+
+MAX_ENTRIES = 1000
+METHOD_ORDER = {"DELETE": 0, "POST": 1, "PUT": 2, "PATCH": 2, "GET": 3, "HEAD": 3}
+
+
+@dataclass
+class Entry:
+    index: int
+    method: str
+    resource_type: str
+    resource_id: str | None
+    query: str
+    full_url: str | None
+    resource: Any
+    if_match: int | None
+    if_none_exist: str | None
+
+
+def parse_entries(bundle: dict[str, Any]) -> list[Entry]:
+    entries = bundle.get("entry") or []
+    if not isinstance(entries, list):
+        raise InvalidRequest("Bundle.entry must be an array")
+    if len(entries) > MAX_ENTRIES:
+        raise PayloadTooLarge(f"A Bundle may carry at most {MAX_ENTRIES} entries, not {len(entries)}")
+    return [_entry(index, raw) for index, raw in enumerate(entries)]
+
+
+def _entry(index: int, raw: Any) -> Entry:
+    where = f"Bundle.entry[{index}]"
+    if not isinstance(raw, dict) or not isinstance(raw.get("request"), dict):
+        raise InvalidRequest(f"{where} has no request", expression=[f"{where}.request"])
+    request = raw["request"]
+    method = str(request.get("method", "")).upper()
+    if method not in METHOD_ORDER:
+        raise InvalidRequest(f"{where}.request.method '{method[:10]}' is not supported", expression=[f"{where}.request.method"])
+    url = request.get("url")
+    if not isinstance(url, str) or not url:
+        raise InvalidRequest(f"{where}.request.url is missing", expression=[f"{where}.request.url"])
+    parts = urlsplit(url)
+    segments = [s for s in parts.path.split("/") if s]
+    if not segments or not resources.is_resource_type(segments[0]) or len(segments) > 2 and segments[2] != "_history":
+        raise InvalidRequest(f"{where}.request.url '{url[:80]}' is not Type, Type/id or Type?query", expression=[f"{where}.request.url"])
+    return Entry(
+        index=index,
+        method=method,
+        resource_type=segments[0],
+        resource_id=segments[1] if len(segments) > 1 else None,
+        query=parts.query,
+        full_url=raw.get("fullUrl") if isinstance(raw.get("fullUrl"), str) else None,
+        resource=raw.get("resource"),
+        if_match=interactions.parse_if_match(request.get("ifMatch")),
+        if_none_exist=request.get("ifNoneExist"),
+    )
+
+
+class BundleProcessor:
+    """Runs the entries of one Bundle against one repository (one database transaction)."""
+
+    def __init__(
+        self,
+        repo: Repository,
+        options: RequestOptions,
+        savepoint: Callable[[], Any],
+    ) -> None:
+        self.repo = repo
+        self.options = options
+        self.savepoint = savepoint
+
+    async def transaction(self, bundle: dict[str, Any]) -> bytes:
+        entries = parse_entries(bundle)
+        self.repo.in_transaction = True
+        aliases = await self._assign_ids(entries)
+        for entry in entries:
+            if entry.resource is not None:
+                entry.resource = _rewrite(entry.resource, aliases)
+        await self._resolve_conditional_references(entries)
+        results: dict[int, Result] = {}
+        for entry in sorted(entries, key=lambda e: METHOD_ORDER[e.method]):
+            try:
+                results[entry.index] = await self._execute(entry)
+            except FhirError as exc:
+                exc.diagnostics = f"Bundle.entry[{entry.index}] ({entry.method} {entry.resource_type}): {exc.diagnostics}"
+                raise
+        ordered = [self._response_entry(results[e.index], e) for e in entries]
+        return responses.bundle_bytes("transaction-response", ordered, timestamp=self._now())
+
+    async def batch(self, bundle: dict[str, Any]) -> bytes:
+        entries = parse_entries(bundle)
+        out: list[bytes] = []
+        for entry in entries:
+            try:
+                async with self.savepoint():
+                    result = await self._execute(entry)
+                out.append(self._response_entry(result, entry))
+            except FhirError as exc:
+                out.append(_error_entry(exc))
+        return responses.bundle_bytes("batch-response", out, timestamp=self._now())
+
+    def _now(self) -> str:
+        return format_instant(self.repo.config.clock())
+
+    async def _assign_ids(self, entries: list[Entry]) -> dict[str, str]:
+        aliases: dict[str, str] = {}
+        for entry in entries:
+            if entry.method == "POST":
+                target_id = None
+                if entry.if_none_exist:
+                    matches = await self.repo.conditional_targets(entry.resource_type, entry.if_none_exist)
+                    if len(matches) > 1:
+                        raise MultipleMatches(f"Bundle.entry[{entry.index}] ifNoneExist matches several resources")
+                    target_id = matches[0].resource_id if matches else None
+                entry.resource_id = target_id or self.repo.config.new_id(entry.resource_type)
+                if target_id:
+                    entry.method = "MATCHED"  # conditional create found it: nothing to write
+            elif entry.method == "PUT" and entry.resource_id is None and entry.query:
+                matches = await self.repo.conditional_targets(entry.resource_type, entry.query)
+                if len(matches) > 1:
+                    raise MultipleMatches(f"Bundle.entry[{entry.index}] conditional update matches several resources")
+                entry.resource_id = matches[0].resource_id if matches else self.repo.config.new_id(entry.resource_type)
+                if isinstance(entry.resource, dict):
+                    entry.resource = {**entry.resource, "id": entry.resource_id}
+            if entry.full_url and entry.resource_id and entry.method != "DELETE":
+                aliases[entry.full_url] = f"{entry.resource_type}/{entry.resource_id}"
+        return aliases
+
+    async def _resolve_conditional_references(self, entries: list[Entry]) -> None:
+        cache: dict[str, str] = {}
+        for entry in entries:
+            if isinstance(entry.resource, dict):
+                entry.resource = await self._resolve_in(entry.resource, cache, entry.index)
+
+    async def _resolve_in(self, value: Any, cache: dict[str, str], index: int) -> Any:
+        if isinstance(value, dict):
+            out = {}
+            for key, child in value.items():
+                if key == "reference" and isinstance(child, str) and "?" in child and not child.startswith("http"):
+                    out[key] = await self._conditional_reference(child, cache, index)
+                else:
+                    out[key] = await self._resolve_in(child, cache, index)
+            return out
+        if isinstance(value, list):
+            return [await self._resolve_in(item, cache, index) for item in value]
+        return value
+
+    async def _conditional_reference(self, reference: str, cache: dict[str, str], index: int) -> str:
+        if reference not in cache:
+            resource_type, _, criteria = reference.partition("?")
+            if resource_type not in self.repo.config.resource_types:
+                raise UnprocessableEntity(
+                    f"Bundle.entry[{index}]: conditional reference '{reference[:80]}' names a type kept by another service"
+                )
+            matches = await self.repo.conditional_targets(resource_type, criteria)
+            if len(matches) != 1:
+                raise UnprocessableEntity(
+                    f"Bundle.entry[{index}]: conditional reference '{reference[:80]}' matches {len(matches)} resources, not 1"
+                )
+            cache[reference] = f"{resource_type}/{matches[0].resource_id}"
+        return cache[reference]
+
+    async def _execute(self, entry: Entry) -> Result:
+        repo, options = self.repo, self.options
+        if entry.method == "MATCHED":
+            stored = await repo.read(entry.resource_type, entry.resource_id or "")
+            return Result(200, stored.content, responses.resource_headers(stored, options.base, location=True), stored)
+        if entry.method == "POST":
+            resource = resources.require_resource(entry.resource, entry.resource_type)
+            outcome = await repo.create({k: v for k, v in resource.items() if k != "id"}, resource_id=entry.resource_id)
+            return interactions._write_result(outcome, options, created_status=201)
+        if entry.method == "PUT":
+            if entry.resource_id is None:
+                raise InvalidRequest("PUT needs Type/id or Type?criteria in request.url")
+            return await interactions.update(
+                repo, entry.resource_type, entry.resource_id, entry.resource, options, if_match=entry.if_match
+            )
+        if entry.method == "PATCH":
+            if entry.resource_id is None:
+                raise InvalidRequest("PATCH needs Type/id in request.url")
+            body, content_type = _patch_body(entry.resource)
+            return await interactions.patch_instance(
+                repo, entry.resource_type, entry.resource_id, body, content_type, options, if_match=entry.if_match
+            )
+        if entry.method == "DELETE":
+            if entry.resource_id is None:
+                return await interactions.conditional_delete(repo, entry.resource_type, entry.query, options)
+            return await interactions.delete(repo, entry.resource_type, entry.resource_id, options, if_match=entry.if_match)
+        if entry.resource_id is not None:
+            return await interactions.read(repo, entry.resource_type, entry.resource_id, options)
+        params = parse_qsl(entry.query, keep_blank_values=True)
+        return await interactions.search_type(repo, entry.resource_type, params, options, self_path=entry.resource_type)
+
+    def _response_entry(self, result: Result, entry: Entry) -> bytes:
+        response: dict[str, Any] = {"status": _status_text(result.status)}
+        if result.stored is not None:
+            stored = result.stored
+            response["location"] = f"{stored.resource_type}/{stored.resource_id}/_history/{stored.version_id}"
+            response["etag"] = stored.etag
+            response["lastModified"] = format_instant(stored.last_updated)
+        parts = []
+        if result.stored is not None:
+            parts.append(b'"fullUrl":' + orjson.dumps(f"{self.options.base}/{result.stored.reference}"))
+        if result.body is not None and self.options.prefer_return != "minimal":
+            parts.append(b'"resource":' + result.body)
+        if result.outcome is not None:
+            response["outcome"] = orjson.loads(result.outcome)
+        parts.append(b'"response":' + orjson.dumps(response))
+        return b"{" + b",".join(parts) + b"}"
+
+
+def _patch_body(resource: Any) -> tuple[Any, str]:
+    # In a Bundle, a FHIRPath Patch is a Parameters resource; a JSON Patch travels as a Binary.
+    if isinstance(resource, dict) and resource.get("resourceType") == "Binary":
+        import base64
+
+        try:
+            data = orjson.loads(base64.b64decode(resource.get("data", "")))
+        except (ValueError, orjson.JSONDecodeError):
+            raise InvalidRequest("The Binary of a PATCH entry does not hold a JSON Patch") from None
+        return data, resource.get("contentType", interactions.JSON_PATCH)
+    return resource, "application/fhir+json"
+
+
+def _rewrite(value: Any, aliases: dict[str, str]) -> Any:
+    if isinstance(value, str):
+        return aliases.get(value, value)
+    if isinstance(value, dict):
+        return {k: _rewrite(v, aliases) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_rewrite(v, aliases) for v in value]
+    return value
+
+
+def _status_text(status: int) -> str:
+    return {200: "200 OK", 201: "201 Created", 204: "204 No Content"}.get(status, str(status))
+
+
+def _error_entry(exc: FhirError) -> bytes:
+    response = {"status": str(exc.status_code), "outcome": exc.to_outcome()}
+    return b'{"response":' + orjson.dumps(response) + b"}"
+
+
+BundleRunner = Callable[[dict[str, Any]], Awaitable[bytes]]

@@ -1,0 +1,348 @@
+"""The FHIR REST router every service mounts; services configure it, never copy it.
+
+A service describes itself with a `FhirService` (its store, database, operations and how a
+caller is authenticated) and gets `/fhir/...` routes for every interaction of the spec.
+"""
+
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from fastapi import APIRouter, Request
+from sqlalchemy.ext.asyncio import AsyncConnection
+from starlette.responses import Response
+
+from fhirkit import resources
+from fhirkit.api import bundles, capabilities, interactions, responses
+from fhirkit.api.interactions import RequestOptions, Result
+from fhirkit.errors import (
+    InvalidRequest,
+    MethodNotAllowed,
+    NotSupported,
+    PayloadTooLarge,
+    UnknownResourceType,
+)
+from fhirkit.store.repository import Repository, StoreConfig
+
+MAX_BODY_BYTES = 16 * 1024 * 1024
+
+
+class Database(Protocol):
+    def transaction(self, *, write: bool) -> AbstractAsyncContextManager[AsyncConnection]: ...
+
+
+class Caller(Protocol):
+    organization: str
+
+
+@dataclass
+class OperationCall:
+    repo: Repository
+    request: Request
+    options: RequestOptions
+    caller: Any
+    resource_type: str | None
+    resource_id: str | None
+    body: Any
+    params: list[tuple[str, str]]
+
+    def parameter(self, name: str) -> Any:
+        """A named input from a Parameters body or the query string (first match)."""
+        if isinstance(self.body, dict) and self.body.get("resourceType") == "Parameters":
+            for part in self.body.get("parameter") or []:
+                if part.get("name") == name:
+                    return _parameter_value(part)
+        for key, value in self.params:
+            if key == name:
+                return value
+        return None
+
+
+def _parameter_value(part: dict[str, Any]) -> Any:
+    for key, value in part.items():
+        if key.startswith("value") or key == "resource":
+            return value
+    return part.get("part")
+
+
+@dataclass(frozen=True)
+class Operation:
+    name: str  # without the `$`
+    handler: Callable[[OperationCall], Awaitable[Result]]
+    resource_types: tuple[str, ...] = ()  # empty: a system-level operation
+    instance: bool = False
+    type_level: bool = False
+    system: bool = False
+    methods: tuple[str, ...] = ("POST",)
+    writes: bool = True
+    definition: str | None = None  # canonical URL of its OperationDefinition
+
+
+@dataclass
+class FhirService:
+    name: str
+    store: StoreConfig
+    database: Database
+    authenticate: Callable[[Request], Awaitable[Any]]
+    operations: list[Operation] = field(default_factory=list)
+    repository_scope: Callable[[Any], Any] | None = None
+    title: str = "County medical alliance FHIR service"
+
+    def operation(self, name: str, level: str, resource_type: str | None) -> Operation:
+        for op in self.operations:
+            if op.name != name:
+                continue
+            if level == "system" and op.system:
+                return op
+            if level in ("type", "instance") and resource_type in op.resource_types:
+                if (level == "type" and op.type_level) or (level == "instance" and op.instance):
+                    return op
+        raise NotSupported(f"Operation ${name[:64]} is not supported at {level} level" + (
+            f" on {resource_type}" if resource_type else ""
+        ))
+
+
+def build_fhir_router(service: FhirService) -> APIRouter:
+    router = APIRouter(prefix="/fhir")
+    ctx = _Context(service)
+
+    @router.get("/metadata", name="capabilities")
+    async def metadata(request: Request) -> Response:
+        responses.check_format(request.query_params.get("_format"), request.headers.get("accept"))
+        return responses.fhir_response(capabilities.capability_statement(service, _base(request)))
+
+    @router.post("", name="batch-transaction")
+    @router.post("/", include_in_schema=False)
+    async def batch_or_transaction(request: Request) -> Response:
+        return await ctx.run(request, _bundle, write=True)
+
+    @router.get("/_history", name="history-system")
+    async def history_system(request: Request) -> Response:
+        return await ctx.run(request, lambda c: interactions.history(
+            c.repo, None, None, c.params, c.options, self_path="_history"))
+
+    @router.get("/{resource_type}", name="search-type")
+    async def search_type(request: Request, resource_type: str) -> Response:
+        if resource_type.startswith("$"):
+            return await ctx.operation(request, resource_type[1:], "system", None, None)
+        ctx.require_type(resource_type)
+        return await ctx.run(request, lambda c: interactions.search_type(
+            c.repo, resource_type, c.params, c.options, self_path=resource_type))
+
+    @router.post("/{resource_type}/_search", name="search-type-post")
+    async def search_type_post(request: Request, resource_type: str) -> Response:
+        ctx.require_type(resource_type)
+        form = await request.form()
+        params = [*_query(request), *((k, str(v)) for k, v in form.multi_items())]
+        return await ctx.run(request, lambda c: interactions.search_type(
+            c.repo, resource_type, params, c.options, self_path=resource_type))
+
+    @router.post("/{resource_type}", name="create")
+    async def create(request: Request, resource_type: str) -> Response:
+        if resource_type.startswith("$"):
+            return await ctx.operation(request, resource_type[1:], "system", None, None)
+        ctx.require_type(resource_type)
+        # fhirpy sends conditional create as `POST Type?criteria` instead of If-None-Exist.
+        criteria = request.headers.get("if-none-exist") or (request.url.query or None)
+        return await ctx.run(request, lambda c: interactions.create(
+            c.repo, resource_type, c.body(), c.options, if_none_exist=criteria), write=True)
+
+    @router.put("/{resource_type}", name="conditional-update")
+    async def conditional_update(request: Request, resource_type: str) -> Response:
+        ctx.require_type(resource_type)
+        criteria = _criteria(request)
+        return await ctx.run(request, lambda c: interactions.conditional_update(
+            c.repo, resource_type, criteria, c.body(), c.options, if_match=c.if_match()), write=True)
+
+    @router.delete("/{resource_type}", name="conditional-delete")
+    async def conditional_delete(request: Request, resource_type: str) -> Response:
+        ctx.require_type(resource_type)
+        criteria = _criteria(request)
+        return await ctx.run(request, lambda c: interactions.conditional_delete(
+            c.repo, resource_type, criteria, c.options), write=True)
+
+    @router.get("/{resource_type}/{resource_id}", name="read")
+    async def read(request: Request, resource_type: str, resource_id: str) -> Response:
+        ctx.require_type(resource_type)
+        if resource_id.startswith("$"):
+            return await ctx.operation(request, resource_id[1:], "type", resource_type, None)
+        if resource_id == "_history":
+            return await ctx.run(request, lambda c: interactions.history(
+                c.repo, resource_type, None, c.params, c.options, self_path=f"{resource_type}/_history"))
+        resources.check_id(resource_id)
+        return await ctx.run(request, lambda c: interactions.read(c.repo, resource_type, resource_id, c.options))
+
+    @router.post("/{resource_type}/{resource_id}", name="type-operation")
+    async def type_operation(request: Request, resource_type: str, resource_id: str) -> Response:
+        ctx.require_type(resource_type)
+        if not resource_id.startswith("$"):
+            raise MethodNotAllowed(f"POST to {resource_type}/{resource_id[:64]} is not an interaction; use PUT to update")
+        return await ctx.operation(request, resource_id[1:], "type", resource_type, None)
+
+    @router.put("/{resource_type}/{resource_id}", name="update")
+    async def update(request: Request, resource_type: str, resource_id: str) -> Response:
+        ctx.require_type(resource_type)
+        resources.check_id(resource_id)
+        return await ctx.run(request, lambda c: interactions.update(
+            c.repo, resource_type, resource_id, c.body(), c.options, if_match=c.if_match()), write=True)
+
+    @router.patch("/{resource_type}/{resource_id}", name="patch")
+    async def patch(request: Request, resource_type: str, resource_id: str) -> Response:
+        ctx.require_type(resource_type)
+        resources.check_id(resource_id)
+        content_type = request.headers.get("content-type", "")
+        return await ctx.run(request, lambda c: interactions.patch_instance(
+            c.repo, resource_type, resource_id, c.body(), content_type, c.options, if_match=c.if_match()), write=True)
+
+    @router.delete("/{resource_type}/{resource_id}", name="delete")
+    async def delete(request: Request, resource_type: str, resource_id: str) -> Response:
+        ctx.require_type(resource_type)
+        resources.check_id(resource_id)
+        return await ctx.run(request, lambda c: interactions.delete(
+            c.repo, resource_type, resource_id, c.options, if_match=c.if_match()), write=True)
+
+    @router.api_route("/{resource_type}/{resource_id}/{operation}", methods=["GET", "POST"], name="instance-operation")
+    async def instance_operation(request: Request, resource_type: str, resource_id: str, operation: str) -> Response:
+        ctx.require_type(resource_type)
+        resources.check_id(resource_id)
+        if operation == "_history" and request.method == "GET":
+            return await ctx.run(request, lambda c: interactions.history(
+                c.repo, resource_type, resource_id, c.params, c.options,
+                self_path=f"{resource_type}/{resource_id}/_history"))
+        if not operation.startswith("$"):
+            raise InvalidRequest(f"'{operation[:64]}' is not an operation (operations start with $)")
+        return await ctx.operation(request, operation[1:], "instance", resource_type, resource_id)
+
+    @router.get("/{resource_type}/{resource_id}/_history/{version_id}", name="vread")
+    async def vread(request: Request, resource_type: str, resource_id: str, version_id: str) -> Response:
+        ctx.require_type(resource_type)
+        resources.check_id(resource_id)
+        return await ctx.run(request, lambda c: interactions.vread(
+            c.repo, resource_type, resource_id, version_id, c.options))
+
+    return router
+
+
+async def _bundle(call: "_Call") -> Result:
+    bundle = resources.require_resource(call.body(), "Bundle")
+    kind = bundle.get("type")
+    processor = bundles.BundleProcessor(call.repo, call.options, call.repo.conn.begin_nested)
+    if kind == "transaction":
+        return Result(200, await processor.transaction(bundle))
+    if kind == "batch":
+        return Result(200, await processor.batch(bundle))
+    raise InvalidRequest(f"POST to the base takes a batch or transaction Bundle, not type '{str(kind)[:30]}'")
+
+
+class _Call:
+    def __init__(self, repo: Repository, request: Request, raw: bytes, caller: Any) -> None:
+        self.repo = repo
+        self.request = request
+        self.raw = raw
+        self.caller = caller
+        self.params = _query(request)
+        self.options = _options(request)
+        self._body: Any = None
+
+    def body(self) -> Any:
+        if self._body is None:
+            content_type = self.request.headers.get("content-type", "")
+            if content_type and "json" not in content_type:
+                from fhirkit.errors import UnsupportedMediaType
+
+                raise UnsupportedMediaType(
+                    f"Content-Type '{content_type[:60]}' is not supported; send application/fhir+json"
+                )
+            self._body = interactions.load_body(self.raw)
+        return self._body
+
+    def if_match(self) -> int | None:
+        return interactions.parse_if_match(self.request.headers.get("if-match"))
+
+
+class _Context:
+    def __init__(self, service: FhirService) -> None:
+        self.service = service
+
+    def require_type(self, resource_type: str) -> None:
+        if resource_type not in self.service.store.resource_types:
+            raise UnknownResourceType(f"Resource type '{resource_type[:64]}' is not supported by this server")
+
+    async def run(self, request: Request, action: Callable[[_Call], Awaitable[Result]], *, write: bool = False) -> Response:
+        responses.check_format(request.query_params.get("_format"), request.headers.get("accept"))
+        caller = await self.service.authenticate(request)
+        raw = await _read_body(request) if write or request.method in ("POST", "PUT", "PATCH") else b""
+        async with self.service.database.transaction(write=write) as conn:
+            repo = self._repository(conn, caller)
+            result = await action(_Call(repo, request, raw, caller))
+        return responses.fhir_response(result.body, result.status, result.headers)
+
+    async def operation(
+        self, request: Request, name: str, level: str, resource_type: str | None, resource_id: str | None
+    ) -> Response:
+        op = self.service.operation(name, level, resource_type)
+        if request.method not in op.methods:
+            raise MethodNotAllowed(f"${name} does not accept {request.method}")
+
+        async def invoke(call: _Call) -> Result:
+            body = call.body() if call.raw.strip() else None
+            op_call = OperationCall(call.repo, request, call.options, call.caller, resource_type, resource_id, body, call.params)
+            return await op.handler(op_call)
+
+        return await self.run(request, invoke, write=op.writes and request.method == "POST")
+
+    def _repository(self, conn: AsyncConnection, caller: Any) -> Repository:
+        scope = self.service.repository_scope(caller) if self.service.repository_scope else None
+        return Repository(conn, self.service.store, owner=getattr(caller, "organization", None), scope=scope)
+
+
+async def _read_body(request: Request) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise PayloadTooLarge(f"The body exceeds {MAX_BODY_BYTES} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise PayloadTooLarge(f"The body exceeds {MAX_BODY_BYTES} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _query(request: Request) -> list[tuple[str, str]]:
+    return list(request.query_params.multi_items())
+
+
+def _criteria(request: Request) -> str:
+    if not request.url.query:
+        raise InvalidRequest("A conditional interaction needs search criteria in the query string")
+    return request.url.query
+
+
+def _base(request: Request) -> str:
+    forwarded = request.headers.get("x-forwarded-base")
+    if forwarded:
+        return forwarded.rstrip("/")
+    return str(request.base_url).rstrip("/") + "/fhir"
+
+
+def _options(request: Request) -> RequestOptions:
+    prefer = _prefer(request.headers.get("prefer", ""))
+    return RequestOptions(
+        base=_base(request),
+        prefer_return=prefer.get("return", "representation"),
+        lenient=prefer.get("handling") == "lenient",
+    )
+
+
+def _prefer(header: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for part in header.replace(";", ",").split(","):
+        key, _, value = part.strip().partition("=")
+        if key:
+            out[key.strip().lower()] = value.strip().strip('"')
+    if out.get("return") not in (None, "minimal", "representation", "OperationOutcome"):
+        out.pop("return")
+    return out

@@ -1,0 +1,106 @@
+"""Pure conversions shared by indexing (resource values) and query parsing (search values).
+
+Dates become an inclusive range of microseconds since the Unix epoch (UTC), because a FHIR date
+is a period at its precision: `2024-03` is all of March. A value without a time zone is read as
+UTC (the server's time zone), as the spec allows.
+"""
+
+import calendar
+import re
+import unicodedata
+from datetime import UTC, datetime, timedelta, timezone, tzinfo
+from decimal import Decimal, InvalidOperation
+
+_DATE = re.compile(
+    r"^(?P<y>\d{4})(?:-(?P<m>\d{2})(?:-(?P<d>\d{2})"
+    r"(?:T(?P<H>\d{2})(?::(?P<M>\d{2})(?::(?P<S>\d{2})(?:\.(?P<f>\d{1,9}))?)?)?"
+    r"(?P<tz>Z|[+-]\d{2}:\d{2})?)?)?)?$"
+)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+MICROS = 1_000_000
+MIN_TIME = -(2**62)
+MAX_TIME = 2**62
+
+
+def to_micros(moment: datetime) -> int:
+    delta = moment - _EPOCH
+    return (delta.days * 86400 + delta.seconds) * MICROS + delta.microseconds
+
+
+def from_micros(micros: int) -> datetime:
+    return _EPOCH + timedelta(microseconds=micros)
+
+
+def format_instant(micros: int) -> str:
+    """FHIR instant with millisecond precision, the form `meta.lastUpdated` is written in."""
+    moment = from_micros(micros)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def date_range(text: str) -> tuple[int, int] | None:
+    """The inclusive [low, high] microsecond range a FHIR date/dateTime/instant covers."""
+    match = _DATE.match(text.strip()) if isinstance(text, str) else None
+    if not match:
+        return None
+    try:
+        return _range_from_match(match)
+    except (ValueError, OverflowError):
+        return None
+
+
+def _range_from_match(match: re.Match[str]) -> tuple[int, int]:
+    parts = match.groupdict()
+    year = int(parts["y"])
+    tz = _zone(parts["tz"])
+    if parts["m"] is None:
+        low = datetime(year, 1, 1, tzinfo=tz)
+        return to_micros(low), to_micros(datetime(year + 1, 1, 1, tzinfo=tz)) - 1
+    month = int(parts["m"])
+    if parts["d"] is None:
+        low = datetime(year, month, 1, tzinfo=tz)
+        days = calendar.monthrange(year, month)[1]
+        return to_micros(low), to_micros(low + timedelta(days=days)) - 1
+    day = int(parts["d"])
+    if parts["H"] is None:
+        low = datetime(year, month, day, tzinfo=tz)
+        return to_micros(low), to_micros(low + timedelta(days=1)) - 1
+    hour, minute = int(parts["H"]), int(parts["M"] or 0)
+    if parts["S"] is None:
+        low = datetime(year, month, day, hour, minute, tzinfo=tz)
+        return to_micros(low), to_micros(low + timedelta(minutes=1)) - 1
+    second = int(parts["S"])
+    fraction = parts["f"]
+    base = datetime(year, month, day, hour, minute, second, tzinfo=tz)
+    if fraction is None:
+        return to_micros(base), to_micros(base + timedelta(seconds=1)) - 1
+    digits = min(len(fraction), 6)
+    micros = int(fraction[:6].ljust(6, "0"))
+    low = to_micros(base) + micros
+    return low, low + 10 ** (6 - digits) - 1
+
+
+def _zone(text: str | None) -> tzinfo:
+    if not text or text == "Z":
+        return UTC
+    sign = 1 if text[0] == "+" else -1
+    return timezone(sign * timedelta(hours=int(text[1:3]), minutes=int(text[4:6])))
+
+
+def normalize_string(text: str) -> str:
+    """Case- and accent-insensitive form used by string search (`name=zhang` matches `Zhang`)."""
+    decomposed = unicodedata.normalize("NFKD", text)
+    stripped = "".join(ch for ch in decomposed if not unicodedata.combining(ch))
+    return " ".join(stripped.casefold().split())[:255]
+
+
+def decimal_range(text: str) -> tuple[float, float, float] | None:
+    """Value and the half-open precision range of a search number: `5.4` covers [5.35, 5.45)."""
+    try:
+        value = Decimal(text)
+    except (InvalidOperation, ValueError):
+        return None
+    if not value.is_finite():
+        return None
+    exponent = value.as_tuple().exponent
+    half = Decimal(5).scaleb(int(exponent) - 1) if isinstance(exponent, int) else Decimal(0)
+    return float(value), float(value - half), float(value + half)

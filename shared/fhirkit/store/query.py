@@ -1,0 +1,319 @@
+"""SearchRequest → SQL. Every filter is a semi-join on an index table; nothing reads JSON.
+
+Paging is keyset-based: the cursor carries the sort values and `rid` of the row a page ended on,
+so a next page neither repeats nor skips rows when others are inserted or deleted meanwhile.
+"""
+
+import base64
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from sqlalchemy import (
+    ColumnElement,
+    Select,
+    and_,
+    case,
+    false,
+    func,
+    literal,
+    not_,
+    or_,
+    select,
+    true,
+)
+from sqlalchemy.sql.expression import FromClause
+
+from fhirkit.errors import InvalidRequest
+from fhirkit.search.request import ANY, Filter, HasFilter, RangeValue, ReferenceValue, SearchRequest, SortKey
+from fhirkit.store.tables import (
+    date_index,
+    number_index,
+    quantity_index,
+    reference_index,
+    resource,
+    string_index,
+    token_index,
+    uri_index,
+)
+
+Clause = ColumnElement[bool]
+
+
+def filter_clause(target: FromClause, flt: Filter | HasFilter) -> Clause:
+    """A condition on the `fhir_resource` alias `target` that keeps rows matching `flt`."""
+    if isinstance(flt, HasFilter):
+        return _has_clause(target, flt)
+    if flt.name == "_id":
+        return _id_clause(target, flt)
+    if flt.name == "_lastUpdated":
+        return _last_updated_clause(target, flt)
+    if flt.chain is not None:
+        return _chain_clause(target, flt)
+    table = _INDEX_FOR_KIND[flt.kind]
+    base = and_(table.c.resource_type == flt.resource_type, table.c.param == flt.name)
+    if flt.modifier == "missing":
+        present = target.c.rid.in_(select(table.c.rid).where(base))
+        return not_(present) if flt.values[0] else present
+    matches = or_(*(_value_clause(flt, value) for value in flt.values))
+    semi = target.c.rid.in_(select(table.c.rid).where(base, matches))
+    return not_(semi) if flt.modifier == "not" else semi
+
+
+def _id_clause(target: FromClause, flt: Filter) -> Clause:
+    ids = [v.code if hasattr(v, "code") else v for v in flt.values]
+    if flt.modifier == "missing":
+        return false() if flt.values[0] else true()
+    clause = target.c.resource_id.in_([i for i in ids if isinstance(i, str)])
+    return not_(clause) if flt.modifier == "not" else clause
+
+
+def _last_updated_clause(target: FromClause, flt: Filter) -> Clause:
+    column = target.c.last_updated
+    return or_(*(_date_compare(column, column, v) for v in flt.values))
+
+
+def _chain_clause(target: FromClause, flt: Filter) -> Clause:
+    assert flt.chain is not None and flt.chain_type is not None
+    inner = resource.alias()
+    inner_ids = select(inner.c.resource_id).where(
+        inner.c.resource_type == flt.chain_type,
+        inner.c.deleted == false(),
+        filter_clause(inner, flt.chain),
+    )
+    refs = select(reference_index.c.rid).where(
+        reference_index.c.resource_type == flt.resource_type,
+        reference_index.c.param == flt.name,
+        reference_index.c.target_type == flt.chain_type,
+        reference_index.c.target_id.in_(inner_ids),
+    )
+    return target.c.rid.in_(refs)
+
+
+def _has_clause(target: FromClause, flt: HasFilter) -> Clause:
+    source = resource.alias()
+    pointing = (
+        select(reference_index.c.target_id)
+        .join(source, source.c.rid == reference_index.c.rid)
+        .where(
+            reference_index.c.resource_type == flt.source_type,
+            reference_index.c.param == flt.reference_param,
+            reference_index.c.target_type == target.c.resource_type,
+            source.c.deleted == false(),
+            filter_clause(source, flt.inner),
+        )
+    )
+    return target.c.resource_id.in_(pointing)
+
+
+def _value_clause(flt: Filter, value: Any) -> Clause:
+    kind = flt.kind
+    if kind == "token":
+        return _token_clause(value)
+    if kind == "string":
+        return _string_clause(flt.modifier, value)
+    if kind == "reference":
+        return _reference_clause(flt, value)
+    if kind == "date":
+        return _date_compare(date_index.c.low, date_index.c.high, value)
+    if kind == "number":
+        return _number_compare(number_index.c.value, value)
+    if kind == "quantity":
+        return _quantity_clause(value)
+    if kind == "uri":
+        return _uri_clause(flt.modifier, value)
+    raise InvalidRequest(f"Search on {kind} parameters is not supported")
+
+
+def _token_clause(value: Any) -> Clause:
+    parts: list[Clause] = []
+    if value.code != ANY:
+        parts.append(token_index.c.code == value.code)
+    if value.system is None:
+        parts.append(token_index.c.system.is_(None))
+    elif value.system != ANY:
+        parts.append(token_index.c.system == value.system)
+    return and_(true(), *parts)
+
+
+def _like_escape(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def _string_clause(modifier: str | None, value: str) -> Clause:
+    from fhirkit.search.values import normalize_string
+
+    if modifier == "exact":
+        return string_index.c.exact == value
+    pattern = _like_escape(normalize_string(value))
+    if modifier == "contains":
+        return string_index.c.norm.like(f"%{pattern}%", escape="\\")
+    return string_index.c.norm.like(f"{pattern}%", escape="\\")
+
+
+def _reference_clause(flt: Filter, value: ReferenceValue) -> Clause:
+    if value.target_id is None:
+        return reference_index.c.url == value.url
+    parts: list[Clause] = [reference_index.c.target_id == value.target_id]
+    if value.target_type is not None:
+        parts.append(reference_index.c.target_type == value.target_type)
+    elif len(flt.targets) == 1:
+        parts.append(reference_index.c.target_type == flt.targets[0])
+    return and_(*parts)
+
+
+def _date_compare(low: Any, high: Any, value: RangeValue) -> Clause:
+    vlow, vhigh = value.low, value.high
+    prefix = value.prefix
+    if prefix == "eq":
+        return and_(low >= vlow, high <= vhigh)
+    if prefix == "ne":
+        return or_(low < vlow, high > vhigh)
+    if prefix == "gt":
+        return high > vhigh
+    if prefix == "lt":
+        return low < vlow
+    if prefix == "ge":
+        return high >= vlow
+    if prefix == "le":
+        return low <= vhigh
+    if prefix == "sa":
+        return low > vhigh
+    if prefix == "eb":
+        return high < vlow
+    # ap: within 10% of the distance to now is overkill here; a day either side is what users mean.
+    slack = 86_400_000_000
+    return and_(low <= vhigh + slack, high >= vlow - slack)
+
+
+def _number_compare(column: Any, value: RangeValue) -> Clause:
+    prefix, number = value.prefix, value.value
+    if prefix == "eq":
+        return and_(column >= value.low, column < value.high)
+    if prefix == "ne":
+        return or_(column < value.low, column >= value.high)
+    if prefix in ("gt", "sa"):
+        return column > number
+    if prefix in ("lt", "eb"):
+        return column < number
+    if prefix == "ge":
+        return column >= number
+    if prefix == "le":
+        return column <= number
+    slack = abs(number or 0) * 0.1
+    return and_(column >= (number or 0) - slack, column <= (number or 0) + slack)
+
+
+def _quantity_clause(value: RangeValue) -> Clause:
+    parts: list[Clause] = [_number_compare(quantity_index.c.value, value)]
+    if value.code is not None:
+        parts.append(or_(quantity_index.c.code == value.code, quantity_index.c.unit == value.code))
+    if value.system is not None:
+        parts.append(quantity_index.c.system == value.system)
+    return and_(*parts)
+
+
+def _uri_clause(modifier: str | None, value: str) -> Clause:
+    if modifier == "below":
+        return uri_index.c.value.like(_like_escape(value) + "%", escape="\\")
+    if modifier == "above":
+        return literal(value).like(uri_index.c.value + "%")
+    return uri_index.c.value == value
+
+
+_INDEX_FOR_KIND = {
+    "token": token_index,
+    "string": string_index,
+    "reference": reference_index,
+    "date": date_index,
+    "number": number_index,
+    "quantity": quantity_index,
+    "uri": uri_index,
+}
+
+# --- sorting and keyset paging -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Cursor:
+    values: tuple[Any, ...]  # one per sort component, then rid
+    backward: bool
+
+    def encode(self) -> str:
+        payload = orjson.dumps({"v": list(self.values), "b": self.backward})
+        return base64.urlsafe_b64encode(payload).decode("ascii").rstrip("=")
+
+    @staticmethod
+    def decode(text: str) -> "Cursor":
+        try:
+            padded = text + "=" * (-len(text) % 4)
+            data = orjson.loads(base64.urlsafe_b64decode(padded))
+            return Cursor(tuple(data["v"]), bool(data["b"]))
+        except (ValueError, KeyError, TypeError):
+            raise InvalidRequest("The paging cursor is not valid; start the search again") from None
+
+
+def sort_components(target: FromClause, keys: list[SortKey]) -> list[tuple[Any, bool]]:
+    """(expression, descending) pairs; each key sorts rows without a value last."""
+    components: list[tuple[Any, bool]] = []
+    for key in keys:
+        expression = _sort_expression(target, key)
+        components.append((case((expression.is_(None), 1), else_=0), False))
+        components.append((expression, key.descending))
+    components.append((target.c.rid, False))
+    return components
+
+
+def _sort_expression(target: FromClause, key: SortKey) -> Any:
+    if key.name == "_id":
+        return target.c.resource_id
+    if key.name == "_lastUpdated":
+        return target.c.last_updated
+    table = _INDEX_FOR_KIND[key.kind]
+    column = {
+        "token": "code", "string": "norm", "reference": "target_id", "number": "value",
+        "quantity": "value", "uri": "value",
+    }.get(key.kind)
+    if key.kind == "date":
+        aggregate = func.max(table.c.high) if key.descending else func.min(table.c.low)
+    else:
+        assert column is not None
+        aggregate = func.max(table.c[column]) if key.descending else func.min(table.c[column])
+    return (
+        select(aggregate)
+        .where(table.c.rid == target.c.rid, table.c.param == key.name)
+        .scalar_subquery()
+    )
+
+
+def keyset_clause(components: list[tuple[Any, bool]], cursor: Cursor) -> Clause:
+    """Rows strictly after (or, backward, before) the cursor in the sort order."""
+    if len(cursor.values) != len(components):
+        raise InvalidRequest("The paging cursor does not fit this search; start it again")
+    alternatives: list[Clause] = []
+    for index, ((expression, descending), value) in enumerate(zip(components, cursor.values, strict=True)):
+        if value is None:
+            continue  # nothing sorts strictly after NULL within a null group
+        after = (expression < value) if descending != cursor.backward else (expression > value)
+        equal_prefix = [
+            (expr.is_(None) if val is None else expr == val)
+            for (expr, _), val in zip(components[:index], cursor.values[:index], strict=True)
+        ]
+        alternatives.append(and_(*equal_prefix, after))
+    return or_(false(), *alternatives)
+
+
+def ordered(query: Select[Any], components: list[tuple[Any, bool]], backward: bool) -> Select[Any]:
+    order = []
+    for expression, descending in components:
+        flip = descending != backward
+        order.append(expression.desc() if flip else expression.asc())
+    return query.order_by(*order)
+
+
+def base_search(target: FromClause, request: SearchRequest, scope: Clause | None) -> Select[Any]:
+    conditions: list[Clause] = [target.c.resource_type == request.resource_type, target.c.deleted == false()]
+    conditions.extend(filter_clause(target, flt) for flt in request.filters)
+    if scope is not None:
+        conditions.append(scope)
+    return select(target.c.rid).where(*conditions)

@@ -1,0 +1,628 @@
+"""The FHIR repository on SQL: one object per request, bound to its connection and caller.
+
+Writes validate once, check references, run the service's hooks, then store the client's JSON
+(with server-owned `meta`) and its index rows in the caller's transaction. Reads return stored
+bytes and never build a model.
+"""
+
+import time
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import ColumnElement, delete, false, func, insert, select, tuple_, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from fhirkit import jsonio, resources
+from fhirkit.errors import (
+    FhirError,
+    InvalidRequest,
+    MultipleMatches,
+    PreconditionFailed,
+    ResourceGone,
+    ResourceNotFound,
+    UnprocessableEntity,
+    VersionConflict,
+)
+from fhirkit.search.request import Include, SearchRequest, parse_search
+from fhirkit.search.values import format_instant
+from fhirkit.store import indexing, query
+from fhirkit.store.hooks import NoForeignTypes, NoHooks, ReferenceResolver, ResourceHooks, WriteContext
+from fhirkit.store.tables import INDEX_TABLES, reference_index, resource, resource_history
+
+MAX_INCLUDED = 1000
+MAX_INCLUDE_ITERATIONS = 4
+SERVER_META = ("versionId", "lastUpdated")
+
+
+def now_micros() -> int:
+    return time.time_ns() // 1000
+
+
+@dataclass(frozen=True)
+class StoredResource:
+    resource_type: str
+    resource_id: str
+    version_id: int
+    last_updated: int
+    deleted: bool
+    content: bytes | None
+    owner: str | None = None
+    method: str | None = None
+
+    @property
+    def etag(self) -> str:
+        return f'W/"{self.version_id}"'
+
+    @property
+    def reference(self) -> str:
+        return f"{self.resource_type}/{self.resource_id}"
+
+    def parsed(self) -> dict[str, Any]:
+        assert self.content is not None
+        return jsonio.loads(self.content)
+
+
+@dataclass(frozen=True)
+class WriteOutcome:
+    stored: StoredResource
+    created: bool
+    changed: bool = True
+
+
+@dataclass
+class SearchPage:
+    matches: list[StoredResource]
+    included: list[StoredResource]
+    total: int | None
+    next_cursor: str | None
+    previous_cursor: str | None
+
+
+@dataclass
+class StoreConfig:
+    """What a service's store holds and how it behaves; built once per service."""
+
+    resource_types: frozenset[str]
+    hooks: dict[str, ResourceHooks] = field(default_factory=dict)
+    references: ReferenceResolver = field(default_factory=NoForeignTypes)
+    new_id: Callable[[str], str] = lambda resource_type: str(uuid.uuid4())
+    clock: Callable[[], int] = now_micros
+    check_references: bool = True
+
+    def hooks_for(self, resource_type: str) -> ResourceHooks:
+        return self.hooks.get(resource_type) or _NO_HOOKS
+
+
+_NO_HOOKS = NoHooks()
+
+
+class Repository:
+    def __init__(
+        self,
+        conn: AsyncConnection,
+        config: StoreConfig,
+        *,
+        owner: str | None = None,
+        scope: Callable[[Any], ColumnElement[bool] | None] | None = None,
+        in_transaction: bool = False,
+    ) -> None:
+        self.conn = conn
+        self.config = config
+        self.owner = owner
+        self.scope = scope
+        self.in_transaction = in_transaction
+        self._is_postgres = conn.dialect.name == "postgresql"
+
+    # --- reads ------------------------------------------------------------------------------
+
+    def _require_type(self, resource_type: str) -> None:
+        if resource_type not in self.config.resource_types:
+            from fhirkit.errors import UnknownResourceType
+
+            raise UnknownResourceType(f"Resource type '{resource_type[:64]}' is not served here")
+
+    async def _current(self, resource_type: str, resource_id: str, *, for_update: bool = False) -> StoredResource | None:
+        stmt = select(resource).where(
+            resource.c.resource_type == resource_type, resource.c.resource_id == resource_id
+        )
+        if for_update and self._is_postgres:
+            stmt = stmt.with_for_update()
+        row = (await self.conn.execute(stmt)).first()
+        return _stored(row) if row else None
+
+    async def read(self, resource_type: str, resource_id: str) -> StoredResource:
+        self._require_type(resource_type)
+        current = await self._current(resource_type, resource_id)
+        if current is None:
+            raise ResourceNotFound(f"{resource_type}/{resource_id} is not known")
+        if current.deleted:
+            raise ResourceGone(
+                f"{resource_type}/{resource_id} was deleted",
+                headers={"ETag": current.etag, "Last-Modified": _http_date(current.last_updated)},
+            )
+        return current
+
+    async def exists(self, resource_type: str, resource_id: str) -> bool:
+        stmt = select(resource.c.rid).where(
+            resource.c.resource_type == resource_type,
+            resource.c.resource_id == resource_id,
+            resource.c.deleted == false(),
+        )
+        return (await self.conn.execute(stmt)).first() is not None
+
+    async def vread(self, resource_type: str, resource_id: str, version_id: str) -> StoredResource:
+        self._require_type(resource_type)
+        if not version_id.isdigit():
+            raise ResourceNotFound(f"{resource_type}/{resource_id} has no version '{version_id[:20]}'")
+        stmt = select(resource_history).where(
+            resource_history.c.resource_type == resource_type,
+            resource_history.c.resource_id == resource_id,
+            resource_history.c.version_id == int(version_id),
+        )
+        row = (await self.conn.execute(stmt)).first()
+        if row is None:
+            raise ResourceNotFound(f"{resource_type}/{resource_id} has no version {version_id}")
+        stored = _stored(row)
+        if stored.deleted:
+            raise ResourceGone(f"Version {version_id} of {resource_type}/{resource_id} is a deletion")
+        return stored
+
+    # --- writes -----------------------------------------------------------------------------
+
+    async def create(
+        self, body: dict[str, Any], *, if_none_exist: str | None = None, resource_id: str | None = None
+    ) -> WriteOutcome:
+        resource_type = body["resourceType"]
+        self._require_type(resource_type)
+        if if_none_exist:
+            await self._lock(f"{resource_type}?{if_none_exist}")
+            existing = await self.search_matches(resource_type, if_none_exist)
+            if len(existing) > 1:
+                raise MultipleMatches(f"If-None-Exist '{if_none_exist}' matches {len(existing)} resources")
+            if existing:
+                return WriteOutcome(existing[0], created=False, changed=False)
+        new_id = resource_id or self.config.new_id(resource_type)
+        return await self._insert(body, new_id, "POST")
+
+    async def update(
+        self, resource_type: str, resource_id: str, body: dict[str, Any], *, if_match: int | None = None
+    ) -> WriteOutcome:
+        self._require_type(resource_type)
+        resources.check_id(resource_id)
+        if body.get("id") != resource_id:
+            raise InvalidRequest(
+                f"The body's id '{str(body.get('id'))[:64]}' does not match the URL's id '{resource_id}'",
+                expression=[f"{resource_type}.id"],
+            )
+        current = await self._current(resource_type, resource_id, for_update=True)
+        if current is None:
+            if if_match is not None:
+                raise PreconditionFailed(f"{resource_type}/{resource_id} does not exist (If-Match given)")
+            return await self._insert(body, resource_id, "PUT")
+        return await self._replace(current, body, if_match, "PUT")
+
+    async def patch(
+        self,
+        resource_type: str,
+        resource_id: str,
+        apply: Callable[[dict[str, Any]], dict[str, Any]],
+        *,
+        if_match: int | None = None,
+    ) -> WriteOutcome:
+        current = await self.read(resource_type, resource_id)
+        _check_if_match(current, if_match)
+        patched = apply(current.parsed())
+        if not isinstance(patched, dict) or patched.get("resourceType") != resource_type:
+            raise UnprocessableEntity("The patch changes the resource's type")
+        if patched.get("id") != resource_id:
+            raise UnprocessableEntity("The patch changes the resource's id")
+        return await self._replace(current, patched, current.version_id, "PATCH")
+
+    async def delete(self, resource_type: str, resource_id: str, *, if_match: int | None = None) -> StoredResource | None:
+        self._require_type(resource_type)
+        current = await self._current(resource_type, resource_id, for_update=True)
+        if current is None or current.deleted:
+            return None  # deleting what is not there succeeds (idempotent), as the spec allows
+        _check_if_match(current, if_match)
+        context = WriteContext("delete", resource_type, resource_id, current.parsed(), self.in_transaction)
+        hooks = self.config.hooks_for(resource_type)
+        await hooks.before_write(self, None, context)
+        stored = await self._write_version(current, None, "DELETE")
+        await hooks.after_write(self, None, context)
+        return stored
+
+    async def conditional_targets(self, resource_type: str, criteria: str) -> list[StoredResource]:
+        self._require_type(resource_type)
+        return await self.search_matches(resource_type, criteria)
+
+    async def _insert(self, body: dict[str, Any], resource_id: str, method: str) -> WriteOutcome:
+        resource_type = body["resourceType"]
+        resources.check_id(resource_id)
+        body = {**body, "id": resource_id}
+        context = WriteContext(
+            "create" if method == "POST" else "update", resource_type, resource_id, None, self.in_transaction
+        )
+        await self._prepare(body, context)
+        now = self._now()
+        content = _content(body, 1, now)
+        values = {
+            "resource_type": resource_type,
+            "resource_id": resource_id,
+            "version_id": 1,
+            "last_updated": now,
+            "deleted": False,
+            "owner": self.owner,
+            "content": content,
+        }
+        try:
+            async with self.conn.begin_nested():
+                result = await self.conn.execute(insert(resource).values(**values).returning(resource.c.rid))
+        except IntegrityError:
+            raise VersionConflict(f"{resource_type}/{resource_id} was created concurrently; retry") from None
+        rid = result.scalar_one()
+        await self._append_history(rid, values, method)
+        await self._write_indexes(rid, body)
+        stored = StoredResource(resource_type, resource_id, 1, now, False, content, self.owner)
+        await self.config.hooks_for(resource_type).after_write(self, body, context)
+        return WriteOutcome(stored, created=True)
+
+    async def _replace(
+        self, current: StoredResource, body: dict[str, Any], if_match: int | None, method: str
+    ) -> WriteOutcome:
+        _check_if_match(current, if_match)
+        previous = None if current.deleted else current.parsed()
+        if previous is not None and _same_content(previous, body):
+            return WriteOutcome(current, created=False, changed=False)
+        interaction = "patch" if method == "PATCH" else "update"
+        context = WriteContext(interaction, current.resource_type, current.resource_id, previous, self.in_transaction)
+        await self._prepare(body, context)
+        stored = await self._write_version(current, body, method)
+        await self.config.hooks_for(current.resource_type).after_write(self, body, context)
+        return WriteOutcome(stored, created=current.deleted)
+
+    async def _prepare(self, body: dict[str, Any], context: WriteContext) -> None:
+        resources.validate(body)
+        if self.config.check_references:
+            await self.check_references(body)
+        await self.config.hooks_for(context.resource_type).before_write(self, body, context)
+
+    async def _write_version(
+        self, current: StoredResource, body: dict[str, Any] | None, method: str
+    ) -> StoredResource:
+        version = current.version_id + 1
+        now = max(self._now(), current.last_updated + 1)
+        content = _content(body, version, now) if body is not None else None
+        stmt = (
+            update(resource)
+            .where(
+                resource.c.resource_type == current.resource_type,
+                resource.c.resource_id == current.resource_id,
+                resource.c.version_id == current.version_id,
+            )
+            .values(version_id=version, last_updated=now, deleted=body is None, content=content)
+            .returning(resource.c.rid)
+        )
+        rid = (await self.conn.execute(stmt)).scalar_one_or_none()
+        if rid is None:
+            raise PreconditionFailed(
+                f"{current.resource_type}/{current.resource_id} was changed concurrently "
+                f"(version {current.version_id} is no longer current)"
+            )
+        values = {
+            "resource_type": current.resource_type,
+            "resource_id": current.resource_id,
+            "version_id": version,
+            "last_updated": now,
+            "deleted": body is None,
+            "owner": current.owner,
+            "content": content,
+        }
+        await self._append_history(rid, values, method)
+        await self._clear_indexes(rid)
+        if body is not None:
+            await self._write_indexes(rid, body)
+        return StoredResource(
+            current.resource_type, current.resource_id, version, now, body is None, content, current.owner
+        )
+
+    async def _append_history(self, rid: int, values: dict[str, Any], method: str) -> None:
+        await self.conn.execute(insert(resource_history).values(rid=rid, method=method, **values))
+
+    async def _write_indexes(self, rid: int, body: dict[str, Any]) -> None:
+        for kind, rows in indexing.index_rows(body).items():
+            if rows:
+                await self.conn.execute(insert(INDEX_TABLES[kind]), [{"rid": rid, **row} for row in rows])
+
+    async def _clear_indexes(self, rid: int) -> None:
+        for table in INDEX_TABLES.values():
+            await self.conn.execute(delete(table).where(table.c.rid == rid))
+
+    async def _lock(self, key: str) -> None:
+        # Conditional creates must not race into duplicates. SQLite writers are already
+        # serialised (BEGIN IMMEDIATE); PostgreSQL takes a transaction-scoped advisory lock.
+        if self._is_postgres:
+            await self.conn.execute(select(func.pg_advisory_xact_lock(func.hashtext(key))))
+
+    def _now(self) -> int:
+        return self.config.clock()
+
+    # --- references -------------------------------------------------------------------------
+
+    async def check_references(self, body: dict[str, Any]) -> None:
+        """A reference to a missing resource of a type the product holds is refused (422)."""
+        local: dict[tuple[str, str], str] = {}
+        foreign: dict[tuple[str, str], str] = {}
+        for path, reference in _references(body, body["resourceType"]):
+            parts = indexing.split_reference(reference)
+            target_type, target_id = parts["target_type"], parts["target_id"]
+            if target_type is None or target_id is None or reference.startswith(("http:", "https:", "urn:")):
+                continue
+            key = (target_type, target_id)
+            if (target_type, target_id) == (body["resourceType"], body.get("id")):
+                continue  # a resource may point at itself
+            if target_type in self.config.resource_types:
+                local.setdefault(key, path)
+            elif self.config.references.holds(target_type):
+                foreign.setdefault(key, path)
+        missing = await self._missing_local(local)
+        for key, path in foreign.items():
+            if key not in missing and not await self.config.references.exists(*key):
+                missing[key] = path
+        if missing:
+            (target_type, target_id), path = next(iter(missing.items()))
+            raise UnprocessableEntity(
+                f"{path} refers to {target_type}/{target_id}, which does not exist",
+                expression=[path],
+            )
+
+    async def _missing_local(self, wanted: dict[tuple[str, str], str]) -> dict[tuple[str, str], str]:
+        if not wanted:
+            return {}
+        keys = list(wanted)
+        stmt = select(resource.c.resource_type, resource.c.resource_id).where(
+            tuple_(resource.c.resource_type, resource.c.resource_id).in_(keys), resource.c.deleted == false()
+        )
+        found = {(row[0], row[1]) for row in await self.conn.execute(stmt)}
+        return {key: wanted[key] for key in keys if key not in found}
+
+    # --- search -----------------------------------------------------------------------------
+
+    async def search_matches(self, resource_type: str, criteria: str) -> list[StoredResource]:
+        """Everything matching a conditional interaction's criteria (at most a few)."""
+        from urllib.parse import parse_qsl
+
+        params = parse_qsl(criteria.lstrip("?"), keep_blank_values=True)
+        if not params:
+            raise InvalidRequest("Conditional criteria are empty")
+        request = parse_search(resource_type, params)
+        request.count, request.total, request.sort = 2, "none", []
+        request.includes, request.revincludes = [], []
+        page = await self.search(request)
+        return page.matches
+
+    async def search(self, request: SearchRequest) -> SearchPage:
+        self._require_type(request.resource_type)
+        target = resource.alias("r")
+        scope = self.scope(target) if self.scope else None
+        base = query.base_search(target, request, scope)
+        total = await self._total(base) if request.total != "none" or request.summary == "count" else None
+        if request.summary == "count" or request.count == 0:
+            return SearchPage([], [], total, None, None)
+        matches, next_cursor, previous_cursor = await self._page(target, base, request)
+        included = await self._included(matches, request)
+        return SearchPage(matches, included, total, next_cursor, previous_cursor)
+
+    async def _total(self, base: Any) -> int:
+        stmt = select(func.count()).select_from(base.subquery())
+        return int((await self.conn.execute(stmt)).scalar_one())
+
+    async def _page(
+        self, target: Any, base: Any, request: SearchRequest
+    ) -> tuple[list[StoredResource], str | None, str | None]:
+        components = query.sort_components(target, request.sort)
+        cursor = query.Cursor.decode(request.cursor) if request.cursor else None
+        backward = bool(cursor and cursor.backward)
+        columns = [
+            target.c.resource_type, target.c.resource_id, target.c.version_id, target.c.last_updated,
+            target.c.content, target.c.owner, *[expression for expression, _ in components],
+        ]
+        stmt = base.with_only_columns(*columns)
+        if cursor is not None:
+            stmt = stmt.where(query.keyset_clause(components, cursor))
+        stmt = query.ordered(stmt, components, backward).limit(request.count + 1)
+        rows = list(await self.conn.execute(stmt))
+        more = len(rows) > request.count
+        rows = rows[: request.count]
+        if backward:
+            rows.reverse()
+        keys = [tuple(row[6:]) for row in rows]
+        matches = [
+            StoredResource(row[0], row[1], row[2], row[3], False, row[4], row[5]) for row in rows
+        ]
+        if not rows:
+            return matches, None, None
+        has_next = more if not backward else True
+        has_previous = (cursor is not None) if not backward else more
+        next_cursor = query.Cursor(keys[-1], False).encode() if has_next else None
+        previous_cursor = query.Cursor(keys[0], True).encode() if has_previous else None
+        return matches, next_cursor, previous_cursor
+
+    async def _included(self, matches: list[StoredResource], request: SearchRequest) -> list[StoredResource]:
+        if not matches or not (request.includes or request.revincludes):
+            return []
+        seen = {(m.resource_type, m.resource_id) for m in matches}
+        included: list[StoredResource] = []
+        frontier = matches
+        for iteration in range(MAX_INCLUDE_ITERATIONS):
+            found: list[StoredResource] = []
+            for include in request.includes:
+                if iteration == 0 or include.iterate:
+                    found += await self._forward(frontier, include)
+            for include in request.revincludes:
+                if iteration == 0 or include.iterate:
+                    found += await self._reverse(frontier, include)
+            fresh = [f for f in found if (f.resource_type, f.resource_id) not in seen]
+            for item in fresh:
+                seen.add((item.resource_type, item.resource_id))
+            included += fresh
+            if not fresh or len(included) >= MAX_INCLUDED:
+                break
+            frontier = fresh
+        return included[:MAX_INCLUDED]
+
+    async def _forward(self, sources: Sequence[StoredResource], include: Include) -> list[StoredResource]:
+        rids = await self._rids([s for s in sources if s.resource_type == include.source_type])
+        if not rids:
+            return []
+        refs = select(reference_index.c.target_type, reference_index.c.target_id).where(
+            reference_index.c.rid.in_(rids),
+            reference_index.c.param == include.param,
+            reference_index.c.target_id.is_not(None),
+        )
+        if include.target_type:
+            refs = refs.where(reference_index.c.target_type == include.target_type)
+        targets = {(row[0], row[1]) for row in await self.conn.execute(refs)}
+        targets = {t for t in targets if t[0] in self.config.resource_types}
+        return await self._fetch(targets)
+
+    async def _reverse(self, targets: Sequence[StoredResource], include: Include) -> list[StoredResource]:
+        keys = [(t.resource_type, t.resource_id) for t in targets]
+        if not keys or include.source_type not in self.config.resource_types:
+            return []
+        source = resource.alias("src")
+        stmt = (
+            select(source.c.resource_type, source.c.resource_id)
+            .join(reference_index, reference_index.c.rid == source.c.rid)
+            .where(
+                reference_index.c.resource_type == include.source_type,
+                reference_index.c.param == include.param,
+                tuple_(reference_index.c.target_type, reference_index.c.target_id).in_(keys),
+                source.c.deleted == false(),
+            )
+            .limit(MAX_INCLUDED)
+        )
+        return await self._fetch({(row[0], row[1]) for row in await self.conn.execute(stmt)})
+
+    async def _rids(self, items: Sequence[StoredResource]) -> list[int]:
+        if not items:
+            return []
+        keys = [(i.resource_type, i.resource_id) for i in items]
+        stmt = select(resource.c.rid).where(tuple_(resource.c.resource_type, resource.c.resource_id).in_(keys))
+        return [row[0] for row in await self.conn.execute(stmt)]
+
+    async def _fetch(self, keys: Iterable[tuple[str, str]]) -> list[StoredResource]:
+        keys = list(keys)[:MAX_INCLUDED]
+        if not keys:
+            return []
+        target = resource.alias("inc")
+        conditions = [
+            tuple_(target.c.resource_type, target.c.resource_id).in_(keys),
+            target.c.deleted == false(),
+        ]
+        if self.scope is not None:
+            scope = self.scope(target)
+            if scope is not None:
+                conditions.append(scope)
+        stmt = select(target).where(*conditions)
+        return [_stored(row) for row in await self.conn.execute(stmt)]
+
+    # --- history ----------------------------------------------------------------------------
+
+    async def history(
+        self,
+        resource_type: str | None,
+        resource_id: str | None,
+        *,
+        count: int,
+        since: int | None,
+        cursor: int | None,
+    ) -> tuple[list[StoredResource], int | None]:
+        """Versions newest first; returns the page and the cursor (a history row id) of the next."""
+        if resource_type is not None:
+            self._require_type(resource_type)
+        stmt = select(resource_history)
+        if resource_type is not None:
+            stmt = stmt.where(resource_history.c.resource_type == resource_type)
+        if resource_id is not None:
+            if await self._current(resource_type or "", resource_id) is None:
+                raise ResourceNotFound(f"{resource_type}/{resource_id} is not known")
+            stmt = stmt.where(resource_history.c.resource_id == resource_id)
+        if since is not None:
+            stmt = stmt.where(resource_history.c.last_updated >= since)
+        if cursor is not None:
+            stmt = stmt.where(resource_history.c.hid < cursor)
+        stmt = stmt.order_by(resource_history.c.hid.desc()).limit(count + 1)
+        rows = list(await self.conn.execute(stmt))
+        next_cursor = rows[count - 1].hid if len(rows) > count and count > 0 else None
+        return [_stored(row) for row in rows[:count]], next_cursor
+
+
+def _stored(row: Any) -> StoredResource:
+    mapping = row._mapping
+    return StoredResource(
+        mapping["resource_type"],
+        mapping["resource_id"],
+        mapping["version_id"],
+        mapping["last_updated"],
+        mapping["deleted"],
+        mapping["content"],
+        mapping["owner"],
+        mapping.get("method"),
+    )
+
+
+def _check_if_match(current: StoredResource, if_match: int | None) -> None:
+    if if_match is not None and if_match != current.version_id:
+        raise PreconditionFailed(
+            f"{current.resource_type}/{current.resource_id} is at version {current.version_id}, "
+            f"not {if_match} (If-Match)"
+        )
+
+
+def _content(body: dict[str, Any], version: int, now: int) -> bytes:
+    meta = dict(body.get("meta") or {})
+    meta["versionId"] = str(version)
+    meta["lastUpdated"] = format_instant(now)
+    return jsonio.dumps({**body, "meta": meta})
+
+
+def _same_content(previous: dict[str, Any], body: dict[str, Any]) -> bool:
+    def strip(item: dict[str, Any]) -> dict[str, Any]:
+        meta = {k: v for k, v in (item.get("meta") or {}).items() if k not in SERVER_META}
+        rest = {k: v for k, v in item.items() if k != "meta"}
+        return {**rest, "meta": meta} if meta else rest
+
+    return strip(previous) == strip(body)
+
+
+def _references(value: Any, path: str) -> Iterable[tuple[str, str]]:
+    if isinstance(value, dict):
+        reference = value.get("reference")
+        if isinstance(reference, str) and not reference.startswith("#"):
+            yield f"{path}.reference", reference
+        for key, child in value.items():
+            if isinstance(child, dict | list) and key != "reference":
+                yield from _references(child, f"{path}.{key}")
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from _references(item, f"{path}[{index}]")
+
+
+def _http_date(micros: int) -> str:
+    from email.utils import formatdate
+
+    return formatdate(micros / 1_000_000, usegmt=True)
+
+
+__all__ = [
+    "FhirError",
+    "Repository",
+    "SearchPage",
+    "StoreConfig",
+    "StoredResource",
+    "WriteOutcome",
+    "now_micros",
+]

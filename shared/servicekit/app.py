@@ -1,0 +1,141 @@
+"""The one way a service becomes an ASGI app: FHIR router, lifespan, health, metrics, identity.
+
+A service passes what makes it itself (its store declaration, operations, migrations); all the
+plumbing is here, so the four services differ only in their domain code.
+"""
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+from fastapi import FastAPI, Request
+from sqlalchemy import text
+from starlette.responses import JSONResponse, Response
+
+from fhirkit.api.handlers import install_exception_handlers
+from fhirkit.api.router import FhirService, Operation, build_fhir_router
+from fhirkit.errors import Unauthorized
+from fhirkit.store.hooks import ResourceHooks
+from fhirkit.store.repository import StoreConfig
+from servicekit import topology
+from servicekit.db import Database
+from servicekit.identity import IDENTITY_HEADER, CallerIdentity, verify_identity
+from servicekit.migrations import FHIRKIT_LINEAGE, Lineage
+from servicekit.observability import Metrics, RequestContextMiddleware
+from servicekit.peers import Peers
+from servicekit.settings import AllianceSettings
+
+
+@dataclass
+class ServiceDefinition:
+    """What a service declares about itself (its `fhir.py`)."""
+
+    name: str
+    title: str
+    resource_types: frozenset[str]
+    hooks: dict[str, ResourceHooks] = field(default_factory=dict)
+    operations: list[Operation] = field(default_factory=list)
+    lineages: list[Lineage] = field(default_factory=list)
+    extra_routers: list[Any] = field(default_factory=list)
+    on_startup: list[Callable[[FastAPI], Any]] = field(default_factory=list)
+
+    @property
+    def all_lineages(self) -> list[Lineage]:
+        return [FHIRKIT_LINEAGE, *self.lineages]
+
+
+def new_id_for(service: str) -> Callable[[str], str]:
+    import uuid
+
+    prefix = topology.ID_PREFIXES.get(service, "")
+
+    def new_id(resource_type: str) -> str:
+        base = str(uuid.uuid4())
+        return prefix + base if resource_type in topology.SHARED_TYPES else base
+
+    return new_id
+
+
+def create_service_app(
+    definition: ServiceDefinition,
+    settings: AllianceSettings,
+    *,
+    transports: dict[str, httpx.AsyncBaseTransport] | None = None,
+    clock: Callable[[], int] | None = None,
+) -> FastAPI:
+    secret = settings.secret("internal_secret")
+    database = Database(settings.database_url(definition.name))
+    urls = {name: settings.service_url(name) for name in topology.OWNED_TYPES}
+    peers = Peers(definition.name, secret, urls, transports, cache_seconds=settings.reference_cache_seconds)
+    store = StoreConfig(
+        resource_types=definition.resource_types,
+        hooks=definition.hooks,
+        references=peers,
+        new_id=new_id_for(definition.name),
+    )
+    if clock is not None:
+        store.clock = clock
+
+    async def authenticate(request: Request) -> CallerIdentity:
+        token = request.headers.get(IDENTITY_HEADER)
+        if not token:
+            raise Unauthorized(
+                "Requests reach services only through the gateway, which signs the caller's identity",
+                headers={"WWW-Authenticate": 'Bearer realm="alliance-internal"'},
+            )
+        return verify_identity(token, secret)
+
+    service = FhirService(
+        name=definition.name,
+        store=store,
+        database=database,
+        authenticate=authenticate,
+        operations=definition.operations,
+        title=definition.title,
+    )
+    metrics = Metrics(definition.name)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await database.start()
+        for hook in definition.on_startup:
+            await hook(app)
+        try:
+            yield
+        finally:
+            await peers.close()
+            await database.stop()
+
+    app = FastAPI(title=definition.title, lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.database = database
+    app.state.peers = peers
+    app.state.service = service
+    app.state.settings = settings
+    install_exception_handlers(app)
+    app.include_router(build_fhir_router(service))
+    for router in definition.extra_routers:
+        app.include_router(router)
+    _health_routes(app, database, metrics)
+    app.add_middleware(RequestContextMiddleware, service=definition.name, metrics=metrics)
+    return app
+
+
+def _health_routes(app: FastAPI, database: Database, metrics: Metrics) -> None:
+    @app.get("/healthz", include_in_schema=False)
+    async def healthz() -> Response:
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/readyz", include_in_schema=False)
+    async def readyz() -> Response:
+        try:
+            async with database.transaction(write=False) as conn:
+                await conn.execute(text("SELECT 1"))
+        except Exception as exc:  # noqa: BLE001 - any database failure means not ready
+            return JSONResponse({"status": "unavailable", "reason": type(exc).__name__}, status_code=503)
+        return JSONResponse({"status": "ready"})
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics_endpoint() -> Response:
+        return metrics.response()

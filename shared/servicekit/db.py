@@ -1,0 +1,84 @@
+"""Database engines and the one transaction per request.
+
+SQLite allows one writer at a time; a transaction that reads then writes under the default
+deferred BEGIN fails with `database is locked` when another writer got in between. Write
+transactions therefore start with `BEGIN IMMEDIATE` (they queue on the busy timeout instead),
+and reads use a second engine with a plain deferred BEGIN so they never wait for writers (WAL).
+"""
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+
+def is_sqlite(url: str) -> bool:
+    return url.startswith("sqlite")
+
+
+def sync_url(url: str) -> str:
+    """The URL Alembic uses: the same database through a synchronous driver."""
+    return url.replace("sqlite+aiosqlite", "sqlite").replace("postgresql+asyncpg", "postgresql+psycopg")
+
+
+def _sqlite_engine(url: str, begin: str) -> AsyncEngine:
+    engine = create_async_engine(url, pool_size=8, max_overflow=8)
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def on_connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None  # let SQLAlchemy emit BEGIN itself
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def on_begin(conn: Any) -> None:
+        conn.exec_driver_sql(begin)
+
+    return engine
+
+
+class Database:
+    def __init__(self, url: str, *, pool_size: int = 10) -> None:
+        self.url = url
+        self.pool_size = pool_size
+        self._write: AsyncEngine | None = None
+        self._read: AsyncEngine | None = None
+
+    @property
+    def dialect(self) -> str:
+        return "sqlite" if is_sqlite(self.url) else "postgresql"
+
+    async def start(self) -> None:
+        if self._write is not None:
+            return
+        if is_sqlite(self.url):
+            self._write = _sqlite_engine(self.url, "BEGIN IMMEDIATE")
+            self._read = _sqlite_engine(self.url, "BEGIN")
+        else:
+            self._write = create_async_engine(self.url, pool_size=self.pool_size, max_overflow=self.pool_size, pool_pre_ping=True)
+            self._read = self._write
+
+    async def stop(self) -> None:
+        for engine in {id(e): e for e in (self._write, self._read) if e is not None}.values():
+            await engine.dispose()
+        self._write = self._read = None
+
+    @property
+    def engine(self) -> AsyncEngine:
+        if self._write is None:
+            raise RuntimeError("Database.start() has not run (lifespan)")
+        return self._write
+
+    @asynccontextmanager
+    async def transaction(self, *, write: bool) -> AsyncIterator[AsyncConnection]:
+        """The request's one transaction: commit on success, roll back on any error."""
+        engine = self.engine if write else (self._read or self.engine)
+        async with engine.begin() as conn:
+            yield conn

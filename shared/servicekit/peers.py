@@ -1,0 +1,85 @@
+"""Calls between services: existence checks of referenced resources, through the owner's API.
+
+Never by reading another service's tables. In the embedded mode the transport is the sibling's
+in-process ASGI app; in distributed mode it is HTTP to `ALLIANCE_<SERVICE>_URL`. Positive answers
+are cached briefly: a resource that existed a few seconds ago may be referenced.
+"""
+
+import time
+from collections.abc import MutableMapping
+
+import httpx
+
+from fhirkit.errors import UpstreamTimeout, UpstreamUnavailable
+from servicekit import topology
+from servicekit.identity import IDENTITY_HEADER, CallerIdentity, sign_identity
+
+SYSTEM_IDENTITY = CallerIdentity(
+    client_id="alliance-internal", organization="Organization/alliance-system", scopes=("system/*.cruds",), level=None, roles=("system",)
+)
+
+
+class Peers:
+    def __init__(
+        self,
+        me: str,
+        secret: bytes,
+        urls: MutableMapping[str, str | None],
+        transports: MutableMapping[str, httpx.AsyncBaseTransport] | None = None,
+        *,
+        cache_seconds: float = 30.0,
+    ) -> None:
+        self.me = me
+        self.secret = secret
+        self.urls = urls
+        self.transports = transports if transports is not None else {}
+        self.cache_seconds = cache_seconds
+        self._seen: dict[tuple[str, str], float] = {}
+        self._clients: dict[str, httpx.AsyncClient] = {}
+
+    def holds(self, resource_type: str) -> bool:
+        return resource_type in topology.ALL_TYPES
+
+    async def exists(self, resource_type: str, resource_id: str) -> bool:
+        key = (resource_type, resource_id)
+        seen = self._seen.get(key)
+        if seen is not None and time.monotonic() - seen < self.cache_seconds:
+            return True
+        for service in self._candidates(resource_type, resource_id):
+            if await self._ask(service, resource_type, resource_id):
+                self._seen[key] = time.monotonic()
+                return True
+        return False
+
+    def _candidates(self, resource_type: str, resource_id: str) -> list[str]:
+        by_prefix = topology.owner_by_id(resource_type, resource_id)
+        names = [by_prefix] if by_prefix else topology.owners(resource_type)
+        return [n for n in names if n != self.me]
+
+    def client(self, service: str) -> httpx.AsyncClient:
+        if service not in self._clients:
+            transport = self.transports.get(service)
+            base = "http://" + service if transport is not None else (self.urls.get(service) or "")
+            if not base:
+                raise UpstreamUnavailable(f"No address is configured for the {service} service")
+            self._clients[service] = httpx.AsyncClient(base_url=base, transport=transport, timeout=10.0)
+        return self._clients[service]
+
+    async def _ask(self, service: str, resource_type: str, resource_id: str) -> bool:
+        headers = {IDENTITY_HEADER: sign_identity(SYSTEM_IDENTITY, self.secret)}
+        try:
+            response = await self.client(service).get(f"/fhir/{resource_type}/{resource_id}", headers=headers)
+        except httpx.TimeoutException:
+            raise UpstreamTimeout(f"The {service} service did not answer in time") from None
+        except httpx.HTTPError as exc:
+            raise UpstreamUnavailable(f"The {service} service is unreachable: {type(exc).__name__}") from None
+        if response.status_code == 200:
+            return True
+        if response.status_code in (404, 410):
+            return False
+        raise UpstreamUnavailable(f"The {service} service answered {response.status_code} checking a reference")
+
+    async def close(self) -> None:
+        for client in self._clients.values():
+            await client.aclose()
+        self._clients.clear()

@@ -1,0 +1,72 @@
+"""One self-validating settings object, read from `ALLIANCE_*` environment variables.
+
+The run mode is configuration only: in the embedded default every service uses a SQLite file
+under `data_dir` and the gateway reaches services in-process; in distributed mode each service
+gets its own `ALLIANCE_<SERVICE>_DATABASE_URL` and the gateway `ALLIANCE_<SERVICE>_URL`.
+"""
+
+import secrets
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+SERVICES = ("directory", "referral", "results-sharing", "telemedicine", "platform")
+
+
+class AllianceSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ALLIANCE_", extra="ignore")
+
+    data_dir: Path = Path("data")
+    host: str = "127.0.0.1"
+    port: int = 8080
+    public_base_url: str | None = None  # default http://{host}:{port}/fhir
+    environment: str = "development"
+    log_level: str = "INFO"
+    log_json: bool = True
+
+    # Secrets: generated and kept under data_dir in development; must be set in production.
+    internal_secret: str | None = None
+    token_signing_key: str | None = None
+    access_token_ttl_seconds: int = 300
+
+    directory_database_url: str | None = None
+    referral_database_url: str | None = None
+    results_sharing_database_url: str | None = None
+    telemedicine_database_url: str | None = None
+    platform_database_url: str | None = None
+
+    directory_url: str | None = None
+    referral_url: str | None = None
+    results_sharing_url: str | None = None
+    telemedicine_url: str | None = None
+
+    reference_cache_seconds: float = Field(default=30.0, ge=0)
+    jwks_url_allow_list: list[str] = Field(default_factory=list)
+
+    def database_url(self, service: str) -> str:
+        configured = getattr(self, f"{service.replace('-', '_')}_database_url")
+        if configured:
+            return configured
+        return f"sqlite+aiosqlite:///{self.data_dir.resolve() / (service + '.db')}"
+
+    def service_url(self, service: str) -> str | None:
+        return getattr(self, f"{service.replace('-', '_')}_url", None)
+
+    @property
+    def base_url(self) -> str:
+        return (self.public_base_url or f"http://{self.host}:{self.port}/fhir").rstrip("/")
+
+    def secret(self, name: str) -> bytes:
+        """`internal_secret` or `token_signing_key`, from the environment or a dev file."""
+        value = getattr(self, name)
+        if value:
+            return value.encode("utf-8")
+        if self.environment == "production":
+            raise RuntimeError(f"ALLIANCE_{name.upper()} must be set in production")
+        path = self.data_dir / f".{name}"
+        if not path.exists():
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            path.write_text(secrets.token_urlsafe(48))
+            path.chmod(0o600)
+        return path.read_text().strip().encode("utf-8")

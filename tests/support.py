@@ -1,0 +1,108 @@
+"""Helpers shared by the cross-service tests: settings, PostgreSQL databases, an API client."""
+
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+
+from servicekit.settings import SERVICES, AllianceSettings
+
+FHIR_JSON = "application/fhir+json"
+
+
+def system_settings(data_dir: Path, database_urls: dict[str, str] | None = None, **extra: Any) -> AllianceSettings:
+    values: dict[str, Any] = {
+        "data_dir": data_dir,
+        "public_base_url": "http://127.0.0.1:8080/fhir",
+        "log_json": False,
+        "internal_secret": "test-internal-secret-0123456789abcdef0123456789",
+        "token_signing_key": "test-token-signing-key-0123456789abcdef012345",
+        **extra,
+    }
+    for name, url in (database_urls or {}).items():
+        values[f"{name.replace('-', '_')}_database_url"] = url
+    return AllianceSettings(**values)
+
+
+@contextmanager
+def postgres_databases(base_url: str, prefix: str) -> Iterator[dict[str, str]]:
+    """One fresh database per service on the given server; dropped afterwards."""
+    admin = base_url.replace("postgresql+psycopg://", "postgresql://").rstrip("/") + "/postgres"
+    names = {service: f"{prefix}_{service.replace('-', '_')}" for service in SERVICES}
+    with psycopg.connect(admin, autocommit=True) as conn:
+        for name in names.values():
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
+            conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield {service: f"{base_url.rstrip('/')}/{name}" for service, name in names.items()}
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            for name in names.values():
+                conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+class Api:
+    """A FHIR client for tests: tokens per organization, JSON in and out."""
+
+    def __init__(self, system: Any, client: httpx.AsyncClient) -> None:
+        self.system = system
+        self.client = client
+        self._tokens: dict[tuple[str, str], str] = {}
+
+    async def token(self, organization: str = "Organization/test-org", scope: str = "system/*.cruds") -> str:
+        key = (organization, scope)
+        if key not in self._tokens:
+            from gateway.auth import create_client
+
+            engine = self.system.state.apps["platform"].state.database.engine
+            client_id = f"test-{uuid.uuid4().hex[:12]}"
+            registered = await create_client(
+                engine, organization=organization, scope=scope, name="test", level="county", client_id=client_id
+            )
+            response = await self.client.post(
+                "/auth/token",
+                data={"grant_type": "client_credentials", "scope": scope},
+                auth=(client_id, registered.client_secret or ""),
+            )
+            assert response.status_code == 200, response.text
+            self._tokens[key] = response.json()["access_token"]
+        return self._tokens[key]
+
+    async def headers(self, organization: str = "Organization/test-org", scope: str = "system/*.cruds", **extra: str) -> dict[str, str]:
+        token = await self.token(organization, scope)
+        return {"Authorization": f"Bearer {token}", "Content-Type": FHIR_JSON, **extra}
+
+    async def request(self, method: str, path: str, body: Any = None, *, organization: str = "Organization/test-org",
+                      scope: str = "system/*.cruds", headers: dict[str, str] | None = None, **kwargs: Any) -> httpx.Response:
+        all_headers = await self.headers(organization, scope)
+        all_headers.update(headers or {})
+        if body is not None and not isinstance(body, bytes | str):
+            kwargs["json"] = body
+        elif body is not None:
+            kwargs["content"] = body
+        return await self.client.request(method, "/fhir/" + path.lstrip("/"), headers=all_headers, **kwargs)
+
+    async def get(self, path: str, **kwargs: Any) -> httpx.Response:
+        return await self.request("GET", path, **kwargs)
+
+    async def post(self, path: str, body: Any = None, **kwargs: Any) -> httpx.Response:
+        return await self.request("POST", path, body, **kwargs)
+
+    async def put(self, path: str, body: Any = None, **kwargs: Any) -> httpx.Response:
+        return await self.request("PUT", path, body, **kwargs)
+
+    async def patch(self, path: str, body: Any = None, **kwargs: Any) -> httpx.Response:
+        return await self.request("PATCH", path, body, **kwargs)
+
+    async def delete(self, path: str, **kwargs: Any) -> httpx.Response:
+        return await self.request("DELETE", path, **kwargs)
+
+
+def outcome_code(response: httpx.Response) -> str:
+    body = response.json()
+    assert body["resourceType"] == "OperationOutcome", body
+    return body["issue"][0]["code"]
