@@ -1,0 +1,40 @@
+# Two commands on a fresh machine: `make run` and `make test`. Both build their own virtualenv.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PORT ?= 8080
+export PORT
+
+.PHONY: run test test-postgres bench lint install clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip uv
+	$(VENV)/bin/uv pip install -q --python $(PY) -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+## Start the whole system on its embedded default (SQLite under ./data, demo alliance loaded).
+run: install
+	$(VENV)/bin/alliance migrate
+	$(VENV)/bin/alliance demo load
+	$(VENV)/bin/alliance serve --port $(PORT)
+
+## Run the test suite (SQLite; set ALLIANCE_TEST_POSTGRES_URL to run it on PostgreSQL).
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+## The same suite on a local PostgreSQL server.
+test-postgres: install
+	ALLIANCE_TEST_POSTGRES_URL=$${ALLIANCE_TEST_POSTGRES_URL:-postgresql+psycopg://postgres@127.0.0.1:5432} $(PY) -m pytest $(PYTEST_ARGS)
+
+## Benchmarks (never part of the tests); see bench/README.md.
+bench: install
+	$(PY) -m bench
+
+lint: install
+	$(VENV)/bin/ruff check shared services gateway tests bench scripts
+
+clean:
+	rm -rf $(VENV) data

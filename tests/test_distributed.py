@@ -1,0 +1,92 @@
+"""Distributed mode end to end: every service its own process on its own PostgreSQL database,
+the gateway reaching them over HTTP, configured by environment only."""
+
+import os
+import uuid
+from collections.abc import Iterator
+from contextlib import ExitStack
+
+import httpx
+import pytest
+
+from tests import live
+from tests.support import postgres_databases
+
+POSTGRES = os.environ.get("ALLIANCE_TEST_POSTGRES_URL")
+SERVICES = ("directory", "referral", "results-sharing", "telemedicine")
+
+pytestmark = pytest.mark.skipif(not POSTGRES, reason="distributed mode runs on PostgreSQL (ALLIANCE_TEST_POSTGRES_URL)")
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    assert POSTGRES
+    data_dir = tmp_path_factory.mktemp("distributed")
+    with postgres_databases(POSTGRES, f"d{uuid.uuid4().hex[:8]}") as urls, ExitStack() as stack:
+        ports = {name: live.free_port() for name in (*SERVICES, "gateway")}
+        service_urls = {
+            f"ALLIANCE_{name.upper().replace('-', '_')}_URL": f"http://127.0.0.1:{ports[name]}" for name in SERVICES
+        }
+        env = live.environment(
+            data_dir, urls, ALLIANCE_PUBLIC_BASE_URL=f"http://127.0.0.1:{ports['gateway']}/fhir", **service_urls
+        )
+        live.run_cli(env, "migrate")
+        for name in SERVICES:
+            stack.enter_context(live.serve(env, name, ports[name]))
+        gateway = stack.enter_context(live.serve(env, "gateway", ports["gateway"]))
+        live.run_cli(env, "directory", "load", "services/directory/src/directory/demo/alliance.yaml")
+        client = live.create_client(env, "Organization/qingxi-county-hospital")
+        yield {"url": gateway, "token": live.token(gateway, client), **{n: f"http://127.0.0.1:{p}" for n, p in ports.items()}}
+
+
+def _headers(deployment: dict[str, str]) -> dict[str, str]:
+    return {"Authorization": f"Bearer {deployment['token']}", "Content-Type": "application/fhir+json"}
+
+
+def test_each_service_is_its_own_process_and_refuses_unsigned_calls(deployment: dict[str, str]) -> None:
+    owned = {"directory": "Patient", "referral": "ServiceRequest", "results-sharing": "Observation", "telemedicine": "Slot"}
+    for name in SERVICES:
+        assert httpx.get(f"{deployment[name]}/readyz").json()["status"] == "ready"
+        direct = httpx.get(f"{deployment[name]}/fhir/{owned[name]}", headers=_headers(deployment))
+        assert direct.status_code == 401  # a client token is not the gateway's signed identity
+    ready = httpx.get(f"{deployment['url']}/readyz").json()
+    assert ready["status"] == "ready" and set(SERVICES) <= set(ready["services"])
+
+
+def test_write_and_read_across_services_through_the_gateway(deployment: dict[str, str]) -> None:
+    base = f"{deployment['url']}/fhir"
+    headers = _headers(deployment)
+    patient = httpx.get(f"{base}/Patient", params={"_count": 1}, headers=headers).json()["entry"][0]["resource"]
+    observation = {
+        "resourceType": "Observation",
+        "status": "final",
+        "code": {"coding": [{"system": "http://loinc.org", "code": "718-7", "display": "Hemoglobin"}]},
+        "subject": {"reference": f"Patient/{patient['id']}"},
+        "valueQuantity": {"value": 13.5, "unit": "g/dL", "system": "http://unitsofmeasure.org", "code": "g/dL"},
+    }
+    created = httpx.post(f"{base}/Observation", json=observation, headers={**headers, "X-Request-ID": "e2e-req-1"})
+    assert created.status_code == 201, created.text
+    assert created.headers["x-request-id"] == "e2e-req-1"
+    assert created.headers["location"].startswith(base + "/Observation/")
+
+    found = httpx.get(f"{base}/Observation", params={"subject": f"Patient/{patient['id']}", "code": "http://loinc.org|718-7"}, headers=headers)
+    assert found.status_code == 200
+    assert [e["resource"]["id"] for e in found.json()["entry"]] == [created.json()["id"]]
+
+    # The results service checked the subject through the directory's API: a missing patient is refused.
+    missing = httpx.post(f"{base}/Observation", json={**observation, "subject": {"reference": "Patient/nobody-here"}}, headers=headers)
+    assert missing.status_code == 422
+    assert "Patient/nobody-here" in missing.json()["issue"][0]["diagnostics"]
+
+
+def test_metadata_merges_every_service(deployment: dict[str, str]) -> None:
+    statement = httpx.get(f"{deployment['url']}/fhir/metadata").json()
+    types = {r["type"] for r in statement["rest"][0]["resource"]}
+    assert {"Patient", "ServiceRequest", "Observation", "Appointment", "AuditEvent"} <= types
+
+
+def test_services_expose_metrics(deployment: dict[str, str]) -> None:
+    for name in SERVICES:
+        metrics = httpx.get(f"{deployment[name]}/metrics")
+        assert metrics.status_code == 200
+        assert "alliance_http_requests_total" in metrics.text

@@ -1,0 +1,107 @@
+"""The embedded system as a real process, driven by a real FHIR client library (fhirpy)."""
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from fhirpy import SyncFHIRClient
+
+from tests import live
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    # The embedded default exactly as `make run` starts it: one process, SQLite, demo alliance.
+    data_dir: Path = tmp_path_factory.mktemp("live")
+    port = live.free_port()
+    env = live.environment(data_dir, None, ALLIANCE_PUBLIC_BASE_URL=f"http://127.0.0.1:{port}/fhir")
+    live.run_cli(env, "migrate")
+    live.run_cli(env, "demo", "load")
+    with live.serve(env, "all", port) as url:
+        client = live.create_client(env, "Organization/qingxi-county-hospital")
+        yield {"url": url, "token": live.token(url, client), "data_dir": str(data_dir)}
+
+
+@pytest.fixture
+def fhir(server: dict[str, str]) -> SyncFHIRClient:
+    return SyncFHIRClient(f"{server['url']}/fhir", authorization=f"Bearer {server['token']}")
+
+
+def test_metadata_and_discovery_need_no_token(server: dict[str, str]) -> None:
+    metadata = httpx.get(f"{server['url']}/fhir/metadata")
+    assert metadata.status_code == 200
+    assert metadata.json()["fhirVersion"] == "4.0.1"
+    smart = httpx.get(f"{server['url']}/fhir/.well-known/smart-configuration").json()
+    assert smart["token_endpoint"].endswith("/auth/token")
+    assert "private_key_jwt" in smart["token_endpoint_auth_methods_supported"]
+
+
+def test_requests_without_a_token_are_refused(server: dict[str, str]) -> None:
+    response = httpx.get(f"{server['url']}/fhir/Patient")
+    assert response.status_code == 401
+    assert response.headers["www-authenticate"].startswith("Bearer")
+    assert response.json()["issue"][0]["code"] == "login"
+
+
+def test_demo_alliance_is_loaded(fhir: SyncFHIRClient) -> None:
+    county = fhir.resources("Organization").search(_id="qingxi-county-hospital").fetch()
+    assert [o["name"] for o in county] == ["青溪县人民医院"]
+    townships = fhir.resources("Organization").search(partof="Organization/qingxi-county-hospital").fetch_all()
+    assert len(townships) >= 8 + 10  # township centers plus the shared and emergency centers
+    assert fhir.resources("Patient").search().count() >= 200
+
+
+def test_fhirpy_create_read_update_search_delete(fhir: SyncFHIRClient) -> None:
+    family = f"测试{uuid.uuid4().hex[:6]}"
+    patient = fhir.resource("Patient", name=[{"family": family, "given": ["小明"]}], gender="male", birthDate="1980-05-01")
+    patient.save()
+    assert patient.id
+    assert patient["meta"]["versionId"] == "1"
+
+    found = fhir.resources("Patient").search(family=family).fetch()
+    assert [p.id for p in found] == [patient.id]
+
+    patient["birthDate"] = "1980-05-02"
+    patient.save()
+    assert patient["meta"]["versionId"] == "2"
+    assert fhir.reference("Patient", patient.id).to_resource()["birthDate"] == "1980-05-02"
+
+    patient.patch(gender="female")  # fhirpy sends a merge patch as application/json
+    assert fhir.reference("Patient", patient.id).to_resource()["gender"] == "female"
+
+    assert fhir.resources("Patient").search(family=family, birthdate__ge="1980-05-02").count() == 1
+    assert fhir.resources("Patient").search(family=family, birthdate__lt="1980-05-02").count() == 0
+
+    patient.delete()
+    assert fhir.resources("Patient").search(family=family).count() == 0
+
+
+def test_fhirpy_conditional_create_returns_the_existing_resource(fhir: SyncFHIRClient) -> None:
+    value = uuid.uuid4().hex
+    search = fhir.resources("Patient").search(identifier=f"urn:test|{value}")
+    body = {"identifier": [{"system": "urn:test", "value": value}], "gender": "unknown"}
+    first, created = search.get_or_create(fhir.resource("Patient", **body))
+    again, created_again = search.get_or_create(fhir.resource("Patient", **body))
+    assert (created, created_again) == (True, False)
+    assert again.id == first.id
+    assert search.count() == 1
+
+
+def test_fhirpy_conditional_update(fhir: SyncFHIRClient) -> None:
+    value = uuid.uuid4().hex
+    search = fhir.resources("Patient").search(identifier=f"urn:test|{value}")
+    body = {"identifier": [{"system": "urn:test", "value": value}], "gender": "male"}
+    created, was_created = search.update(fhir.resource("Patient", **body))
+    updated, was_created_again = search.update(fhir.resource("Patient", **{**body, "gender": "female"}))
+    assert (was_created, was_created_again) == (True, False)
+    assert updated.id == created.id
+    assert updated["meta"]["versionId"] == "2"
+
+
+def test_fhirpy_paging_follows_next_links(fhir: SyncFHIRClient) -> None:
+    patients = fhir.resources("Patient").limit(50).fetch_all()
+    ids = [p.id for p in patients]
+    assert len(ids) >= 200
+    assert len(set(ids)) == len(ids)
