@@ -105,3 +105,21 @@ def test_fhirpy_paging_follows_next_links(fhir: SyncFHIRClient) -> None:
     ids = [p.id for p in patients]
     assert len(ids) >= 200
     assert len(set(ids)) == len(ids)
+
+
+def test_demo_clients_file_lists_a_client_for_every_organization_kind(server: dict[str, str]) -> None:
+    import json
+
+    clients = json.loads((Path(server["data_dir"]) / "demo-clients.json").read_text())
+    assert {c["level"] for c in clients} == {"village", "township", "county", "city", "provincial", "center"}
+    for entry in clients:
+        assert set(entry) >= {"client_id", "client_secret", "organization", "name", "level", "scope"}
+        assert entry["organization"].startswith("Organization/")
+    township = next(c for c in clients if c["level"] == "township")
+    response = httpx.post(
+        f"{server['url']}/auth/token",
+        data={"grant_type": "client_credentials", "scope": township["scope"]},
+        auth=(township["client_id"], township["client_secret"]),
+    )
+    assert response.status_code == 200
+    assert response.headers["cache-control"] == "no-store"

@@ -1,0 +1,115 @@
+"""The gateway: authentication, scope enforcement per type and interaction, routing, operations."""
+
+import httpx
+
+from tests.support import outcome_code
+
+PATIENT = {"resourceType": "Patient", "gender": "female", "name": [{"family": "周", "given": ["敏"]}]}
+
+
+async def test_metadata_and_smart_discovery_need_no_token(client: httpx.AsyncClient) -> None:
+    metadata = await client.get("/fhir/metadata")
+    assert metadata.status_code == 200
+    assert metadata.headers["content-type"].startswith("application/fhir+json")
+    statement = metadata.json()
+    assert statement["fhirVersion"] == "4.0.1"
+    assert statement["rest"][0]["security"]["service"][0]["coding"][0]["code"] == "SMART-on-FHIR"
+    smart = await client.get("/fhir/.well-known/smart-configuration")
+    assert smart.status_code == 200
+    assert set(smart.json()["token_endpoint_auth_methods_supported"]) >= {
+        "private_key_jwt", "client_secret_basic", "client_secret_post"
+    }
+
+
+async def test_no_token_is_401_with_a_challenge(client: httpx.AsyncClient) -> None:
+    for method, path in (("GET", "/fhir/Patient"), ("POST", "/fhir/Patient"), ("GET", "/fhir/Patient/x"),
+                         ("POST", "/fhir"), ("GET", "/fhir/Unknown")):
+        response = await client.request(method, path)
+        assert response.status_code == 401, (method, path)
+        assert response.headers["www-authenticate"].startswith("Bearer")
+        assert outcome_code(response) == "login"
+
+
+async def test_a_forged_token_is_401(client: httpx.AsyncClient) -> None:
+    response = await client.get("/fhir/Patient", headers={"Authorization": "Bearer not.a.token"})
+    assert response.status_code == 401
+    assert 'error="invalid_token"' in response.headers["www-authenticate"]
+
+
+async def test_scopes_are_enforced_per_type_and_interaction(api) -> None:
+    read_only = {"scope": "system/Patient.rs"}
+    assert (await api.get("Patient", **read_only)).status_code == 200
+    refused = await api.post("Patient", PATIENT, **read_only)
+    assert refused.status_code == 403
+    assert outcome_code(refused) == "forbidden"
+    assert (await api.get("Observation", **read_only)).status_code == 403
+
+    created = await api.post("Patient", PATIENT)
+    assert created.status_code == 201
+    patient_id = created.json()["id"]
+    assert (await api.get(f"Patient/{patient_id}", **read_only)).status_code == 200
+    assert (await api.delete(f"Patient/{patient_id}", **read_only)).status_code == 403
+    assert (await api.get(f"Patient/{patient_id}")).status_code == 200  # the refused delete wrote nothing
+
+
+async def test_v1_scopes_work_too(api) -> None:
+    assert (await api.get("Patient", scope="system/Patient.read")).status_code == 200
+    assert (await api.post("Patient", PATIENT, scope="system/Patient.read")).status_code == 403
+    assert (await api.post("Patient", PATIENT, scope="system/Patient.write")).status_code == 201
+
+
+async def test_every_bundle_entry_is_checked_against_the_scopes(api) -> None:
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "batch",
+        "entry": [{"resource": PATIENT, "request": {"method": "POST", "url": "Patient"}}],
+    }
+    response = await api.post("", bundle, scope="system/Patient.rs")
+    assert response.status_code == 403
+    assert outcome_code(response) == "forbidden"
+
+
+async def test_request_id_is_returned_and_minted_when_absent(api) -> None:
+    response = await api.get("Patient", params={"_count": 1}, headers={"X-Request-ID": "his-trace-42"})
+    assert response.headers["x-request-id"] == "his-trace-42"
+    minted = await api.get("Patient", params={"_count": 1})
+    assert len(minted.headers["x-request-id"]) >= 16
+
+
+async def test_unknown_and_unheld_types(api) -> None:
+    unheld = await api.get("MolecularSequence")
+    assert unheld.status_code == 404
+    assert outcome_code(unheld) == "not-supported"
+    garbage = await api.get("NotAType")
+    assert garbage.status_code == 404
+
+
+async def test_shared_types_are_routed_by_content(api) -> None:
+    telemedicine = {
+        "resourceType": "ServiceRequest",
+        "status": "draft",
+        "intent": "proposal",
+        "category": [{"coding": [{"system": "http://county-alliance.org/fhir/CodeSystem/telemedicine-category",
+                                  "code": "remote-ecg"}]}],
+        "subject": {"reference": f"Patient/{(await api.post('Patient', PATIENT)).json()['id']}"},
+    }
+    created = await api.post("ServiceRequest", telemedicine)
+    assert created.status_code == 201, created.text
+    assert created.json()["id"].startswith("tm-")
+    read = await api.get(f"ServiceRequest/{created.json()['id']}")
+    assert read.status_code == 200
+    referral = {**telemedicine, "category": [{"text": "上转"}]}
+    created_referral = await api.post("ServiceRequest", referral)
+    assert created_referral.status_code == 201
+    assert not created_referral.json()["id"].startswith("tm-")
+    found = await api.get("ServiceRequest", params={"category": "remote-ecg", "_id": created.json()["id"]})
+    assert [e["resource"]["id"] for e in found.json()["entry"]] == [created.json()["id"]]
+
+
+async def test_health_and_metrics(client: httpx.AsyncClient) -> None:
+    assert (await client.get("/healthz")).json() == {"status": "ok"}
+    ready = await client.get("/readyz")
+    assert ready.status_code == 200
+    assert set(ready.json()["services"]) == {"directory", "referral", "results-sharing", "telemedicine", "platform"}
+    metrics = await client.get("/metrics")
+    assert "alliance_http_requests_total" in metrics.text
