@@ -296,3 +296,58 @@ def test_national_id_generator_is_valid() -> None:
 
     assert is_valid_national_id(national_id())
     assert os.environ.get("PYTEST_CURRENT_TEST")
+
+
+class TestReferencesResolvedThroughTheDirectory:
+    @pytest.mark.parametrize("field,reference", [
+        ("subject", "Patient/nobody-{}"),
+        ("performer", "Organization/nowhere-{}"),
+        ("requester", "Practitioner/no-one-{}"),
+    ])
+    async def test_other_services_refuse_references_the_directory_does_not_know(self, api, field, reference) -> None:
+        known_patient = (await api.post("Patient", patient(None))).json()
+        missing = reference.format(uuid.uuid4().hex[:6])
+        request = {"resourceType": "ServiceRequest", "status": "active", "intent": "order",
+                   "subject": {"reference": f"Patient/{known_patient['id']}"}}
+        request[field] = [{"reference": missing}] if field == "performer" else {"reference": missing}
+        response = await api.post("ServiceRequest", request)
+        assert response.status_code == 422
+        assert missing in response.json()["issue"][0]["diagnostics"]
+        without_missing = {k: v for k, v in request.items() if k != field}
+        without_missing["subject"] = {"reference": f"Patient/{known_patient['id']}"}
+        ok = await api.post("ServiceRequest", without_missing)
+        assert ok.status_code == 201
+
+
+class TestDirectoryLoadErrors:
+    async def test_a_server_refusal_names_the_file_line(self, system, api) -> None:
+        from directory.directory_file import parse_directory_text
+        from directory.load import DirectoryLoadError, load_directory
+        from servicekit.peers import SYSTEM_IDENTITY
+
+        nid = national_id("19660606")
+        await api.post("Patient", patient(nid))
+        text = f"""alliance: 测试
+organizations:
+  - id: cnty-{uuid.uuid4().hex[:6]}
+    name: 县医院
+    level: county-hospital
+    uscc: "{_uscc()}"
+patients:
+  - id: dup-{uuid.uuid4().hex[:6]}
+    name: 王芳
+    gender: {"female" if int(nid[16]) % 2 == 0 else "male"}
+    birth_date: "1966-06-06"
+    national_id: "{nid}"
+"""
+        gateway = system.state.gateway
+
+        async def send(body: bytes) -> tuple[int, bytes]:
+            upstream = await gateway.send("directory", "POST", "/fhir", identity=SYSTEM_IDENTITY,
+                                          headers={"content-type": "application/fhir+json"}, content=body)
+            return upstream.status, upstream.content
+
+        with pytest.raises(DirectoryLoadError) as refused:
+            await load_directory(parse_directory_text(text, "alliance.yaml"), send)
+        assert str(refused.value).startswith("alliance.yaml:8:")
+        assert "already has national ID" in str(refused.value)
