@@ -51,17 +51,18 @@ class Api:
     def __init__(self, system: Any, client: httpx.AsyncClient) -> None:
         self.system = system
         self.client = client
-        self._tokens: dict[tuple[str, str], str] = {}
+        self._tokens: dict[tuple[str, str, str], str] = {}
 
-    async def token(self, organization: str = "Organization/test-org", scope: str = "system/*.cruds") -> str:
-        key = (organization, scope)
+    async def token(self, organization: str = "Organization/test-org", scope: str = "system/*.cruds",
+                    level: str = "county") -> str:
+        key = (organization, scope, level)
         if key not in self._tokens:
             from gateway.auth import create_client
 
             engine = self.system.state.apps["platform"].state.database.engine
             client_id = f"test-{uuid.uuid4().hex[:12]}"
             registered = await create_client(
-                engine, organization=organization, scope=scope, name="test", level="county", client_id=client_id
+                engine, organization=organization, scope=scope, name="test", level=level, client_id=client_id
             )
             response = await self.client.post(
                 "/auth/token",
@@ -72,13 +73,15 @@ class Api:
             self._tokens[key] = response.json()["access_token"]
         return self._tokens[key]
 
-    async def headers(self, organization: str = "Organization/test-org", scope: str = "system/*.cruds", **extra: str) -> dict[str, str]:
-        token = await self.token(organization, scope)
+    async def headers(self, organization: str = "Organization/test-org", scope: str = "system/*.cruds",
+                      level: str = "county", **extra: str) -> dict[str, str]:
+        token = await self.token(organization, scope, level)
         return {"Authorization": f"Bearer {token}", "Content-Type": FHIR_JSON, **extra}
 
     async def request(self, method: str, path: str, body: Any = None, *, organization: str = "Organization/test-org",
-                      scope: str = "system/*.cruds", headers: dict[str, str] | None = None, **kwargs: Any) -> httpx.Response:
-        all_headers = await self.headers(organization, scope)
+                      scope: str = "system/*.cruds", level: str = "county", headers: dict[str, str] | None = None,
+                      **kwargs: Any) -> httpx.Response:
+        all_headers = await self.headers(organization, scope, level)
         all_headers.update(headers or {})
         if body is not None and not isinstance(body, bytes | str):
             kwargs["json"] = body

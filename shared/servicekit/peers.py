@@ -7,8 +7,10 @@ are cached briefly: a resource that existed a few seconds ago may be referenced.
 
 import time
 from collections.abc import MutableMapping
+from typing import Any
 
 import httpx
+import orjson
 
 from fhirkit.errors import UpstreamTimeout, UpstreamUnavailable
 from servicekit import topology
@@ -35,6 +37,7 @@ class Peers:
         self.transports = transports if transports is not None else {}
         self.cache_seconds = cache_seconds
         self._seen: dict[tuple[str, str], float] = {}
+        self._read_cache: dict[tuple[str, str], tuple[float, dict[str, Any] | None]] = {}
         self._clients: dict[str, httpx.AsyncClient] = {}
 
     def holds(self, resource_type: str) -> bool:
@@ -51,6 +54,23 @@ class Peers:
                 return True
         return False
 
+    async def read(self, resource_type: str, resource_id: str) -> dict[str, Any] | None:
+        """The current content of a resource another service holds (None: absent), cached briefly."""
+        key = (resource_type, resource_id)
+        cached = self._read_cache.get(key)
+        if cached is not None and time.monotonic() - cached[0] < self.cache_seconds:
+            return cached[1]
+        content = None
+        for service in self._candidates(resource_type, resource_id):
+            response = await self._get(service, f"/fhir/{resource_type}/{resource_id}")
+            if response.status_code == 200:
+                content = orjson.loads(response.content)
+                break
+            if response.status_code not in (404, 410):
+                raise UpstreamUnavailable(f"The {service} service answered {response.status_code} reading a reference")
+        self._read_cache[key] = (time.monotonic(), content)
+        return content
+
     def _candidates(self, resource_type: str, resource_id: str) -> list[str]:
         by_prefix = topology.owner_by_id(resource_type, resource_id)
         names = [by_prefix] if by_prefix else topology.owners(resource_type)
@@ -65,14 +85,17 @@ class Peers:
             self._clients[service] = httpx.AsyncClient(base_url=base, transport=transport, timeout=10.0)
         return self._clients[service]
 
-    async def _ask(self, service: str, resource_type: str, resource_id: str) -> bool:
+    async def _get(self, service: str, path: str) -> httpx.Response:
         headers = {IDENTITY_HEADER: sign_identity(SYSTEM_IDENTITY, self.secret)}
         try:
-            response = await self.client(service).get(f"/fhir/{resource_type}/{resource_id}", headers=headers)
+            return await self.client(service).get(path, headers=headers)
         except httpx.TimeoutException:
             raise UpstreamTimeout(f"The {service} service did not answer in time") from None
         except httpx.HTTPError as exc:
             raise UpstreamUnavailable(f"The {service} service is unreachable: {type(exc).__name__}") from None
+
+    async def _ask(self, service: str, resource_type: str, resource_id: str) -> bool:
+        response = await self._get(service, f"/fhir/{resource_type}/{resource_id}")
         if response.status_code == 200:
             return True
         if response.status_code in (404, 410):

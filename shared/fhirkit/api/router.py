@@ -294,7 +294,9 @@ class _Context:
 
     def _repository(self, conn: AsyncConnection, caller: Any) -> Repository:
         scope = self.service.repository_scope(caller) if self.service.repository_scope else None
-        return Repository(conn, self.service.store, owner=getattr(caller, "organization", None), scope=scope)
+        return Repository(
+            conn, self.service.store, owner=getattr(caller, "organization", None), scope=scope, caller=caller
+        )
 
 
 async def _read_body(request: Request) -> bytes:

@@ -19,6 +19,7 @@ class WriteContext:
     resource_id: str
     previous: dict[str, Any] | None  # the current version before this write, parsed
     in_transaction: bool = False
+    if_match: int | None = None  # the version the client said it saw (If-Match), if it said one
 
 
 class ResourceHooks(Protocol):

@@ -108,8 +108,10 @@ class Repository:
         owner: str | None = None,
         scope: Callable[[Any], ColumnElement[bool] | None] | None = None,
         in_transaction: bool = False,
+        caller: Any = None,
     ) -> None:
         self.conn = conn
+        self.caller = caller  # who is asking (the service's identity object); hooks decide by it
         self.config = config
         self.owner = owner
         self.scope = scope
@@ -202,7 +204,7 @@ class Repository:
             if if_match is not None:
                 raise PreconditionFailed(f"{resource_type}/{resource_id} does not exist (If-Match given)")
             return await self._insert(body, resource_id, "PUT")
-        return await self._replace(current, body, if_match, "PUT")
+        return await self._replace(current, body, if_match, "PUT", client_if_match=if_match)
 
     async def patch(
         self,
@@ -219,7 +221,7 @@ class Repository:
             raise UnprocessableEntity("The patch changes the resource's type")
         if patched.get("id") != resource_id:
             raise UnprocessableEntity("The patch changes the resource's id")
-        return await self._replace(current, patched, current.version_id, "PATCH")
+        return await self._replace(current, patched, current.version_id, "PATCH", client_if_match=if_match)
 
     async def delete(self, resource_type: str, resource_id: str, *, if_match: int | None = None) -> StoredResource | None:
         self._require_type(resource_type)
@@ -227,7 +229,7 @@ class Repository:
         if current is None or current.deleted:
             return None  # deleting what is not there succeeds (idempotent), as the spec allows
         _check_if_match(current, if_match)
-        context = WriteContext("delete", resource_type, resource_id, current.parsed(), self.in_transaction)
+        context = WriteContext("delete", resource_type, resource_id, current.parsed(), self.in_transaction, if_match)
         hooks = self.config.hooks_for(resource_type)
         await hooks.before_write(self, None, context)
         stored = await self._write_version(current, None, "DELETE")
@@ -270,14 +272,17 @@ class Repository:
         return WriteOutcome(stored, created=True)
 
     async def _replace(
-        self, current: StoredResource, body: dict[str, Any], if_match: int | None, method: str
+        self, current: StoredResource, body: dict[str, Any], if_match: int | None, method: str,
+        *, client_if_match: int | None = None,
     ) -> WriteOutcome:
         _check_if_match(current, if_match)
         previous = None if current.deleted else current.parsed()
         if previous is not None and _same_content(previous, body):
             return WriteOutcome(current, created=False, changed=False)
         interaction = "patch" if method == "PATCH" else "update"
-        context = WriteContext(interaction, current.resource_type, current.resource_id, previous, self.in_transaction)
+        context = WriteContext(
+            interaction, current.resource_type, current.resource_id, previous, self.in_transaction, client_if_match
+        )
         await self._prepare(body, context)
         stored = await self._write_version(current, body, method)
         await self.config.hooks_for(current.resource_type).after_write(self, body, context)

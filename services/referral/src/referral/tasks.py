@@ -1,0 +1,47 @@
+"""Referral Tasks: the shared workflow engine plus what a referral Task must point at."""
+
+from typing import Any
+
+from fhirkit.errors import BusinessRuleViolation
+from fhirkit.store.hooks import WriteContext
+from fhirkit.workflow.hooks import WorkflowTaskHooks
+from referral import routing, workflow
+
+IMMUTABLE = ("focus", "for", "requester", "code")
+
+
+class ReferralTaskHooks:
+    def __init__(self) -> None:
+        self.workflow = WorkflowTaskHooks(workflow.REFERRAL_RULES, workflow.is_referral_task)
+
+    async def before_write(self, repo: Any, resource: dict[str, Any] | None, context: WriteContext) -> None:
+        if resource is not None and workflow.is_referral_task(resource):
+            if context.previous is None:
+                await _check_new_task(repo, resource)
+            else:
+                _check_immutable(resource, context.previous)
+        await self.workflow.before_write(repo, resource, context)
+
+    async def after_write(self, repo: Any, resource: dict[str, Any] | None, context: WriteContext) -> None:
+        await self.workflow.after_write(repo, resource, context)
+
+
+async def _check_new_task(repo: Any, task: dict[str, Any]) -> None:
+    focus = workflow.reference_of(task.get("focus")) or ""
+    if not focus.startswith("ServiceRequest/"):
+        raise BusinessRuleViolation("A referral Task's focus is the referral ServiceRequest", expression=["Task.focus"])
+    request = (await repo.read("ServiceRequest", focus.split("/", 1)[1])).parsed()
+    if routing.referral_direction(request) is None:
+        raise BusinessRuleViolation(f"{focus} is not a referral (no referral category)", expression=["Task.focus"])
+    if workflow.reference_of(task.get("for")) != workflow.reference_of(request.get("subject")):
+        raise BusinessRuleViolation("Task.for must be the referral's subject", expression=["Task.for"])
+    owner = workflow.reference_of(task.get("owner"))
+    performers = {workflow.reference_of(p) for p in request.get("performer") or []}
+    if owner and performers and owner not in performers:
+        raise BusinessRuleViolation(f"Task.owner {owner} is not a performer of {focus}", expression=["Task.owner"])
+
+
+def _check_immutable(task: dict[str, Any], previous: dict[str, Any]) -> None:
+    for field in IMMUTABLE:
+        if task.get(field) != previous.get(field):
+            raise BusinessRuleViolation(f"Task.{field} of a referral cannot change", expression=[f"Task.{field}"])

@@ -1,0 +1,364 @@
+"""Two-way referral through the gateway: submit, the state machine on every path, routing rules,
+Provenance, forwarding and assignment, concurrency."""
+
+import asyncio
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from tests.support import outcome_code
+
+BASE = "http://county-alliance.org/fhir"
+LEVEL = f"{BASE}/CodeSystem/facility-level"
+CATEGORY = f"{BASE}/CodeSystem/referral-category"
+TASK_CODE = f"{BASE}/CodeSystem/task-code"
+
+
+@dataclass
+class Party:
+    """An organization of the test alliance and how it calls the API."""
+
+    api: Any
+    reference: str
+    level: str
+
+    async def call(self, method: str, path: str, body: Any = None, **kwargs: Any) -> Any:
+        return await self.api.request(method, path, body, organization=self.reference, level=self.level, **kwargs)
+
+
+@dataclass
+class Alliance:
+    province: Party
+    city: Party
+    county: Party
+    township: Party
+    other_township: Party
+    village: Party
+    foreign_county: Party
+    patient: str
+
+
+async def _organization(api: Any, code: str, parent: str | None, name: str) -> str:
+    org_id = f"{code.split('-')[0]}-{uuid.uuid4().hex[:8]}"
+    body: dict[str, Any] = {"resourceType": "Organization", "id": org_id, "name": name,
+                            "type": [{"coding": [{"system": LEVEL, "code": code}]}]}
+    if parent:
+        body["partOf"] = {"reference": parent}
+    response = await api.put(f"Organization/{org_id}", body)
+    assert response.status_code == 201, response.text
+    return f"Organization/{org_id}"
+
+
+@pytest.fixture
+async def alliance(api: Any) -> Alliance:
+    province = await _organization(api, "provincial-hospital", None, "省人民医院")
+    city = await _organization(api, "city-hospital", province, "市中心医院")
+    county = await _organization(api, "county-hospital", city, "县人民医院")
+    township = await _organization(api, "township-health-center", county, "溪口镇中心卫生院")
+    other = await _organization(api, "township-health-center", county, "石门镇卫生院")
+    village = await _organization(api, "village-clinic", township, "上坞村卫生室")
+    foreign = await _organization(api, "county-hospital", city, "邻县人民医院")
+    patient = await api.post("Patient", {"resourceType": "Patient", "name": [{"family": "陈", "given": ["桂英"]}],
+                                         "gender": "female", "birthDate": "1952-03-08"})
+    return Alliance(
+        province=Party(api, province, "provincial"), city=Party(api, city, "city"), county=Party(api, county, "county"),
+        township=Party(api, township, "township"), other_township=Party(api, other, "township"),
+        village=Party(api, village, "village"), foreign_county=Party(api, foreign, "county"),
+        patient=f"Patient/{patient.json()['id']}",
+    )
+
+
+def referral_request(alliance: Alliance, sender: Party, receiver: Party | None, direction: str = "upward-referral",
+                     **changes: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "resourceType": "ServiceRequest",
+        "status": "active",
+        "intent": "order",
+        "category": [{"coding": [{"system": CATEGORY, "code": direction}]}],
+        "priority": "urgent",
+        "subject": {"reference": alliance.patient},
+        "requester": {"reference": sender.reference},
+        "reasonCode": [{"text": "反复胸闷一周，心电图ST段改变"}],
+        "requisition": {"system": f"{BASE}/sid/referral-chain", "value": uuid.uuid4().hex},
+    }
+    if receiver is not None:
+        body["performer"] = [{"reference": receiver.reference}]
+    body.update(changes)
+    return {k: v for k, v in body.items() if v is not None}
+
+
+def referral_task(request_id: str, alliance: Alliance, sender: Party, receiver: Party | None) -> dict[str, Any]:
+    task: dict[str, Any] = {
+        "resourceType": "Task",
+        "status": "requested",
+        "intent": "order",
+        "priority": "urgent",
+        "code": {"coding": [{"system": TASK_CODE, "code": "referral"}]},
+        "focus": {"reference": f"ServiceRequest/{request_id}"},
+        "for": {"reference": alliance.patient},
+        "requester": {"reference": sender.reference},
+    }
+    if receiver is not None:
+        task["owner"] = {"reference": receiver.reference}
+    return task
+
+
+async def submit(alliance: Alliance, sender: Party, receiver: Party | None, direction: str = "upward-referral") -> dict:
+    request = await sender.call("POST", "ServiceRequest", referral_request(alliance, sender, receiver, direction))
+    assert request.status_code == 201, request.text
+    task = await sender.call("POST", "Task", referral_task(request.json()["id"], alliance, sender, receiver))
+    assert task.status_code == 201, task.text
+    return task.json()
+
+
+def etag(task: dict) -> dict[str, str]:
+    return {"If-Match": f'W/"{task["meta"]["versionId"]}"'}
+
+
+def reason(text: str) -> dict:
+    return {"resourceType": "Parameters", "parameter": [{"name": "reason", "valueString": text}]}
+
+
+async def operate(party: Party, task: dict, operation: str, body: dict | None = None) -> Any:
+    return await party.call("POST", f"Task/{task['id']}/${operation}", body or {"resourceType": "Parameters"},
+                            headers=etag(task))
+
+
+async def outcome_document(party: Party, alliance: Alliance) -> str:
+    document = await party.call("POST", "DocumentReference", {
+        "resourceType": "DocumentReference", "status": "current",
+        "type": {"text": "出院小结 / 回转单"}, "subject": {"reference": alliance.patient},
+        "content": [{"attachment": {"contentType": "text/plain", "data": "5Ye66Zmi5bCP57uT"}}],
+    })
+    assert document.status_code == 201, document.text
+    return f"DocumentReference/{document.json()['id']}"
+
+
+class TestClosedLoop:
+    async def test_upward_referral_accepted_started_completed_with_outcome(self, alliance: Alliance) -> None:
+        task = await submit(alliance, alliance.township, alliance.county)
+        accepted = await operate(alliance.county, task, "accept")
+        assert accepted.status_code == 200, accepted.text
+        assert accepted.json()["status"] == "accepted"
+        assert accepted.json()["businessStatus"]["coding"][0]["code"] == "accepted"
+        started = await operate(alliance.county, accepted.json(), "start")
+        assert started.json()["status"] == "in-progress"
+        assert "start" in started.json()["executionPeriod"]
+
+        refused = await operate(alliance.county, started.json(), "complete")
+        assert refused.status_code == 422
+        assert "Task.output" in refused.json()["issue"][0]["diagnostics"]
+
+        document = await outcome_document(alliance.county, alliance)
+        done = await operate(alliance.county, started.json(), "complete", {"resourceType": "Parameters", "parameter": [
+            {"name": "output", "valueReference": {"reference": document}}]})
+        assert done.status_code == 200, done.text
+        assert done.json()["status"] == "completed"
+
+        seen_by_sender = (await alliance.township.call("GET", f"Task/{task['id']}")).json()
+        assert seen_by_sender["status"] == "completed"
+        assert seen_by_sender["output"][0]["valueReference"]["reference"] == document
+        assert (await alliance.township.call("GET", document)).status_code == 200
+
+        provenance = await alliance.township.call("GET", "Provenance", params={"target": f"Task/{task['id']}"})
+        activities = sorted(e["resource"]["activity"]["coding"][0]["code"] for e in provenance.json()["entry"])
+        assert activities == ["accept", "complete", "start"]
+        assert all(e["resource"]["agent"][0]["who"]["reference"] == alliance.county.reference
+                   for e in provenance.json()["entry"])
+
+    async def test_hold_and_resume_return_to_the_status_before(self, alliance: Alliance) -> None:
+        task = await submit(alliance, alliance.township, alliance.county)
+        accepted = (await operate(alliance.county, task, "accept")).json()
+        no_reason = await operate(alliance.county, accepted, "hold")
+        assert no_reason.status_code == 422
+        held = await operate(alliance.county, accepted, "hold", reason("请补充近期血常规结果"))
+        assert held.json()["status"] == "on-hold"
+        resumed = await operate(alliance.county, held.json(), "resume")
+        assert resumed.json()["status"] == "accepted"
+        assert "statusReason" not in resumed.json()
+
+
+class TestRefusals:
+    async def test_only_the_receiver_moves_it_forward_and_only_the_sender_cancels(self, alliance: Alliance) -> None:
+        task = await submit(alliance, alliance.township, alliance.county)
+        by_sender = await operate(alliance.township, task, "accept")
+        assert by_sender.status_code == 403
+        assert outcome_code(by_sender) == "forbidden"
+        by_stranger = await operate(alliance.other_township, task, "accept")
+        assert by_stranger.status_code in (403, 404)
+        by_receiver = await operate(alliance.county, task, "cancel", reason("不想要了"))
+        assert by_receiver.status_code == 403
+        cancelled = await operate(alliance.township, task, "cancel", reason("患者决定不转诊"))
+        assert cancelled.status_code == 200
+        assert cancelled.json()["status"] == "cancelled"
+
+    async def test_a_wrong_state_is_422_listing_the_allowed_moves(self, alliance: Alliance) -> None:
+        task = await submit(alliance, alliance.township, alliance.county)
+        response = await operate(alliance.county, task, "start")
+        assert response.status_code == 422
+        message = response.json()["issue"][0]["diagnostics"]
+        assert "$accept" in message and "$reject" in message
+
+    async def test_reject_needs_a_reason(self, alliance: Alliance) -> None:
+        task = await submit(alliance, alliance.township, alliance.county)
+        response = await operate(alliance.county, task, "reject")
+        assert response.status_code == 422
+        assert response.json()["issue"][0]["expression"] == ["Task.statusReason"]
+        assert (await alliance.county.call("GET", f"Task/{task['id']}")).json()["status"] == "requested"
+
+    async def test_stale_or_missing_if_match(self, alliance: Alliance) -> None:
+        task = await submit(alliance, alliance.township, alliance.county)
+        received = (await operate(alliance.county, task, "receive")).json()
+        stale = await operate(alliance.county, task, "accept")  # still the version before receive
+        assert stale.status_code == 412
+        missing = await alliance.county.call("POST", f"Task/{received['id']}/$accept", {"resourceType": "Parameters"})
+        assert missing.status_code == 428
+
+    async def test_the_state_machine_holds_on_plain_update_and_patch(self, alliance: Alliance) -> None:
+        task = await submit(alliance, alliance.township, alliance.county)
+        skipped = await alliance.county.call("PUT", f"Task/{task['id']}", {**task, "status": "completed"},
+                                             headers=etag(task))
+        assert skipped.status_code == 422
+        without_version = await alliance.county.call("PUT", f"Task/{task['id']}", {**task, "status": "accepted"})
+        assert without_version.status_code == 428
+        by_sender = await alliance.township.call("PUT", f"Task/{task['id']}", {**task, "status": "accepted"},
+                                                 headers=etag(task))
+        assert by_sender.status_code == 403
+        patched = await alliance.county.call(
+            "PATCH", f"Task/{task['id']}", [{"op": "replace", "path": "/status", "value": "accepted"}],
+            headers={**etag(task), "Content-Type": "application/json-patch+json"})
+        assert patched.status_code == 200, patched.text
+        assert patched.json()["status"] == "accepted"
+        provenance = await alliance.county.call("GET", "Provenance", params={"target": f"Task/{task['id']}"})
+        assert provenance.json()["total"] == 1
+
+    async def test_a_transaction_entry_is_held_to_the_same_rules(self, alliance: Alliance) -> None:
+        task = await submit(alliance, alliance.township, alliance.county)
+        bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [{
+            "resource": {**task, "status": "completed"},
+            "request": {"method": "PUT", "url": f"Task/{task['id']}", "ifMatch": f'W/"{task["meta"]["versionId"]}"'}}]}
+        response = await alliance.county.call("POST", "", bundle)
+        assert response.status_code == 422
+
+
+class TestRouting:
+    async def test_required_content(self, alliance: Alliance) -> None:
+        body = referral_request(alliance, alliance.township, alliance.county, reasonCode=None, priority=None)
+        response = await alliance.township.call("POST", "ServiceRequest", body)
+        assert response.status_code == 422
+        message = response.json()["issue"][0]["diagnostics"]
+        assert "reasonCode or reasonReference" in message and "priority" in message
+
+    @pytest.mark.parametrize("direction,sender,receiver", [
+        ("upward-referral", "county", "township"),
+        ("downward-referral", "township", "county"),
+        ("lateral-referral", "township", "county"),
+    ])
+    async def test_the_wrong_direction_is_422(self, alliance: Alliance, direction: str, sender: str, receiver: str) -> None:
+        from_party, to_party = getattr(alliance, sender), getattr(alliance, receiver)
+        response = await from_party.call("POST", "ServiceRequest", referral_request(alliance, from_party, to_party, direction))
+        assert response.status_code == 422
+        assert direction in response.json()["issue"][0]["diagnostics"]
+
+    async def test_outside_the_alliance_is_422_but_partner_hospitals_are_fine(self, alliance: Alliance) -> None:
+        outside = await alliance.township.call(
+            "POST", "ServiceRequest", referral_request(alliance, alliance.township, alliance.foreign_county, "upward-referral"))
+        assert outside.status_code == 422
+        assert "outside the alliance" in outside.json()["issue"][0]["diagnostics"]
+        to_province = await alliance.township.call(
+            "POST", "ServiceRequest", referral_request(alliance, alliance.township, alliance.province))
+        assert to_province.status_code == 201
+        downward = await alliance.city.call(
+            "POST", "ServiceRequest", referral_request(alliance, alliance.city, alliance.village, "downward-referral"))
+        assert downward.status_code == 201
+
+
+class TestOnward:
+    async def test_a_rejected_referral_is_forwarded_and_the_sender_sees_the_chain(self, alliance: Alliance) -> None:
+        task = await submit(alliance, alliance.township, alliance.county)
+        rejected = (await operate(alliance.county, task, "reject", reason("本院无心外科手术条件"))).json()
+        forwarded = await operate(alliance.county, rejected, "forward", {"resourceType": "Parameters", "parameter": [
+            {"name": "owner", "valueReference": {"reference": alliance.city.reference}},
+            {"name": "reason", "valueString": "需行急诊PCI"}]})
+        assert forwarded.status_code == 201, forwarded.text
+        hop = forwarded.json()
+        assert hop["status"] == "requested" and hop["owner"]["reference"] == alliance.city.reference
+        original = (await alliance.township.call("GET", f"Task/{task['id']}")).json()
+        assert original["businessStatus"]["coding"][0]["code"] == "referred-onward"
+        chain = await alliance.township.call("GET", "Task", params={"based-on": f"Task/{task['id']}"})
+        assert [e["resource"]["id"] for e in chain.json()["entry"]] == [hop["id"]]
+        accepted = await operate(alliance.city, hop, "accept")
+        assert accepted.status_code == 200
+        requisition = (await alliance.township.call("GET", hop["focus"]["reference"])).json()["requisition"]
+        same_chain = await alliance.township.call(
+            "GET", "ServiceRequest", params={"requisition": f"{requisition['system']}|{requisition['value']}"})
+        assert same_chain.json()["total"] == 2
+
+    async def test_forwarding_a_referral_that_is_not_rejected_is_422(self, alliance: Alliance) -> None:
+        task = await submit(alliance, alliance.township, alliance.county)
+        response = await operate(alliance.county, task, "forward", {"resourceType": "Parameters", "parameter": [
+            {"name": "owner", "valueReference": {"reference": alliance.city.reference}}]})
+        assert response.status_code == 422
+
+    async def test_the_referral_desk_assigns_a_referral_without_receiver(self, alliance: Alliance) -> None:
+        task = await submit(alliance, alliance.village, None)
+        not_desk = await operate(alliance.township, task, "assign", {"resourceType": "Parameters", "parameter": [
+            {"name": "owner", "valueReference": {"reference": alliance.township.reference}}]})
+        assert not_desk.status_code == 403
+        inbox = await alliance.county.call("GET", "Task", params={"owner:missing": "true", "status": "requested",
+                                                                  "_id": task["id"]})
+        assert inbox.json()["total"] == 1
+        assigned = await operate(alliance.county, task, "assign", {"resourceType": "Parameters", "parameter": [
+            {"name": "owner", "valueReference": {"reference": alliance.township.reference}}]})
+        assert assigned.status_code == 200, assigned.text
+        assert assigned.json()["owner"]["reference"] == alliance.township.reference
+        accepted = await operate(alliance.township, assigned.json(), "accept")
+        assert accepted.status_code == 200
+
+
+class TestActions:
+    async def test_available_actions_answer_for_the_caller(self, alliance: Alliance) -> None:
+        task = await submit(alliance, alliance.township, alliance.county)
+
+        async def actions(party: Party) -> set[str]:
+            response = await party.call("GET", f"Task/{task['id']}/$available-actions")
+            assert response.status_code == 200
+            return {p["part"][0]["valueCode"] for p in response.json()["parameter"] if p["name"] == "action"}
+
+        assert await actions(alliance.county) == {"receive", "accept", "reject"}
+        assert await actions(alliance.township) == {"cancel"}
+
+
+class TestConcurrency:
+    async def test_concurrent_accept_and_cancel_exactly_one_wins(self, alliance: Alliance) -> None:
+        task = await submit(alliance, alliance.township, alliance.county)
+        accept, cancel = await asyncio.gather(
+            operate(alliance.county, task, "accept"),
+            operate(alliance.township, task, "cancel", reason("患者已自行就医")),
+        )
+        statuses = sorted([accept.status_code, cancel.status_code])
+        assert statuses[0] == 200 and statuses[1] in (412, 422), statuses
+        final = (await alliance.township.call("GET", f"Task/{task['id']}")).json()
+        assert final["status"] == ("accepted" if accept.status_code == 200 else "cancelled")
+
+
+class TestTransactionSubmit:
+    async def test_submit_as_one_transaction_with_urn_uuids(self, alliance: Alliance) -> None:
+        request_url, condition_url = f"urn:uuid:{uuid.uuid4()}", f"urn:uuid:{uuid.uuid4()}"
+        request = referral_request(alliance, alliance.township, alliance.county,
+                                   reasonReference=[{"reference": condition_url}], reasonCode=None)
+        task = referral_task("placeholder", alliance, alliance.township, alliance.county)
+        task["focus"] = {"reference": request_url}
+        bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [
+            {"fullUrl": condition_url, "resource": {"resourceType": "Condition", "subject": {"reference": alliance.patient},
+                                                     "code": {"text": "不稳定型心绞痛"}},
+             "request": {"method": "POST", "url": "Condition"}},
+            {"fullUrl": request_url, "resource": request, "request": {"method": "POST", "url": "ServiceRequest"}},
+            {"resource": task, "request": {"method": "POST", "url": "Task"}},
+        ]}
+        response = await alliance.township.call("POST", "", bundle)
+        assert response.status_code == 200, response.text
+        statuses = [e["response"]["status"] for e in response.json()["entry"]]
+        assert statuses == ["201 Created"] * 3
