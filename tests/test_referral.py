@@ -37,6 +37,8 @@ class Alliance:
     other_township: Party
     village: Party
     foreign_county: Party
+    chest_pain_center: Party
+    stroke_center: Party
     patient: str
 
 
@@ -60,12 +62,15 @@ async def alliance(api: Any) -> Alliance:
     other = await _organization(api, "township-health-center", county, "石门镇卫生院")
     village = await _organization(api, "village-clinic", township, "上坞村卫生室")
     foreign = await _organization(api, "county-hospital", city, "邻县人民医院")
+    chest_pain = await _organization(api, "chest-pain-center", county, "胸痛中心")
+    stroke = await _organization(api, "stroke-center", county, "卒中中心")
     patient = await api.post("Patient", {"resourceType": "Patient", "name": [{"family": "陈", "given": ["桂英"]}],
                                          "gender": "female", "birthDate": "1952-03-08"})
     return Alliance(
         province=Party(api, province, "provincial"), city=Party(api, city, "city"), county=Party(api, county, "county"),
         township=Party(api, township, "township"), other_township=Party(api, other, "township"),
         village=Party(api, village, "village"), foreign_county=Party(api, foreign, "county"),
+        chest_pain_center=Party(api, chest_pain, "center"), stroke_center=Party(api, stroke, "center"),
         patient=f"Patient/{patient.json()['id']}",
     )
 
@@ -362,3 +367,102 @@ class TestTransactionSubmit:
         assert response.status_code == 200, response.text
         statuses = [e["response"]["status"] for e in response.json()["entry"]]
         assert statuses == ["201 Created"] * 3
+
+
+GREEN = f"{BASE}/StructureDefinition/green-channel"
+
+
+def green(pathway: str) -> list[dict]:
+    return [{"url": GREEN, "extension": [
+        {"url": "pathway", "valueCoding": {"system": f"{BASE}/CodeSystem/green-channel-pathway", "code": pathway}},
+        {"url": "eta", "valueDateTime": "2026-11-23T10:30:00+08:00"},
+        {"url": "keyFindings", "valueString": "胸痛2小时，心电图V1-V4 ST段抬高"}]}]
+
+
+def _seconds(text: str) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+class TestGreenChannel:
+    async def test_chest_pain_goes_to_the_chest_pain_center_at_once_with_a_timeline(self, alliance: Alliance) -> None:
+        body = referral_request(alliance, alliance.township, None, priority="stat", extension=green("chest-pain"))
+        request = await alliance.township.call("POST", "ServiceRequest", body)
+        assert request.status_code == 201, request.text
+        assert request.json()["performer"] == [{"reference": alliance.chest_pain_center.reference}]
+        task = await alliance.township.call("POST", "Task", referral_task(request.json()["id"], alliance, alliance.township, None))
+        assert task.status_code == 201, task.text
+        task = task.json()
+        assert task["owner"]["reference"] == alliance.chest_pain_center.reference
+        deadline = _seconds(task["restriction"]["period"]["end"]) - _seconds(task["authoredOn"])
+        assert 599 <= deadline <= 601  # ten minutes
+        accepted = (await operate(alliance.chest_pain_center, task, "accept")).json()
+        arrived = (await operate(alliance.chest_pain_center, accepted, "start")).json()
+        from referral.green_channel import timeline
+
+        moments = timeline(arrived)
+        assert set(moments) == {"sent", "accepted", "arrived"}
+        assert _seconds(moments["sent"]) <= _seconds(moments["accepted"]) <= _seconds(moments["arrived"])
+
+    async def test_stroke_to_another_receiver_and_a_non_stat_priority_are_refused(self, alliance: Alliance) -> None:
+        wrong_receiver = referral_request(alliance, alliance.township, alliance.county, priority="stat", extension=green("stroke"))
+        response = await alliance.township.call("POST", "ServiceRequest", wrong_receiver)
+        assert response.status_code == 422
+        assert alliance.stroke_center.reference in response.json()["issue"][0]["diagnostics"]
+        not_stat = referral_request(alliance, alliance.township, None, priority="urgent", extension=green("stroke"))
+        assert (await alliance.township.call("POST", "ServiceRequest", not_stat)).status_code == 422
+        unknown = referral_request(alliance, alliance.township, None, priority="stat", extension=green("toothache"))
+        assert (await alliance.township.call("POST", "ServiceRequest", unknown)).status_code == 422
+        to_center = referral_request(alliance, alliance.village, alliance.stroke_center, priority="stat", extension=green("stroke"))
+        assert (await alliance.village.call("POST", "ServiceRequest", to_center)).status_code == 201
+
+
+class TestDeadlines:
+    async def test_overdue_referrals_escalate_then_routine_ones_expire(self, system, alliance: Alliance) -> None:
+        from fhirkit.search.values import date_range
+        from fhirkit.store.repository import Repository
+        from referral import deadlines
+        from servicekit.peers import SYSTEM_IDENTITY
+
+        body = referral_request(alliance, alliance.township, alliance.county, priority="routine")
+        request = await alliance.township.call("POST", "ServiceRequest", body)
+        task = (await alliance.township.call(
+            "POST", "Task", referral_task(request.json()["id"], alliance, alliance.township, alliance.county))).json()
+        due = date_range(task["restriction"]["period"]["end"])[1]
+        service = system.state.apps["referral"]
+
+        async def sweep_at(micros: int) -> dict:
+            async with service.state.database.transaction(write=True) as conn:
+                repo = Repository(conn, service.state.service.store, caller=SYSTEM_IDENTITY)
+                await deadlines.sweep(repo, micros)
+            return (await alliance.township.call("GET", f"Task/{task['id']}")).json()
+
+        assert "extension" not in await sweep_at(due - 60_000_000)
+        day = 86_400_000_000
+        level_one = await sweep_at(due + 60_000_000)
+        escalation = {p["url"]: p for p in level_one["extension"][0]["extension"]}
+        assert escalation["level"]["valueInteger"] == 1
+        assert escalation["escalatedTo"]["valueReference"]["reference"] == alliance.county.reference
+        overdue = await alliance.county.call("GET", "Task", params={
+            "_tag": f"{deadlines.FLAG_SYSTEM}|overdue", "_id": task["id"]})
+        assert overdue.json()["total"] == 1
+        level_two = await sweep_at(due + 3 * day)
+        assert {p["url"]: p for p in level_two["extension"][0]["extension"]}["level"]["valueInteger"] == 2
+        expired = await sweep_at(due + 10 * day)
+        assert expired["status"] == "cancelled"
+        assert expired["statusReason"]["coding"][0]["code"] == "expired"
+        provenance = await alliance.township.call("GET", "Provenance", params={"target": f"Task/{task['id']}"})
+        assert [e["resource"]["activity"]["coding"][0]["code"] for e in provenance.json()["entry"]] == ["cancel"]
+
+    def test_durations_and_working_days(self) -> None:
+        from datetime import datetime
+
+        from referral.deadlines import parse_duration
+
+        friday = datetime(2026, 11, 20, 9, 0)
+        assert parse_duration("P2WD").after(friday) == datetime(2026, 11, 24, 9, 0)  # skips the weekend
+        assert parse_duration("PT10M").after(friday) == datetime(2026, 11, 20, 9, 10)
+        assert parse_duration("P1DT2H").after(friday) == datetime(2026, 11, 21, 11, 0)
+        with pytest.raises(ValueError):
+            parse_duration("two days")

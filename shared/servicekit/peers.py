@@ -71,6 +71,18 @@ class Peers:
         self._read_cache[key] = (time.monotonic(), content)
         return content
 
+    async def search(self, resource_type: str, params: list[tuple[str, str]]) -> list[dict[str, Any]]:
+        """The first page of a search at the owning service (callers ask narrow questions)."""
+        from urllib.parse import urlencode
+
+        results: list[dict[str, Any]] = []
+        for service in [n for n in topology.owners(resource_type) if n != self.me][:1]:
+            response = await self._get(service, f"/fhir/{resource_type}?{urlencode(params)}")
+            if response.status_code != 200:
+                raise UpstreamUnavailable(f"The {service} service answered {response.status_code} to a search")
+            results = [e["resource"] for e in orjson.loads(response.content).get("entry", []) if "resource" in e]
+        return results
+
     def _candidates(self, resource_type: str, resource_id: str) -> list[str]:
         by_prefix = topology.owner_by_id(resource_type, resource_id)
         names = [by_prefix] if by_prefix else topology.owners(resource_type)

@@ -41,12 +41,14 @@ class WorkflowTaskHooks:
 
 def provenance(task: dict[str, Any], version: int, operation: str, caller: Any, now_micros: int) -> dict[str, Any]:
     organization = getattr(caller, "organization", None)
+    # The platform itself (the deadline scheduler) is no directory organization: it is named, not referenced.
+    acting_system = "system" in getattr(caller, "roles", ()) or not organization
     agent: dict[str, Any] = {
         "type": {"coding": [{"system": PROVENANCE_PARTICIPANT, "code": "performer"}]},
-        "who": {"reference": organization} if organization else {"display": "system"},
+        "who": {"display": "alliance platform (system)"} if acting_system else {"reference": organization},
     }
     client = getattr(caller, "client_id", None)
-    if client:
+    if client and not acting_system:
         agent["who"]["display"] = f"client {client}"
     target = [{"reference": f"Task/{task['id']}/_history/{version}"}]
     focus = (task.get("focus") or {}).get("reference")

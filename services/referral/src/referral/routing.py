@@ -11,6 +11,7 @@ from typing import Any, Protocol
 
 from fhirkit.errors import BusinessRuleViolation, UnprocessableEntity
 from fhirkit.store.hooks import WriteContext
+from referral import green_channel
 
 BASE = "http://county-alliance.org/fhir"
 REFERRAL_CATEGORY_SYSTEM = f"{BASE}/CodeSystem/referral-category"
@@ -24,6 +25,8 @@ MAX_DEPTH = 8
 
 class Directory(Protocol):
     async def read(self, resource_type: str, resource_id: str) -> dict[str, Any] | None: ...
+
+    async def search(self, resource_type: str, params: list[tuple[str, str]]) -> list[dict[str, Any]]: ...
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,9 @@ class ReferralRequestHooks:
         _require_content(resource)
         directory: Directory = repo.config.references
         sender = await place(directory, await sending_organization(directory, resource))
+        pathway = green_channel.check_request(resource)
+        if pathway is not None:
+            await green_channel.route_to_center(directory, resource, pathway, sender.county)
         receivers = [r.get("reference") for r in resource.get("performer") or [] if isinstance(r, dict)]
         for receiver in receivers:
             if isinstance(receiver, str) and receiver.startswith("Organization/"):
