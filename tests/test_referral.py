@@ -466,3 +466,40 @@ class TestDeadlines:
         assert parse_duration("P1DT2H").after(friday) == datetime(2026, 11, 21, 11, 0)
         with pytest.raises(ValueError):
             parse_duration("two days")
+
+
+class TestStatistics:
+    async def test_counts_rates_times_and_who_may_see_them(self, alliance: Alliance) -> None:
+        up = await submit(alliance, alliance.township, alliance.county)
+        await operate(alliance.county, up, "accept")
+        rejected = await submit(alliance, alliance.township, alliance.county)
+        await operate(alliance.county, rejected, "reject", reason("床位已满"))
+        await submit(alliance, alliance.county, alliance.township, "downward-referral")
+        body = referral_request(alliance, alliance.township, None, priority="stat", extension=green("chest-pain"))
+        request = (await alliance.township.call("POST", "ServiceRequest", body)).json()
+        chest = (await alliance.township.call("POST", "Task", referral_task(request["id"], alliance, alliance.township, None))).json()
+        await operate(alliance.chest_pain_center, chest, "accept")
+
+        period = up["authoredOn"][:10]
+        response = await alliance.county.call("GET", "$referral-statistics",
+                                              params={"period": period, "organization": alliance.township.reference})
+        assert response.status_code == 200, response.text
+        figures = {p["name"]: p for p in response.json()["parameter"]}
+        assert figures["total"]["valueInteger"] == 4
+        assert (figures["upward"]["valueInteger"], figures["downward"]["valueInteger"]) == (3, 1)
+        assert figures["accepted"]["valueInteger"] == 2 and figures["rejected"]["valueInteger"] == 1
+        assert figures["acceptanceRate"]["valueDecimal"] == round(2 / 3, 4)
+        assert figures["responseMinutesMedian"]["valueDecimal"] >= 0
+        assert figures["answeredOnTime"]["valueInteger"] == 3
+        green_parts = {p["name"]: p for p in figures["greenChannel"]["part"]}
+        chest_parts = {p["name"]: p for p in green_parts["chest-pain"]["part"]}
+        assert chest_parts["count"]["valueInteger"] == 1
+
+        own = await alliance.township.call("GET", "$referral-statistics", params={"period": period})
+        assert own.status_code == 200
+        assert {p["name"]: p for p in own.json()["parameter"]}["organization"]["valueReference"]["reference"] == alliance.township.reference
+        other = await alliance.township.call("GET", "$referral-statistics",
+                                             params={"period": period, "organization": alliance.other_township.reference})
+        assert other.status_code == 403
+        bad = await alliance.county.call("GET", "$referral-statistics", params={"period": "last week"})
+        assert bad.status_code == 400

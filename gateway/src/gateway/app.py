@@ -42,7 +42,8 @@ from servicekit.settings import AllianceSettings
 
 FORWARDED_REQUEST_HEADERS = ("content-type", "prefer", "if-match", "if-none-exist", "if-none-match", "if-modified-since")
 FORWARDED_RESPONSE_HEADERS = ("etag", "location", "last-modified", "content-location", "www-authenticate", "retry-after")
-SYSTEM_OPERATIONS: dict[str, str] = {}  # `$name` at the base → owning service; filled as services add them
+# `$name` at the base → the owning service, and the type whose search scope the caller needs.
+SYSTEM_OPERATIONS: dict[str, tuple[str, str]] = {"referral-statistics": ("referral", "Task")}
 
 
 def service_definitions() -> dict[str, ServiceDefinition]:
@@ -213,9 +214,10 @@ class FhirDispatcher:
     async def _system_operation(
         self, auth: Authenticated, name: str, method: str, path: str, headers: dict[str, str], body: bytes
     ) -> Upstream:
-        service = SYSTEM_OPERATIONS.get(name)
-        if service is None:
+        if name not in SYSTEM_OPERATIONS:
             raise NotSupported(f"Operation ${name[:64]} is not supported at the system level")
+        service, scope_type = SYSTEM_OPERATIONS[name]
+        _require(auth, scope_type, "s")
         return await self.gateway.send(service, method, path, identity=auth.identity, headers=headers, content=body)
 
     async def _bundle(self, auth: Authenticated, headers: dict[str, str], body: bytes, path: str) -> Upstream:

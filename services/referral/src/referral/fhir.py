@@ -5,7 +5,7 @@ from pathlib import Path
 
 from fhirkit.api.router import Operation
 from fhirkit.workflow.operations import transition_operations
-from referral import onward, workflow
+from referral import onward, statistics, workflow
 from referral.routing import ReferralRequestHooks
 from referral.tasks import ReferralTaskHooks
 from servicekit import topology
@@ -24,6 +24,8 @@ DEFINITION = ServiceDefinition(
         *transition_operations(workflow.REFERRAL_RULES),
         Operation("forward", onward.task_forward, ("Task",), instance=True, definition=f"{OPERATION_BASE}/Task-forward"),
         Operation("assign", onward.task_assign, ("Task",), instance=True, definition=f"{OPERATION_BASE}/Task-assign"),
+        Operation("referral-statistics", statistics.referral_statistics, system=True, methods=("GET", "POST"),
+                  writes=False, definition=f"{OPERATION_BASE}/referral-statistics"),
     ],
     lineages=[LINEAGE],
 )
