@@ -45,6 +45,10 @@ class FhirError(Exception):
     def to_outcome(self) -> dict[str, Any]:
         return {"resourceType": "OperationOutcome", "issue": self.issues()}
 
+    def locate(self, where: str) -> None:
+        """Say where the problem is (a Bundle entry) in front of every issue's diagnostics."""
+        self.diagnostics = f"{where}: {self.diagnostics}"
+
     def to_bytes(self) -> bytes:
         return orjson.dumps(self.to_outcome())
 
@@ -64,6 +68,11 @@ class InvalidResource(FhirError):
 
     def issues(self) -> list[dict[str, Any]]:
         return self.extra_issues or super().issues()
+
+    def locate(self, where: str) -> None:
+        super().locate(where)
+        for issue in self.extra_issues:
+            issue["diagnostics"] = f"{where}: {issue.get('diagnostics', '')}"
 
 
 class NotSupported(FhirError):

@@ -9,7 +9,7 @@ keeps each decimal as written.
 import json
 import re
 from decimal import Decimal
-from typing import Any
+from typing import Any, Self
 
 import orjson
 
@@ -18,12 +18,32 @@ from fhirkit.errors import InvalidRequest
 MAX_NESTING = 64
 
 # A number literal whose text a float round trip would change: trailing zeros after the point,
-# an exponent, or more digits than a double keeps.
-_LOSSY_NUMBER = re.compile(rb"[:\[,]\s*-?\d+(?:\.\d*0|(?:\.\d+)?[eE][-+]?\d+|\.\d{16,}|\d{17,})\s*[,\]}]")
+# an exponent, or more significant digits (16 and up, point or not) than a double keeps.
+_LOSSY_NUMBER = re.compile(
+    rb"[:\[,]\s*-?(?:\d+(?:\.\d*0|(?:\.\d+)?[eE][-+]?\d+)|(?:\d\.?){16,})\s*[,\]}]"
+)
 
 
 class FhirDecimal(Decimal):
-    """A decimal that remembers it came from JSON, so it is written back as written."""
+    """A decimal that remembers its JSON text, so it is written back exactly as written
+    (`1.0e2` stays `1.0e2`; Decimal's own str() would give `1.0E+2`)."""
+
+    text: str
+
+    def __new__(cls, text: str) -> Self:
+        number = super().__new__(cls, text)
+        number.text = text
+        return number
+
+    # Immutable like any Decimal; copies (a PATCH deep-copies the resource) keep the text.
+    def __copy__(self) -> Self:
+        return self
+
+    def __deepcopy__(self, memo: object) -> Self:
+        return self
+
+    def __reduce__(self) -> tuple[type, tuple[str]]:
+        return FhirDecimal, (self.text,)
 
 
 def loads(raw: bytes | str) -> Any:
@@ -79,6 +99,8 @@ def _dumps_precise(value: Any) -> str:
         return "{" + ",".join(f"{_string(k)}:{_dumps_precise(v)}" for k, v in value.items()) + "}"
     if isinstance(value, list):
         return "[" + ",".join(_dumps_precise(v) for v in value) + "]"
+    if isinstance(value, FhirDecimal):
+        return value.text
     if isinstance(value, Decimal):
         return str(value)
     return orjson.dumps(value).decode("utf-8")

@@ -6,7 +6,7 @@ references are resolved first, and any failure rolls everything back and answers
 failing entry's error. A batch runs each entry on its own savepoint and reports each outcome.
 """
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
@@ -35,6 +35,11 @@ class Entry:
     resource: Any
     if_match: int | None
     if_none_exist: str | None
+    matched: bool = False  # a conditional create whose criteria found the resource: nothing to write
+
+    @property
+    def where(self) -> str:
+        return f"Bundle.entry[{self.index}] ({self.method} {self.resource_type})"
 
 
 def parse_entries(bundle: dict[str, Any]) -> list[Entry]:
@@ -94,22 +99,38 @@ class BundleProcessor:
         for entry in entries:
             if entry.resource is not None:
                 entry.resource = _rewrite(entry.resource, aliases)
+                _refuse_local_urls(entry)
         await self._resolve_conditional_references(entries)
+        self.repo.defer_reference_checks()
         results: dict[int, Result] = {}
+        written: list[tuple[Entry, list[dict[str, Any]]]] = []  # what each entry (and its hooks) wrote
         for entry in sorted(entries, key=lambda e: METHOD_ORDER[e.method]):
-            try:
-                results[entry.index] = await self._execute(entry)
-            except FhirError as exc:
-                exc.diagnostics = f"Bundle.entry[{entry.index}] ({entry.method} {entry.resource_type}): {exc.diagnostics}"
-                raise
+            before = len(self.repo.deferred_references or [])
+            results[entry.index] = await self._located(entry, self._execute(entry))
+            written.append((entry, (self.repo.deferred_references or [])[before:]))
+        self.repo.deferred_references = None
+        # Every entry is written: now each reference must point at something that exists.
+        for entry, bodies in written:
+            for body in bodies:
+                await self._located(entry, self.repo.check_references(body))
         ordered = [self._response_entry(results[e.index], e) for e in entries]
         return responses.bundle_bytes("transaction-response", ordered, timestamp=self._now())
+
+    @staticmethod
+    async def _located(entry: Entry, step: Awaitable[Any]) -> Any:
+        try:
+            return await step
+        except FhirError as exc:
+            exc.locate(entry.where)
+            raise
 
     async def batch(self, bundle: dict[str, Any]) -> bytes:
         entries = parse_entries(bundle)
         out: list[bytes] = []
         for entry in entries:
             try:
+                if entry.resource is not None:
+                    _refuse_local_urls(entry, batch=True)
                 async with self.savepoint():
                     result = await self._execute(entry)
                 out.append(self._response_entry(result, entry))
@@ -131,8 +152,7 @@ class BundleProcessor:
                         raise MultipleMatches(f"Bundle.entry[{entry.index}] ifNoneExist matches several resources")
                     target_id = matches[0].resource_id if matches else None
                 entry.resource_id = target_id or self.repo.config.new_id(entry.resource_type)
-                if target_id:
-                    entry.method = "MATCHED"  # conditional create found it: nothing to write
+                entry.matched = target_id is not None
             elif entry.method == "PUT" and entry.resource_id is None and entry.query:
                 matches = await self.repo.conditional_targets(entry.resource_type, entry.query)
                 if len(matches) > 1:
@@ -180,13 +200,21 @@ class BundleProcessor:
 
     async def _execute(self, entry: Entry) -> Result:
         repo, options = self.repo, self.options
-        if entry.method == "MATCHED":
+        if entry.matched:
             stored = await repo.read(entry.resource_type, entry.resource_id or "")
             return Result(200, stored.content, responses.resource_headers(stored, options.base, location=True), stored)
+        if entry.method == "POST" and entry.resource_id is None:  # a batch entry: nothing pre-assigned
+            return await interactions.create(
+                repo, entry.resource_type, entry.resource, options, if_none_exist=entry.if_none_exist
+            )
         if entry.method == "POST":
             resource = resources.require_resource(entry.resource, entry.resource_type)
             outcome = await repo.create({k: v for k, v in resource.items() if k != "id"}, resource_id=entry.resource_id)
-            return interactions._write_result(outcome, options, created_status=201)
+            return interactions.write_result(outcome, options, created_status=201)
+        if entry.method == "PUT" and entry.resource_id is None and entry.query:
+            return await interactions.conditional_update(
+                repo, entry.resource_type, entry.query, entry.resource, options, if_match=entry.if_match
+            )
         if entry.method == "PUT":
             if entry.resource_id is None:
                 raise InvalidRequest("PUT needs Type/id or Type?criteria in request.url")
@@ -238,6 +266,31 @@ def _patch_body(resource: Any) -> tuple[Any, str]:
             raise InvalidRequest("The Binary of a PATCH entry does not hold a JSON Patch") from None
         return data, resource.get("contentType", interactions.JSON_PATCH)
     return resource, "application/fhir+json"
+
+
+def _refuse_local_urls(entry: Entry, *, batch: bool = False) -> None:
+    """A `urn:uuid:`/`urn:oid:` reference names another entry of the Bundle; one left after the
+    rewriting names none (or, in a batch, one the server may not link to)."""
+    for path, reference in _references_in(entry.resource, entry.resource_type):
+        if reference.startswith(("urn:uuid:", "urn:oid:")):
+            raise UnprocessableEntity(
+                f"{entry.where}: {path} refers to {reference[:80]}, which is not the fullUrl of an entry "
+                f"this Bundle creates" + (" (batch entries cannot refer to each other)" if batch else ""),
+                expression=[path],
+            )
+
+
+def _references_in(value: Any, path: str) -> Iterator[tuple[str, str]]:
+    if isinstance(value, dict):
+        reference = value.get("reference")
+        if isinstance(reference, str):
+            yield f"{path}.reference", reference
+        for key, child in value.items():
+            if isinstance(child, dict | list):
+                yield from _references_in(child, f"{path}.{key}")
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from _references_in(item, f"{path}[{index}]")
 
 
 def _rewrite(value: Any, aliases: dict[str, str]) -> Any:

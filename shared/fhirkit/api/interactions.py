@@ -52,8 +52,7 @@ def parse_if_match(value: str | None) -> int | None:
     if value is None or value.strip() in ("", "*"):
         return None
     text = value.strip()
-    if text.startswith("W/"):
-        text = text[2:]
+    text = text.removeprefix("W/")
     text = text.strip('"')
     if not text.isdigit():
         raise InvalidRequest(f"If-Match '{value[:40]}' is not a version ETag such as W/\"3\"")
@@ -78,7 +77,7 @@ async def create(
     resource = resources.require_resource(body, resource_type)
     resource = {k: v for k, v in resource.items() if k != "id"}  # the server assigns the id
     outcome = await repo.create(resource, if_none_exist=if_none_exist)
-    return _write_result(outcome, options, created_status=201)
+    return write_result(outcome, options, created_status=201)
 
 
 async def update(
@@ -94,7 +93,7 @@ async def update(
     if "id" not in resource:
         raise InvalidRequest("An update must carry the resource's id in the body", expression=[f"{resource_type}.id"])
     outcome = await repo.update(resource_type, resource_id, resource, if_match=if_match)
-    return _write_result(outcome, options, created_status=201)
+    return write_result(outcome, options, created_status=201)
 
 
 async def conditional_update(
@@ -109,12 +108,12 @@ async def conditional_update(
         if "id" in resource and resource["id"] != target_id:
             raise InvalidRequest(f"The body's id does not match {resource_type}/{target_id} found by the criteria")
         outcome = await repo.update(resource_type, target_id, {**resource, "id": target_id}, if_match=if_match)
-        return _write_result(outcome, options, created_status=201)
+        return write_result(outcome, options, created_status=201)
     if "id" in resource:
         outcome = await repo.update(resource_type, resource["id"], resource, if_match=if_match)
     else:
         outcome = await repo.create(resource)
-    return _write_result(outcome, options, created_status=201)
+    return write_result(outcome, options, created_status=201)
 
 
 async def patch_instance(
@@ -129,7 +128,7 @@ async def patch_instance(
 ) -> Result:
     apply = _patcher(body, content_type)
     outcome = await repo.patch(resource_type, resource_id, apply, if_match=if_match)
-    return _write_result(outcome, options, created_status=200)
+    return write_result(outcome, options, created_status=200)
 
 
 def _patcher(body: Any, content_type: str) -> Any:
@@ -193,6 +192,10 @@ async def search_type(
     page = await repo.search(request)
     entries = [_search_entry(m, options, request, "match") for m in page.matches]
     entries += [_search_entry(i, options, request, "include") for i in page.included]
+    notes = list(page.warnings)
+    if request.lenient_dropped:
+        notes.append(f"Unknown search parameters ignored (Prefer: handling=lenient): {', '.join(request.lenient_dropped)}")
+    entries += [responses.outcome_entry_bytes("warning", "informational", note) for note in notes]
     links = _links(options.base, self_path, params, page.next_cursor, page.previous_cursor)
     body = responses.bundle_bytes("searchset", entries, total=page.total, links=links)
     return Result(200, body)
@@ -237,11 +240,15 @@ async def history(
     self_path: str,
 ) -> Result:
     values = dict(params)
-    unknown = set(values) - {"_count", "_since", "_cursor", "_format", "_pretty", "_at"}
+    # `_at` is not implemented: refused rather than ignored, which would answer a different question.
+    unknown = set(values) - {"_count", "_since", "_cursor", "_format", "_pretty"}
     if unknown and not options.lenient:
-        raise InvalidRequest(f"Unknown history parameter(s): {', '.join(sorted(unknown))[:120]}")
-    count = int(values["_count"]) if values.get("_count", "").isdigit() else 50
-    count = min(count, 1000)
+        raise InvalidRequest(f"Unsupported history parameter(s): {', '.join(sorted(unknown))[:120]}")
+    count = 50
+    if "_count" in values:
+        if not values["_count"].isdigit():
+            raise InvalidRequest(f"_count must be a non-negative integer, not '{values['_count'][:20]}'")
+        count = min(int(values["_count"]), 1000)
     since = None
     if "_since" in values:
         bounds = date_range(values["_since"])
@@ -282,7 +289,7 @@ async def validate_resource(repo: Repository, resource_type: str, body: Any) -> 
     return Result(200, responses.outcome_bytes("information", "informational", f"{resource_type} is valid"))
 
 
-def _write_result(outcome: WriteOutcome, options: RequestOptions, *, created_status: int) -> Result:
+def write_result(outcome: WriteOutcome, options: RequestOptions, *, created_status: int) -> Result:
     stored = outcome.stored
     status = created_status if outcome.created else 200
     headers = responses.resource_headers(stored, options.base, location=True)
@@ -307,8 +314,8 @@ def load_body(raw: bytes) -> Any:
 
 
 __all__ = [
-    "Result",
+    "PreconditionFailed",
     "RequestOptions",
     "ResourceNotFound",
-    "PreconditionFailed",
+    "Result",
 ]

@@ -11,14 +11,13 @@ from typing import Any
 import orjson
 from starlette.responses import Response
 
-from fhirkit import jsonio
+from fhirkit import jsonio, resources
 from fhirkit.errors import NotAcceptable
 from fhirkit.store.repository import StoredResource
 
 FHIR_JSON = "application/fhir+json; charset=utf-8"
 JSON_FORMATS = {"json", "application/json", "application/fhir+json", "application/json+fhir", "text/json"}
 SUMMARY_ALWAYS = {"resourceType", "id", "meta"}
-SUMMARY_TEXT = {"text", "id", "meta", "resourceType"}
 SUBSETTED = {"system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue", "code": "SUBSETTED"}
 
 
@@ -29,7 +28,8 @@ def http_date(micros: int) -> str:
 def check_format(format_param: str | None, accept: str | None) -> None:
     """JSON is the only format served; ask for XML and get a 406 rather than JSON silently."""
     if format_param is not None:
-        if format_param.split(";")[0].strip() not in JSON_FORMATS:
+        # An unencoded `+` in a query string reads as a space: `application/fhir json`.
+        if format_param.split(";")[0].strip().replace(" ", "+") not in JSON_FORMATS:
             raise NotAcceptable(f"_format '{format_param[:60]}' is not supported; this server speaks FHIR JSON")
         return
     if not accept:
@@ -60,26 +60,42 @@ def outcome_bytes(severity: str, code: str, diagnostics: str) -> bytes:
 
 
 def subset(content: bytes, elements: Sequence[str], summary: str | None) -> bytes:
-    """Apply `_elements` or `_summary=text|data|true` and mark the result SUBSETTED."""
+    """Apply `_elements` or `_summary=true|text|data` (top-level elements) and mark it SUBSETTED.
+
+    Mandatory elements are always kept, as the spec asks, so a subset is still a valid resource.
+    """
     resource = jsonio.loads(content)
+    info = resources.top_level_elements(resource.get("resourceType", ""))
     if elements:
-        keep = SUMMARY_ALWAYS | set(elements)
-        resource = {k: v for k, v in resource.items() if k in keep}
+        wanted = {name.rsplit(".", 1)[-1] for name in elements}
+
+        def keep(key: str) -> bool:
+            element = info.get(key)
+            return element is not None and (element.required or key in wanted or element.name in wanted)
     elif summary == "text":
-        resource = {k: v for k, v in resource.items() if k in SUMMARY_TEXT}
+
+        def keep(key: str) -> bool:
+            element = info.get(key)
+            return key == "text" or (element is not None and element.required)
     elif summary == "data":
-        resource = {k: v for k, v in resource.items() if k != "text"}
-    elif summary == "true":
-        resource = {k: v for k, v in resource.items() if k not in ("text", "contained") and not _is_bulky(v)}
-    meta = dict(resource.get("meta") or {})
+
+        def keep(key: str) -> bool:
+            return key != "text"
+    else:  # _summary=true
+
+        def keep(key: str) -> bool:
+            element = info.get(key)
+            return element is not None and (element.summary or element.required)
+
+    kept = {
+        key: value
+        for key, value in resource.items()
+        if key in SUMMARY_ALWAYS or keep(key.removeprefix("_"))  # `_key` carries key's extensions
+    }
+    meta = dict(kept.get("meta") or {})
     meta["tag"] = [*meta.get("tag", []), SUBSETTED]
-    resource["meta"] = meta
-    return jsonio.dumps(resource)
-
-
-def _is_bulky(value: Any) -> bool:
-    # Without per-element isSummary flags at hand, drop large narrative-like payloads only.
-    return isinstance(value, dict) and "data" in value and "contentType" in value
+    kept["meta"] = meta
+    return jsonio.dumps(kept)
 
 
 def bundle_bytes(
@@ -107,6 +123,11 @@ def bundle_bytes(
     prefix = orjson.dumps(head)[:-1]
     body = b",".join(entries)
     return prefix + b',"entry":[' + body + b"]}" if body else prefix + b"}"
+
+
+def outcome_entry_bytes(severity: str, code: str, diagnostics: str) -> bytes:
+    """A searchset entry telling the client something about the search (search.mode outcome)."""
+    return b'{"resource":' + outcome_bytes(severity, code, diagnostics) + b',"search":{"mode":"outcome"}}'
 
 
 def entry_bytes(

@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+from urllib.parse import parse_qsl, urlencode
 
 from fastapi import APIRouter, Request
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -22,6 +23,7 @@ from fhirkit.errors import (
     NotSupported,
     PayloadTooLarge,
     UnknownResourceType,
+    UnsupportedMediaType,
 )
 from fhirkit.store.repository import Repository, StoreConfig
 
@@ -89,18 +91,42 @@ class FhirService:
     repository_scope: Callable[[Any], Any] | None = None
     title: str = "County medical alliance FHIR service"
 
+    def __post_init__(self) -> None:
+        # Operations every FHIR server offers on every type it holds come with the engine;
+        # a service's own definition of the same name wins.
+        own = {op.name for op in self.operations}
+        self.operations = [*self.operations, *(op for op in _standard_operations(self.store) if op.name not in own)]
+
     def operation(self, name: str, level: str, resource_type: str | None) -> Operation:
         for op in self.operations:
             if op.name != name:
                 continue
             if level == "system" and op.system:
                 return op
-            if level in ("type", "instance") and resource_type in op.resource_types:
-                if (level == "type" and op.type_level) or (level == "instance" and op.instance):
-                    return op
+            at_level = (level == "type" and op.type_level) or (level == "instance" and op.instance)
+            if at_level and resource_type in op.resource_types:
+                return op
         raise NotSupported(f"Operation ${name[:64]} is not supported at {level} level" + (
             f" on {resource_type}" if resource_type else ""
         ))
+
+
+async def _validate(call: OperationCall) -> Result:
+    assert call.resource_type is not None
+    return await interactions.validate_resource(call.repo, call.resource_type, call.body)
+
+
+def _standard_operations(store: StoreConfig) -> list[Operation]:
+    validate = Operation(
+        name="validate",
+        handler=_validate,
+        resource_types=tuple(sorted(store.resource_types)),
+        instance=True,
+        type_level=True,
+        writes=False,
+        definition="http://hl7.org/fhir/OperationDefinition/Resource-validate",
+    )
+    return [validate]
 
 
 def build_fhir_router(service: FhirService) -> APIRouter:
@@ -133,18 +159,21 @@ def build_fhir_router(service: FhirService) -> APIRouter:
     @router.post("/{resource_type}/_search", name="search-type-post")
     async def search_type_post(request: Request, resource_type: str) -> Response:
         ctx.require_type(resource_type)
-        form = await request.form()
-        params = [*_query(request), *((k, str(v)) for k, v in form.multi_items())]
-        return await ctx.run(request, lambda c: interactions.search_type(
-            c.repo, resource_type, params, c.options, self_path=resource_type))
+
+        async def search(c: _Call) -> Result:
+            params = [*c.params, *_form_parameters(c.raw, request.headers.get("content-type", ""))]
+            return await interactions.search_type(c.repo, resource_type, params, c.options, self_path=resource_type)
+
+        return await ctx.run(request, search)
 
     @router.post("/{resource_type}", name="create")
     async def create(request: Request, resource_type: str) -> Response:
         if resource_type.startswith("$"):
             return await ctx.operation(request, resource_type[1:], "system", None, None)
         ctx.require_type(resource_type)
-        # fhirpy sends conditional create as `POST Type?criteria` instead of If-None-Exist.
-        criteria = request.headers.get("if-none-exist") or (request.url.query or None)
+        # fhirpy sends conditional create as `POST Type?criteria` instead of If-None-Exist; a query
+        # string of format parameters only (`?_format=json`) is a plain create.
+        criteria = request.headers.get("if-none-exist") or _without_format(request.url.query) or None
         return await ctx.run(request, lambda c: interactions.create(
             c.repo, resource_type, c.body(), c.options, if_none_exist=criteria), write=True)
 
@@ -249,8 +278,6 @@ class _Call:
         if self._body is None:
             content_type = self.request.headers.get("content-type", "")
             if content_type and "json" not in content_type:
-                from fhirkit.errors import UnsupportedMediaType
-
                 raise UnsupportedMediaType(
                     f"Content-Type '{content_type[:60]}' is not supported; send application/fhir+json"
                 )
@@ -313,14 +340,34 @@ async def _read_body(request: Request) -> bytes:
     return b"".join(chunks)
 
 
+def _form_parameters(raw: bytes, content_type: str) -> list[tuple[str, str]]:
+    """Search parameters of a `POST Type/_search` body (application/x-www-form-urlencoded)."""
+    if not raw.strip():
+        return []
+    if content_type.split(";")[0].strip().lower() != "application/x-www-form-urlencoded":
+        raise UnsupportedMediaType("POST _search takes its parameters as application/x-www-form-urlencoded")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidRequest("The search form is not valid UTF-8") from None
+    return parse_qsl(text, keep_blank_values=True)
+
+
 def _query(request: Request) -> list[tuple[str, str]]:
     return list(request.query_params.multi_items())
 
 
 def _criteria(request: Request) -> str:
-    if not request.url.query:
+    criteria = _without_format(request.url.query)
+    if not criteria:
         raise InvalidRequest("A conditional interaction needs search criteria in the query string")
-    return request.url.query
+    return criteria
+
+
+def _without_format(query: str) -> str:
+    """The query string without `_format`/`_pretty`, which say how to answer, not what to match."""
+    kept = [(k, v) for k, v in parse_qsl(query, keep_blank_values=True) if k not in ("_format", "_pretty")]
+    return urlencode(kept)
 
 
 def _base(request: Request) -> str:

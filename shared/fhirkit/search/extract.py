@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 from collections.abc import Callable, Sequence
 from decimal import Decimal
 from typing import Any
@@ -156,14 +157,25 @@ def evaluate_fhirpath(resource: dict[str, Any], expression: str) -> list[object]
         return []
 
 
+# `X.exists() and <test on X>` (Patient.deceased) is a boolean about X. FHIRPath answers `false`
+# when X is absent, which would index "false" for every resource that says nothing about X
+# (every patient without a death record would match deceased=false). Without X there is no
+# value, so `:missing=true` finds those resources and `:not=true` finds everyone not deceased.
+_EXISTS_GUARD = re.compile(r"^([A-Za-z][\w.]*)\.exists\(\) and ")
+
+
 @functools.cache
 def compile_fhirpath(expression: str) -> CompiledFhirPath:
     """Parse once per expression; the returned function raises on evaluation errors."""
     # The user-function table slows every function call in fhirpathpy: pass it only when needed.
     options = _RESOLVE_OPTIONS if "resolve(" in expression else None
     compiled = fhirpathpy.compile(expression, _MODEL, options)
+    guard = _EXISTS_GUARD.match(expression)
+    subject = fhirpathpy.compile(guard.group(1), _MODEL) if guard else None
 
     def evaluate(resource: dict[str, Any]) -> list[object]:
+        if subject is not None and not any(value is not None for value in subject(resource, {})):
+            return []
         return [_plain(value) for value in compiled(resource, {}) if value is not None]
 
     return evaluate

@@ -127,6 +127,10 @@ def parse_search(
 ) -> SearchRequest:
     request = SearchRequest(resource_type=resource_type)
     for name, value in params:
+        if name.partition(":")[0] in ("_include", "_revinclude"):
+            include = _include(resource_type, name, value)
+            (request.revincludes if include.reverse else request.includes).append(include)
+            continue
         if name in RESULT_PARAMETERS:
             _apply_result_parameter(request, name, value, lenient)
             continue
@@ -145,7 +149,7 @@ def parse_filter(resource_type: str, name: str, value: str, depth: int = 0) -> F
     if depth > MAX_CHAIN_DEPTH:
         raise InvalidRequest(f"Chains and _has may nest at most {MAX_CHAIN_DEPTH} levels")
     head, dot, rest = name.partition(".")
-    base, colon, modifier = head.partition(":")
+    base, _, modifier = head.partition(":")
     param = _lookup(resource_type, base)
     if dot:
         return _parse_chain(resource_type, param, modifier or None, rest, value, depth)
@@ -166,7 +170,21 @@ def parse_filter(resource_type: str, name: str, value: str, depth: int = 0) -> F
             raise InvalidRequest(f"':missing' takes true or false, not '{value[:40]}'")
         return Filter(resource_type, base, param.type, "missing", (value == "true",), targets)
     values = tuple(_parse_value(param.type, base, v, targets) for v in split_values(value))
+    if param.type == "reference" and mod in ("above", "below"):
+        values = tuple(_hierarchy_value(resource_type, param, mod, v) for v in values)
     return Filter(resource_type, base, param.type, mod, values, targets)
+
+
+def _hierarchy_value(resource_type: str, param: Any, modifier: str, value: ReferenceValue) -> ReferenceValue:
+    # A reference hierarchy is walked along the parameter itself, so it must point at the
+    # searched type (Organization.partOf, Location.partOf, Encounter.partOf, ...).
+    target_type = value.target_type or resource_type
+    if resource_type not in param.targets or target_type != resource_type or not value.target_id:
+        raise NotSupported(
+            f"':{modifier}' on '{param.name}' is supported only along a hierarchy of {resource_type} "
+            f"(e.g. {resource_type}?{param.name}:{modifier}={resource_type}/id)"
+        )
+    return ReferenceValue(resource_type, value.target_id, value.url)
 
 
 def _lookup(resource_type: str, name: str) -> definitions.SearchParamDef:
@@ -279,9 +297,6 @@ def _apply_result_parameter(request: SearchRequest, name: str, value: str, lenie
         request.count = _count(value)
     elif name == "_sort":
         request.sort = [_sort_key(request.resource_type, key) for key in value.split(",") if key]
-    elif name in ("_include", "_revinclude"):
-        include = _include(request.resource_type, name, value)
-        (request.revincludes if include.reverse else request.includes).append(include)
     elif name == "_total":
         if value not in ("none", "estimate", "accurate"):
             raise InvalidRequest("_total must be none, estimate or accurate")
@@ -316,9 +331,14 @@ def _sort_key(resource_type: str, key: str) -> SortKey:
 
 
 def _include(resource_type: str, name: str, value: str) -> Include:
-    reverse = name == "_revinclude"
-    iterate = False
-    if value.endswith(":iterate") or value.endswith(":recurse"):
+    """`_include[:iterate]=Source:param[:Target]`; R3's `:recurse` and a trailing `:iterate` on
+    the value (as some clients write it) mean the same."""
+    base, _, modifier = name.partition(":")
+    if modifier not in ("", "iterate", "recurse"):
+        raise InvalidRequest(f"'{name[:40]}' is not a valid modifier of {base} (only :iterate)")
+    reverse = base == "_revinclude"
+    iterate = modifier != ""
+    if value.endswith((":iterate", ":recurse")):
         iterate, value = True, value.rsplit(":", 1)[0]
     if value == "*":
         raise NotSupported(f"{name}=* is not supported: name the parameters to include")

@@ -7,6 +7,7 @@ UTC (the server's time zone), as the spec allows.
 
 import calendar
 import re
+import time
 import unicodedata
 from datetime import UTC, datetime, timedelta, timezone, tzinfo
 from decimal import Decimal, InvalidOperation
@@ -20,6 +21,10 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 MICROS = 1_000_000
 MIN_TIME = -(2**62)
 MAX_TIME = 2**62
+
+
+def now_micros() -> int:
+    return time.time_ns() // 1000
 
 
 def to_micros(moment: datetime) -> int:

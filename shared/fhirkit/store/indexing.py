@@ -28,13 +28,28 @@ def index_rows(resource: dict[str, Any]) -> IndexRows:
         converter = _CONVERTERS[param.type]
         seen: set[tuple[Any, ...]] = set()
         for element in extract.extract_values(resource, param):
-            for values in converter(element, param):
+            for values in converter(extension_value(element), param):
                 key = tuple(values.values())
                 if key in seen:
                     continue
                 seen.add(key)
                 rows[param.type].append({"resource_type": resource_type, "param": name, **values})
     return rows
+
+
+def extension_value(element: Any) -> Any:
+    """An Extension's `value[x]`, else the element itself.
+
+    Parameters defined on extensions (`Observation.extension('…geneticsGene')`, the genetics
+    parameters) select Extension elements; what they index is the value the extension carries.
+    Identifier and Quantity have a plain `value` key and no `url`, so they are never mistaken
+    for an Extension.
+    """
+    if type(element) is dict and "url" in element:
+        for key, value in element.items():
+            if key.startswith("value") and key[5:6].isupper():
+                return value
+    return element
 
 
 def _clip(text: Any, size: int = 255) -> str | None:
@@ -120,7 +135,7 @@ def _dates(element: Any, param: Any) -> Iterator[Row]:
 
 
 def _numbers(element: Any, param: Any) -> Iterator[Row]:
-    if isinstance(element, bool) or isinstance(element, str | dict | list) or element is None:
+    if isinstance(element, bool | str | dict | list) or element is None:
         return
     try:
         yield {"value": float(element)}  # int, float or a precise Decimal
@@ -162,4 +177,4 @@ _CONVERTERS: dict[str, Callable[[Any, Any], Iterator[Row]]] = {
 }
 
 # Exposed for query parsing, which needs the same reading of a search value as the indexer.
-__all__ = ["index_rows", "split_reference", "date_range", "decimal_range"]
+__all__ = ["date_range", "decimal_range", "index_rows", "split_reference"]

@@ -5,6 +5,7 @@ so a next page neither repeats nor skips rows when others are inserted or delete
 """
 
 import base64
+import itertools
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,8 +13,10 @@ import orjson
 from sqlalchemy import (
     ColumnElement,
     Select,
+    String,
     and_,
     case,
+    cast,
     false,
     func,
     literal,
@@ -26,6 +29,7 @@ from sqlalchemy.sql.expression import FromClause
 
 from fhirkit.errors import InvalidRequest
 from fhirkit.search.request import ANY, Filter, HasFilter, RangeValue, ReferenceValue, SearchRequest, SortKey
+from fhirkit.search.values import now_micros
 from fhirkit.store.tables import (
     date_index,
     number_index,
@@ -50,6 +54,8 @@ def filter_clause(target: FromClause, flt: Filter | HasFilter) -> Clause:
         return _last_updated_clause(target, flt)
     if flt.chain is not None:
         return _chain_clause(target, flt)
+    if flt.kind == "reference" and flt.modifier in ("above", "below"):
+        return _hierarchy_clause(target, flt)
     table = _INDEX_FOR_KIND[flt.kind]
     base = and_(table.c.resource_type == flt.resource_type, table.c.param == flt.name)
     if flt.modifier == "missing":
@@ -104,6 +110,42 @@ def _has_clause(target: FromClause, flt: HasFilter) -> Clause:
         )
     )
     return target.c.resource_id.in_(pointing)
+
+
+_cte_numbers = itertools.count(1)
+
+
+def _hierarchy_clause(target: FromClause, flt: Filter) -> Clause:
+    """`partof:below=Organization/x`: everything under x at any depth (`:above`: everything x is
+    under), following the parameter itself with a recursive CTE. UNION, not UNION ALL, so that a
+    cycle in the data ends the walk; x itself is not part of the answer."""
+    start = [value.target_id for value in flt.values]
+    seed_step, seed_link = _hierarchy_step(flt)
+    chain = seed_step.where(seed_link.in_(start)).cte(f"hierarchy_{next(_cte_numbers)}", recursive=True)
+    step, link = _hierarchy_step(flt)
+    chain = chain.union(step.where(link == chain.c.id))
+    return target.c.resource_id.in_(select(chain.c.id))
+
+
+def _hierarchy_step(flt: Filter) -> tuple[Select[Any], Any]:
+    """One step along the parameter's edges (fresh aliases) and the column a step starts from:
+    below, from a parent to the resources pointing at it; above, from a child to what it points at."""
+    edge, node = reference_index.alias(), resource.alias()
+    if flt.modifier == "below":
+        reached, link = node.c.resource_id, edge.c.target_id
+    else:
+        reached, link = edge.c.target_id, node.c.resource_id
+    # Cast to one type: PostgreSQL refuses a recursive CTE mixing varchar(64) ids and varchar(128) targets.
+    step = (
+        select(cast(reached, String).label("id"))
+        .select_from(edge.join(node, node.c.rid == edge.c.rid))
+        .where(
+            edge.c.resource_type == flt.resource_type,
+            edge.c.param == flt.name,
+            edge.c.target_type == flt.resource_type,
+        )
+    )
+    return step, link
 
 
 def _value_clause(flt: Filter, value: Any) -> Clause:
@@ -181,8 +223,8 @@ def _date_compare(low: Any, high: Any, value: RangeValue) -> Clause:
         return low > vhigh
     if prefix == "eb":
         return high < vlow
-    # ap: within 10% of the distance to now is overkill here; a day either side is what users mean.
-    slack = 86_400_000_000
+    # ap: the spec recommends 10% of the gap between the date and now, either side.
+    slack = abs(now_micros() - vlow) // 10
     return and_(low <= vhigh + slack, high >= vlow - slack)
 
 
@@ -200,8 +242,9 @@ def _number_compare(column: Any, value: RangeValue) -> Clause:
         return column >= number
     if prefix == "le":
         return column <= number
+    # ap: 10% of the value either side of its precision range, as the spec recommends.
     slack = abs(number or 0) * 0.1
-    return and_(column >= (number or 0) - slack, column <= (number or 0) + slack)
+    return and_(column >= value.low - slack, column < value.high + slack)
 
 
 def _quantity_clause(value: RangeValue) -> Clause:

@@ -5,7 +5,6 @@ Writes validate once, check references, run the service's hooks, then store the 
 bytes and never build a model.
 """
 
-import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -20,25 +19,24 @@ from fhirkit.errors import (
     FhirError,
     InvalidRequest,
     MultipleMatches,
+    NotSupported,
     PreconditionFailed,
     ResourceGone,
     ResourceNotFound,
     UnprocessableEntity,
     VersionConflict,
 )
-from fhirkit.search.request import Include, SearchRequest, parse_search
-from fhirkit.search.values import format_instant
+from fhirkit.search.request import Filter, HasFilter, Include, SearchRequest, parse_search
+from fhirkit.search.values import format_instant, now_micros
 from fhirkit.store import indexing, query
 from fhirkit.store.hooks import NoForeignTypes, NoHooks, ReferenceResolver, ResourceHooks, WriteContext
 from fhirkit.store.tables import INDEX_TABLES, reference_index, resource, resource_history
 
 MAX_INCLUDED = 1000
-MAX_INCLUDE_ITERATIONS = 4
+# Enough for the deepest chain the alliance has (village → township → county → city → province)
+# reached from another type; MAX_INCLUDED bounds the work anyway.
+MAX_INCLUDE_ITERATIONS = 8
 SERVER_META = ("versionId", "lastUpdated")
-
-
-def now_micros() -> int:
-    return time.time_ns() // 1000
 
 
 @dataclass(frozen=True)
@@ -79,6 +77,7 @@ class SearchPage:
     total: int | None
     next_cursor: str | None
     previous_cursor: str | None
+    warnings: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -117,6 +116,17 @@ class Repository:
         self.scope = scope
         self.in_transaction = in_transaction
         self._is_postgres = conn.dialect.name == "postgresql"
+        # Bodies whose references are checked later (see defer_reference_checks).
+        self.deferred_references: list[dict[str, Any]] | None = None
+
+    def defer_reference_checks(self) -> None:
+        """Collect written bodies instead of checking their references at once.
+
+        A transaction's entries may refer to each other in any order (a Patient PUT before the
+        Organization PUT it points at), so their references are checked once every entry is
+        written, by `check_deferred_references`, still inside the transaction.
+        """
+        self.deferred_references = []
 
     # --- reads ------------------------------------------------------------------------------
 
@@ -290,7 +300,9 @@ class Repository:
 
     async def _prepare(self, body: dict[str, Any], context: WriteContext) -> None:
         resources.validate(body)
-        if self.config.check_references:
+        if self.config.check_references and self.deferred_references is not None:
+            self.deferred_references.append(body)
+        elif self.config.check_references:
             await self.check_references(body)
         await self.config.hooks_for(context.resource_type).before_write(self, body, context)
 
@@ -360,7 +372,7 @@ class Repository:
         """A reference to a missing resource of a type the product holds is refused (422)."""
         local: dict[tuple[str, str], str] = {}
         foreign: dict[tuple[str, str], str] = {}
-        for path, reference in _references(body, body["resourceType"]):
+        for path, reference in _references(_outside_entries(body), body["resourceType"]):
             parts = indexing.split_reference(reference)
             target_type, target_id = parts["target_type"], parts["target_id"]
             if target_type is None or target_id is None or reference.startswith(("http:", "https:", "urn:")):
@@ -373,8 +385,11 @@ class Repository:
             elif self.config.references.holds(target_type):
                 foreign.setdefault(key, path)
         missing = await self._missing_local(local)
+        # A type several services hold (ServiceRequest, Task, Provenance) may live at another owner.
+        foreign.update((key, path) for key, path in missing.items() if self.config.references.holds(key[0]))
+        missing = {key: path for key, path in missing.items() if key not in foreign}
         for key, path in foreign.items():
-            if key not in missing and not await self.config.references.exists(*key):
+            if not await self.config.references.exists(*key):
                 missing[key] = path
         if missing:
             (target_type, target_id), path = next(iter(missing.items()))
@@ -403,6 +418,11 @@ class Repository:
         if not params:
             raise InvalidRequest("Conditional criteria are empty")
         request = parse_search(resource_type, params)
+        if not request.filters:
+            # `DELETE Patient?_count=1` must not match (and delete) every patient.
+            raise InvalidRequest(
+                f"Conditional criteria '{criteria[:120]}' name no search parameter; they would match everything"
+            )
         request.count, request.total, request.sort = 2, "none", []
         request.includes, request.revincludes = [], []
         page = await self.search(request)
@@ -410,6 +430,8 @@ class Repository:
 
     async def search(self, request: SearchRequest) -> SearchPage:
         self._require_type(request.resource_type)
+        for flt in request.filters:
+            self._require_local(flt)
         target = resource.alias("r")
         scope = self.scope(target) if self.scope else None
         base = query.base_search(target, request, scope)
@@ -417,8 +439,28 @@ class Repository:
         if request.summary == "count" or request.count == 0:
             return SearchPage([], [], total, None, None)
         matches, next_cursor, previous_cursor = await self._page(target, base, request)
-        included = await self._included(matches, request)
-        return SearchPage(matches, included, total, next_cursor, previous_cursor)
+        warnings: list[str] = []
+        included = await self._included(matches, request, warnings)
+        return SearchPage(matches, included, total, next_cursor, previous_cursor, warnings)
+
+    def _require_local(self, flt: Filter | HasFilter) -> None:
+        """Chains and `_has` run on this service's tables: a type held elsewhere would silently
+        match nothing, so it is refused with a message saying what to do instead."""
+        if isinstance(flt, HasFilter):
+            if flt.source_type not in self.config.resource_types:
+                raise NotSupported(
+                    f"_has:{flt.source_type} is not supported here: {flt.source_type} is held by another "
+                    f"service. Search {flt.source_type} first, then use the references it holds."
+                )
+            self._require_local(flt.inner)
+        elif flt.chain is not None:
+            if flt.chain_type not in self.config.resource_types:
+                raise NotSupported(
+                    f"Chained search '{flt.name}:{flt.chain_type}.…' is not supported: {flt.chain_type} is held "
+                    f"by another service. Search {flt.chain_type} first, then {flt.resource_type}?{flt.name}=…"
+                    f" with the ids found."
+                )
+            self._require_local(flt.chain)
 
     async def _total(self, base: Any) -> int:
         stmt = select(func.count()).select_from(base.subquery())
@@ -455,19 +497,25 @@ class Repository:
         previous_cursor = query.Cursor(keys[0], True).encode() if has_previous else None
         return matches, next_cursor, previous_cursor
 
-    async def _included(self, matches: list[StoredResource], request: SearchRequest) -> list[StoredResource]:
+    async def _included(
+        self, matches: list[StoredResource], request: SearchRequest, warnings: list[str]
+    ) -> list[StoredResource]:
         if not matches or not (request.includes or request.revincludes):
             return []
         seen = {(m.resource_type, m.resource_id) for m in matches}
         included: list[StoredResource] = []
         frontier = matches
+        elsewhere: set[tuple[str, str]] = set()  # (include, type held by another service)
         for iteration in range(MAX_INCLUDE_ITERATIONS):
             found: list[StoredResource] = []
             for include in request.includes:
                 if iteration == 0 or include.iterate:
-                    found += await self._forward(frontier, include)
+                    found += await self._forward(frontier, include, elsewhere)
             for include in request.revincludes:
                 if iteration == 0 or include.iterate:
+                    if include.source_type not in self.config.resource_types:
+                        elsewhere.add((f"_revinclude={include.source_type}:{include.param}", include.source_type))
+                        continue
                     found += await self._reverse(frontier, include)
             fresh = [f for f in found if (f.resource_type, f.resource_id) not in seen]
             for item in fresh:
@@ -476,9 +524,16 @@ class Repository:
             if not fresh or len(included) >= MAX_INCLUDED:
                 break
             frontier = fresh
+        # Includes are best effort (the spec lets a server leave some out), but the client is told.
+        warnings += [
+            f"{what}: {held} resources are held by another service and are not included; read them separately"
+            for what, held in sorted(elsewhere)
+        ]
         return included[:MAX_INCLUDED]
 
-    async def _forward(self, sources: Sequence[StoredResource], include: Include) -> list[StoredResource]:
+    async def _forward(
+        self, sources: Sequence[StoredResource], include: Include, elsewhere: set[tuple[str, str]]
+    ) -> list[StoredResource]:
         rids = await self._rids([s for s in sources if s.resource_type == include.source_type])
         if not rids:
             return []
@@ -490,8 +545,9 @@ class Repository:
         if include.target_type:
             refs = refs.where(reference_index.c.target_type == include.target_type)
         targets = {(row[0], row[1]) for row in await self.conn.execute(refs)}
-        targets = {t for t in targets if t[0] in self.config.resource_types}
-        return await self._fetch(targets)
+        what = f"_include={include.source_type}:{include.param}"
+        elsewhere.update((what, t[0]) for t in targets if t[0] not in self.config.resource_types)
+        return await self._fetch({t for t in targets if t[0] in self.config.resource_types})
 
     async def _reverse(self, targets: Sequence[StoredResource], include: Include) -> list[StoredResource]:
         keys = [(t.resource_type, t.resource_id) for t in targets]
@@ -561,7 +617,7 @@ class Repository:
             stmt = stmt.where(resource_history.c.hid < cursor)
         stmt = stmt.order_by(resource_history.c.hid.desc()).limit(count + 1)
         rows = list(await self.conn.execute(stmt))
-        next_cursor = rows[count - 1].hid if len(rows) > count and count > 0 else None
+        next_cursor = rows[count - 1].hid if len(rows) > count > 0 else None
         return [_stored(row) for row in rows[:count]], next_cursor
 
 
@@ -588,10 +644,14 @@ def _check_if_match(current: StoredResource, if_match: int | None) -> None:
 
 
 def _content(body: dict[str, Any], version: int, now: int) -> bytes:
+    """The client's JSON with the server's `meta.versionId`/`lastUpdated`; resourceType, id and
+    meta lead, as readers expect, and everything else stays as sent."""
     meta = dict(body.get("meta") or {})
     meta["versionId"] = str(version)
     meta["lastUpdated"] = format_instant(now)
-    return jsonio.dumps({**body, "meta": meta})
+    stored = {"resourceType": body["resourceType"], "id": body["id"], "meta": meta}
+    stored.update((key, value) for key, value in body.items() if key not in stored)
+    return jsonio.dumps(stored)
 
 
 def _same_content(previous: dict[str, Any], body: dict[str, Any]) -> bool:
@@ -601,6 +661,19 @@ def _same_content(previous: dict[str, Any], body: dict[str, Any]) -> bool:
         return {**rest, "meta": meta} if meta else rest
 
     return strip(previous) == strip(body)
+
+
+def _outside_entries(body: dict[str, Any]) -> dict[str, Any]:
+    """A stored Bundle (a document, a collection, a message) carries its entries as they are:
+    their references resolve inside the Bundle or at the servers of the entries' fullUrls, not in
+    this store, so only the Bundle's own references are checked."""
+    if body["resourceType"] != "Bundle" or not isinstance(body.get("entry"), list):
+        return body
+    entries = [
+        {k: v for k, v in entry.items() if k != "resource"} if isinstance(entry, dict) else entry
+        for entry in body["entry"]
+    ]
+    return {**body, "entry": entries}
 
 
 def _references(value: Any, path: str) -> Iterable[tuple[str, str]]:

@@ -271,7 +271,8 @@ def test_deceased_uses_the_fhirpath_fallback() -> None:
         {"resourceType": "Patient", "deceasedDateTime": "2020-02-02"}, deceased
     ) == [True]
     assert extract.extract_values({"resourceType": "Patient", "deceasedBoolean": False}, deceased) == [False]
-    assert extract.extract_values({"resourceType": "Patient"}, deceased) == [False]
+    # Nothing is known about a patient without deceased[x]: no value (`:missing=true` finds them).
+    assert extract.extract_values({"resourceType": "Patient"}, deceased) == []
 
 
 def test_fallback_is_compiled_once_and_returns_plain_values() -> None:

@@ -1,39 +1,41 @@
 """The Task hook that enforces a workflow and records who moved it (a Provenance per transition)."""
 
-from collections.abc import Callable
 from typing import Any
 
 from fhirkit.search.values import format_instant
 from fhirkit.store.hooks import WriteContext
-from fhirkit.workflow.machine import TaskRules
+from fhirkit.workflow.machine import Workflow
 
 ACTIVITY_SYSTEM = "http://county-alliance.org/fhir/CodeSystem/task-transition"
 PROVENANCE_PARTICIPANT = "http://terminology.hl7.org/CodeSystem/provenance-participant-type"
 
 
 class WorkflowTaskHooks:
-    """Applies `rules` to Tasks that `applies_to` selects; other Tasks are stored as they are."""
+    """Holds each Task to the workflow that governs it; Tasks of no workflow are stored as they are."""
 
-    def __init__(self, rules: TaskRules, applies_to: Callable[[dict[str, Any]], bool]) -> None:
-        self.rules = rules
-        self.applies_to = applies_to
+    def __init__(self, workflows: list[Workflow]) -> None:
+        self.workflows = workflows
+
+    def governing(self, task: dict[str, Any] | None) -> Workflow | None:
+        if task is None:
+            return None
+        return next((w for w in self.workflows if w.applies_to(task)), None)
 
     async def before_write(self, repo: Any, resource: dict[str, Any] | None, context: WriteContext) -> None:
-        task = resource if resource is not None else context.previous
-        if task is None or not self.applies_to(task):
-            return
-        if resource is None:
-            return  # deletion of workflow Tasks is refused by the service's own rules, if it wants to
-        await self.rules.check(repo, resource, context.previous, if_match_given=context.if_match is not None)
+        workflow = self.governing(resource)
+        if workflow is None:
+            return  # not a workflow Task, or a deletion (the service's own rules decide those)
+        await workflow.rules.check(repo, resource, context.previous, if_match_given=context.if_match is not None)
 
     async def after_write(self, repo: Any, resource: dict[str, Any] | None, context: WriteContext) -> None:
         previous = context.previous
-        if resource is None or previous is None or not self.applies_to(resource):
+        workflow = self.governing(resource)
+        if resource is None or previous is None or workflow is None:
             return
         old, new = previous.get("status"), resource.get("status")
         if old == new:
             return
-        moves = self.rules.machine.between(str(old), str(new), new)
+        moves = workflow.rules.machine.between(str(old), str(new), new)
         operation = moves[0].operation if moves else str(new)
         version = int((previous.get("meta") or {}).get("versionId", "0")) + 1
         await repo.create(provenance(resource, version, operation, repo.caller, repo.config.clock()))

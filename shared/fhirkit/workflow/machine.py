@@ -156,3 +156,11 @@ def _status_before_hold(task: dict[str, Any]) -> str | None:
         if extension.get("url") == HOLD_EXTENSION:
             return extension.get("valueCode")
     return None
+
+
+@dataclass(frozen=True)
+class Workflow:
+    """A state machine's rules and the Tasks they govern (selected by `Task.code`, typically)."""
+
+    rules: TaskRules
+    applies_to: Callable[[dict[str, Any]], bool]

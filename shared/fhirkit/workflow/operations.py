@@ -14,31 +14,40 @@ import orjson
 from fhirkit.api import responses
 from fhirkit.api.interactions import Result, parse_if_match
 from fhirkit.api.router import Operation, OperationCall
-from fhirkit.errors import InvalidRequest
+from fhirkit.errors import BusinessRuleViolation, InvalidRequest
 from fhirkit.search.values import format_instant
-from fhirkit.workflow.machine import HOLD_EXTENSION, RESUME_TARGET, PreconditionRequired, TaskRules, Transition
+from fhirkit.workflow.machine import (
+    HOLD_EXTENSION,
+    RESUME_TARGET,
+    PreconditionRequired,
+    Transition,
+    Workflow,
+)
 
 WORKFLOW_BASE = "http://county-alliance.org/fhir"
 
 
-def transition_operations(rules: TaskRules) -> list[Operation]:
+def transition_operations(workflows: list[Workflow]) -> list[Operation]:
+    """One `$operation` per transition name across the workflows a service runs; each Task is
+    handled by the workflow that governs it."""
+    names = list(dict.fromkeys(t.operation for w in workflows for t in w.rules.machine.transitions))
     operations = [
-        Operation(t.operation, _handler(rules, t), ("Task",), instance=True,
-                  definition=f"{WORKFLOW_BASE}/OperationDefinition/Task-{t.operation}")
-        for t in _unique(rules.machine.transitions)
+        Operation(name, _handler(workflows, name), ("Task",), instance=True,
+                  definition=f"{WORKFLOW_BASE}/OperationDefinition/Task-{name}")
+        for name in names
     ]
     operations.append(
-        Operation("available-actions", _available_actions(rules), ("Task",), instance=True, methods=("GET",),
+        Operation("available-actions", _available_actions(workflows), ("Task",), instance=True, methods=("GET",),
                   writes=False, definition=f"{WORKFLOW_BASE}/OperationDefinition/Task-available-actions")
     )
     return operations
 
 
-def _unique(transitions: tuple[Transition, ...]) -> list[Transition]:
-    seen: dict[str, Transition] = {}
-    for transition in transitions:
-        seen.setdefault(transition.operation, transition)
-    return list(seen.values())
+def governing(workflows: list[Workflow], task: dict[str, Any]) -> Workflow:
+    for workflow in workflows:
+        if workflow.applies_to(task):
+            return workflow
+    raise BusinessRuleViolation(f"Task/{task.get('id')} follows no workflow of this service", expression=["Task.code"])
 
 
 def require_if_match(call: OperationCall) -> int:
@@ -48,14 +57,20 @@ def require_if_match(call: OperationCall) -> int:
     return version
 
 
-def _handler(rules: TaskRules, transition: Transition) -> Callable[[OperationCall], Awaitable[Result]]:
+def _handler(workflows: list[Workflow], name: str) -> Callable[[OperationCall], Awaitable[Result]]:
     async def handler(call: OperationCall) -> Result:
         version = require_if_match(call)
         stored = await call.repo.read("Task", call.resource_id or "")
         task = stored.parsed()
-        candidates = [t for t in rules.machine.transitions
-                      if t.operation == transition.operation and task.get("status") in t.sources]
-        chosen = candidates[0] if candidates else transition
+        rules = governing(workflows, task).rules
+        named = [t for t in rules.machine.transitions if t.operation == name]
+        if not named:
+            raise BusinessRuleViolation(
+                f"A {rules.machine.name} Task has no ${name}. Allowed from '{task.get('status')}': "
+                f"{rules.machine.describe_moves(str(task.get('status')))}"
+            )
+        candidates = [t for t in named if task.get("status") in t.sources]
+        chosen = candidates[0] if candidates else named[0]  # the Task hook refuses it, listing the moves
         now = format_instant(call.repo.config.clock())
         updated = next_version(task, chosen, call, now=now, business_status_system=rules.machine.business_status_system)
         outcome = await call.repo.update("Task", task["id"], updated, if_match=version)
@@ -125,10 +140,11 @@ def _parameters(call: OperationCall, name: str) -> list[Any]:
     return values
 
 
-def _available_actions(rules: TaskRules) -> Callable[[OperationCall], Awaitable[Result]]:
+def _available_actions(workflows: list[Workflow]) -> Callable[[OperationCall], Awaitable[Result]]:
     async def handler(call: OperationCall) -> Result:
         stored = await call.repo.read("Task", call.resource_id or "")
         task = stored.parsed()
+        rules = governing(workflows, task).rules
         roles = await rules.roles(call.repo, task, task)
         status = str(task.get("status"))
         parameters = []

@@ -5,9 +5,8 @@ from pathlib import Path
 
 from fhirkit.api.router import Operation
 from fhirkit.workflow.operations import transition_operations
-from referral import onward, statistics, workflow
+from referral import onward, statistics, tasks
 from referral.routing import ReferralRequestHooks
-from referral.tasks import ReferralTaskHooks
 from servicekit import topology
 from servicekit.app import ServiceDefinition
 from servicekit.migrations import Lineage
@@ -19,9 +18,9 @@ DEFINITION = ServiceDefinition(
     name="referral",
     title="Two-way referral (双向转诊)",
     resource_types=topology.REFERRAL_TYPES,
-    hooks={"ServiceRequest": ReferralRequestHooks(), "Task": ReferralTaskHooks()},
+    hooks={"ServiceRequest": ReferralRequestHooks(), "Task": tasks.ReferralTaskHooks()},
     operations=[
-        *transition_operations(workflow.REFERRAL_RULES),
+        *transition_operations(tasks.WORKFLOWS),
         Operation("forward", onward.task_forward, ("Task",), instance=True, definition=f"{OPERATION_BASE}/Task-forward"),
         Operation("assign", onward.task_assign, ("Task",), instance=True, definition=f"{OPERATION_BASE}/Task-assign"),
         Operation("referral-statistics", statistics.referral_statistics, system=True, methods=("GET", "POST"),

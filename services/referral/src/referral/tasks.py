@@ -9,11 +9,12 @@ from fhirkit.workflow.hooks import WorkflowTaskHooks
 from referral import deadlines, green_channel, routing, workflow
 
 IMMUTABLE = ("focus", "for", "requester", "code")
+WORKFLOWS = [workflow.REFERRAL_WORKFLOW]
 
 
 class ReferralTaskHooks:
     def __init__(self) -> None:
-        self.workflow = WorkflowTaskHooks(workflow.REFERRAL_RULES, workflow.is_referral_task)
+        self.workflow = WorkflowTaskHooks(WORKFLOWS)
 
     async def before_write(self, repo: Any, resource: dict[str, Any] | None, context: WriteContext) -> None:
         if resource is not None and workflow.is_referral_task(resource):

@@ -8,7 +8,7 @@ the sender cancels (the scheduler may cancel an expired routine referral).
 
 from typing import Any
 
-from fhirkit.workflow.machine import RESUME_TARGET, StateMachine, TaskRules, Transition
+from fhirkit.workflow.machine import RESUME_TARGET, StateMachine, TaskRules, Transition, Workflow
 
 BASE = "http://county-alliance.org/fhir"
 TASK_CODE_SYSTEM = f"{BASE}/CodeSystem/task-code"
@@ -113,3 +113,5 @@ REFERRAL_RULES = TaskRules(
     guards={"complete": _outcome_exists, "accept": _receiver_known},
     parties_may_edit=frozenset({OWNER, REQUESTER, DESK, SYSTEM}),
 )
+
+REFERRAL_WORKFLOW = Workflow(REFERRAL_RULES, is_referral_task)
