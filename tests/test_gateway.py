@@ -113,3 +113,13 @@ async def test_health_and_metrics(client: httpx.AsyncClient) -> None:
     assert set(ready.json()["services"]) == {"directory", "referral", "results-sharing", "telemedicine", "platform"}
     metrics = await client.get("/metrics")
     assert "alliance_http_requests_total" in metrics.text
+
+
+async def test_services_refuse_callers_without_the_gateway_identity(system) -> None:
+    for name in ("directory", "referral", "results-sharing", "telemedicine", "platform"):
+        transport = httpx.ASGITransport(app=system.state.apps[name])
+        async with httpx.AsyncClient(transport=transport, base_url="http://service") as direct:
+            for path in ("/fhir/Patient", "/fhir/NotAType", "/fhir/Observation/x", "/fhir/$referral-statistics"):
+                response = await direct.get(path, headers={"X-Alliance-Identity": "forged.token.value"})
+                assert response.status_code == 401, (name, path, response.status_code)
+                assert outcome_code(response) == "login"

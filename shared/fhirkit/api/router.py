@@ -152,13 +152,13 @@ def build_fhir_router(service: FhirService) -> APIRouter:
     async def search_type(request: Request, resource_type: str) -> Response:
         if resource_type.startswith("$"):
             return await ctx.operation(request, resource_type[1:], "system", None, None)
-        ctx.require_type(resource_type)
+        await ctx.require_type(request, resource_type)
         return await ctx.run(request, lambda c: interactions.search_type(
             c.repo, resource_type, c.params, c.options, self_path=resource_type))
 
     @router.post("/{resource_type}/_search", name="search-type-post")
     async def search_type_post(request: Request, resource_type: str) -> Response:
-        ctx.require_type(resource_type)
+        await ctx.require_type(request, resource_type)
 
         async def search(c: _Call) -> Result:
             params = [*c.params, *_form_parameters(c.raw, request.headers.get("content-type", ""))]
@@ -170,7 +170,7 @@ def build_fhir_router(service: FhirService) -> APIRouter:
     async def create(request: Request, resource_type: str) -> Response:
         if resource_type.startswith("$"):
             return await ctx.operation(request, resource_type[1:], "system", None, None)
-        ctx.require_type(resource_type)
+        await ctx.require_type(request, resource_type)
         # fhirpy sends conditional create as `POST Type?criteria` instead of If-None-Exist; a query
         # string of format parameters only (`?_format=json`) is a plain create.
         criteria = request.headers.get("if-none-exist") or _without_format(request.url.query) or None
@@ -179,21 +179,21 @@ def build_fhir_router(service: FhirService) -> APIRouter:
 
     @router.put("/{resource_type}", name="conditional-update")
     async def conditional_update(request: Request, resource_type: str) -> Response:
-        ctx.require_type(resource_type)
+        await ctx.require_type(request, resource_type)
         criteria = _criteria(request)
         return await ctx.run(request, lambda c: interactions.conditional_update(
             c.repo, resource_type, criteria, c.body(), c.options, if_match=c.if_match()), write=True)
 
     @router.delete("/{resource_type}", name="conditional-delete")
     async def conditional_delete(request: Request, resource_type: str) -> Response:
-        ctx.require_type(resource_type)
+        await ctx.require_type(request, resource_type)
         criteria = _criteria(request)
         return await ctx.run(request, lambda c: interactions.conditional_delete(
             c.repo, resource_type, criteria, c.options), write=True)
 
     @router.get("/{resource_type}/{resource_id}", name="read")
     async def read(request: Request, resource_type: str, resource_id: str) -> Response:
-        ctx.require_type(resource_type)
+        await ctx.require_type(request, resource_type)
         if resource_id.startswith("$"):
             return await ctx.operation(request, resource_id[1:], "type", resource_type, None)
         if resource_id == "_history":
@@ -204,21 +204,21 @@ def build_fhir_router(service: FhirService) -> APIRouter:
 
     @router.post("/{resource_type}/{resource_id}", name="type-operation")
     async def type_operation(request: Request, resource_type: str, resource_id: str) -> Response:
-        ctx.require_type(resource_type)
+        await ctx.require_type(request, resource_type)
         if not resource_id.startswith("$"):
             raise MethodNotAllowed(f"POST to {resource_type}/{resource_id[:64]} is not an interaction; use PUT to update")
         return await ctx.operation(request, resource_id[1:], "type", resource_type, None)
 
     @router.put("/{resource_type}/{resource_id}", name="update")
     async def update(request: Request, resource_type: str, resource_id: str) -> Response:
-        ctx.require_type(resource_type)
+        await ctx.require_type(request, resource_type)
         resources.check_id(resource_id)
         return await ctx.run(request, lambda c: interactions.update(
             c.repo, resource_type, resource_id, c.body(), c.options, if_match=c.if_match()), write=True)
 
     @router.patch("/{resource_type}/{resource_id}", name="patch")
     async def patch(request: Request, resource_type: str, resource_id: str) -> Response:
-        ctx.require_type(resource_type)
+        await ctx.require_type(request, resource_type)
         resources.check_id(resource_id)
         content_type = request.headers.get("content-type", "")
         return await ctx.run(request, lambda c: interactions.patch_instance(
@@ -226,14 +226,14 @@ def build_fhir_router(service: FhirService) -> APIRouter:
 
     @router.delete("/{resource_type}/{resource_id}", name="delete")
     async def delete(request: Request, resource_type: str, resource_id: str) -> Response:
-        ctx.require_type(resource_type)
+        await ctx.require_type(request, resource_type)
         resources.check_id(resource_id)
         return await ctx.run(request, lambda c: interactions.delete(
             c.repo, resource_type, resource_id, c.options, if_match=c.if_match()), write=True)
 
     @router.api_route("/{resource_type}/{resource_id}/{operation}", methods=["GET", "POST"], name="instance-operation")
     async def instance_operation(request: Request, resource_type: str, resource_id: str, operation: str) -> Response:
-        ctx.require_type(resource_type)
+        await ctx.require_type(request, resource_type)
         resources.check_id(resource_id)
         if operation == "_history" and request.method == "GET":
             return await ctx.run(request, lambda c: interactions.history(
@@ -245,7 +245,7 @@ def build_fhir_router(service: FhirService) -> APIRouter:
 
     @router.get("/{resource_type}/{resource_id}/_history/{version_id}", name="vread")
     async def vread(request: Request, resource_type: str, resource_id: str, version_id: str) -> Response:
-        ctx.require_type(resource_type)
+        await ctx.require_type(request, resource_type)
         resources.check_id(resource_id)
         return await ctx.run(request, lambda c: interactions.vread(
             c.repo, resource_type, resource_id, version_id, c.options))
@@ -292,13 +292,20 @@ class _Context:
     def __init__(self, service: FhirService) -> None:
         self.service = service
 
-    def require_type(self, resource_type: str) -> None:
+    async def require_type(self, request: Request, resource_type: str) -> None:
+        # Authenticate first: which types a service holds is not for anonymous callers to probe.
+        await self.caller(request)
         if resource_type not in self.service.store.resource_types:
             raise UnknownResourceType(f"Resource type '{resource_type[:64]}' is not supported by this server")
 
+    async def caller(self, request: Request) -> Any:
+        if not hasattr(request.state, "fhir_caller"):
+            request.state.fhir_caller = await self.service.authenticate(request)
+        return request.state.fhir_caller
+
     async def run(self, request: Request, action: Callable[[_Call], Awaitable[Result]], *, write: bool = False) -> Response:
         responses.check_format(request.query_params.get("_format"), request.headers.get("accept"))
-        caller = await self.service.authenticate(request)
+        caller = await self.caller(request)
         raw = await _read_body(request) if write or request.method in ("POST", "PUT", "PATCH") else b""
         async with self.service.database.transaction(write=write) as conn:
             repo = self._repository(conn, caller)
@@ -308,6 +315,7 @@ class _Context:
     async def operation(
         self, request: Request, name: str, level: str, resource_type: str | None, resource_id: str | None
     ) -> Response:
+        await self.caller(request)
         op = self.service.operation(name, level, resource_type)
         if request.method not in op.methods:
             raise MethodNotAllowed(f"${name} does not accept {request.method}")
