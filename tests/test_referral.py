@@ -90,6 +90,8 @@ def referral_request(alliance: Alliance, sender: Party, receiver: Party | None, 
     }
     if receiver is not None:
         body["performer"] = [{"reference": receiver.reference}]
+    if direction == "downward-referral":
+        body["patientInstruction"] = "按时服用阿司匹林，两周后社区复查血压"
     body.update(changes)
     return {k: v for k, v in body.items() if v is not None}
 
@@ -503,3 +505,45 @@ class TestStatistics:
         assert other.status_code == 403
         bad = await alliance.county.call("GET", "$referral-statistics", params={"period": "last week"})
         assert bad.status_code == 400
+
+
+class TestDownwardFollowUp:
+    async def test_a_downward_referral_without_a_care_plan_is_refused(self, alliance: Alliance) -> None:
+        body = referral_request(alliance, alliance.county, alliance.township, "downward-referral", patientInstruction=None)
+        response = await alliance.county.call("POST", "ServiceRequest", body)
+        assert response.status_code == 422
+        assert "care plan" in response.json()["issue"][0]["diagnostics"]
+
+    async def test_accepting_creates_follow_up_tasks_whose_completion_the_county_sees(self, alliance: Alliance) -> None:
+        plan = await alliance.county.call("POST", "CarePlan", {
+            "resourceType": "CarePlan", "status": "active", "intent": "plan",
+            "subject": {"reference": alliance.patient}, "title": "脑卒中康复期管理",
+            "activity": [
+                {"detail": {"status": "scheduled", "description": "每周测量血压并记录",
+                            "scheduledPeriod": {"start": "2026-11-24", "end": "2026-12-24"}}},
+                {"detail": {"status": "scheduled", "description": "两周后随访，评估肢体功能"}},
+            ]})
+        assert plan.status_code == 201, plan.text
+        body = referral_request(alliance, alliance.county, alliance.township, "downward-referral",
+                                supportingInfo=[{"reference": f"CarePlan/{plan.json()['id']}"}])
+        request = await alliance.county.call("POST", "ServiceRequest", body)
+        assert request.status_code == 201, request.text
+        task = (await alliance.county.call(
+            "POST", "Task", referral_task(request.json()["id"], alliance, alliance.county, alliance.township))).json()
+        accepted = await operate(alliance.township, task, "accept")
+        assert accepted.status_code == 200, accepted.text
+
+        follow_ups = await alliance.county.call("GET", "Task", params={"part-of": f"Task/{task['id']}", "_sort": "_id"})
+        entries = [e["resource"] for e in follow_ups.json()["entry"]]
+        assert sorted(t["description"] for t in entries) == ["两周后随访，评估肢体功能", "每周测量血压并记录"]
+        assert all(t["owner"]["reference"] == alliance.township.reference for t in entries)
+        assert all(t["requester"]["reference"] == alliance.county.reference for t in entries)
+
+        first = entries[0]
+        assert (await operate(alliance.county, first, "complete")).status_code == 403  # the clinic does the work
+        done = await operate(alliance.township, first, "complete")
+        assert done.status_code == 200, done.text
+        seen = (await alliance.county.call("GET", f"Task/{first['id']}")).json()
+        assert seen["status"] == "completed"
+        cancelled = await operate(alliance.county, entries[1], "cancel", reason("患者已转至上级医院"))
+        assert cancelled.status_code == 200

@@ -131,12 +131,3 @@ def test_missing_claims(missing: str) -> None:
 def test_short_secret_refused_at_signing() -> None:
     with pytest.raises(ValueError):
         sign_identity(IDENTITY, b"short")
-
-
-def test_verification_is_cheap() -> None:
-    token = sign_identity(IDENTITY, SECRET)
-    start = time.perf_counter()
-    for _ in range(2000):
-        verify_identity(token, SECRET)
-    per_call = (time.perf_counter() - start) / 2000
-    assert per_call < 200e-6  # generous bound; measured ~10 µs

@@ -11,7 +11,8 @@ from typing import Any, Protocol
 
 from fhirkit.errors import BusinessRuleViolation, UnprocessableEntity
 from fhirkit.store.hooks import WriteContext
-from referral import green_channel
+
+from referral import follow_up, green_channel
 
 BASE = "http://county-alliance.org/fhir"
 REFERRAL_CATEGORY_SYSTEM = f"{BASE}/CodeSystem/referral-category"
@@ -60,6 +61,8 @@ class ReferralRequestHooks:
                 expression=["ServiceRequest.category"],
             )
         _require_content(resource)
+        if direction == "downward-referral":
+            follow_up.require_care_plan(resource)
         directory: Directory = repo.config.references
         sender = await place(directory, await sending_organization(directory, resource))
         pathway = green_channel.check_request(resource)

@@ -14,12 +14,12 @@ from collections import Counter, defaultdict
 from typing import Any
 
 import orjson
-
 from fhirkit.api.interactions import Result
 from fhirkit.api.router import OperationCall
 from fhirkit.errors import Forbidden, InvalidRequest
 from fhirkit.search.request import parse_search
 from fhirkit.search.values import date_range
+
 from referral import green_channel, routing, workflow
 
 ANSWERS = {"accept": "accepted", "reject": "rejected"}
@@ -180,7 +180,7 @@ def _percentile(values: list[float], fraction: float) -> float | None:
     if fraction == 0.5:
         return round(stats.median(values), 2)
     ordered = sorted(values)
-    index = min(len(ordered) - 1, max(0, int(round(fraction * (len(ordered) - 1)))))
+    index = min(len(ordered) - 1, max(0, round(fraction * (len(ordered) - 1))))
     return round(ordered[index], 2)
 
 

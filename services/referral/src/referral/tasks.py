@@ -6,10 +6,11 @@ from fhirkit.errors import BusinessRuleViolation
 from fhirkit.search.values import format_instant
 from fhirkit.store.hooks import WriteContext
 from fhirkit.workflow.hooks import WorkflowTaskHooks
-from referral import deadlines, green_channel, routing, workflow
+
+from referral import deadlines, follow_up, green_channel, routing, workflow
 
 IMMUTABLE = ("focus", "for", "requester", "code")
-WORKFLOWS = [workflow.REFERRAL_WORKFLOW]
+WORKFLOWS = [workflow.REFERRAL_WORKFLOW, follow_up.FOLLOW_UP_WORKFLOW]
 
 
 class ReferralTaskHooks:
@@ -29,6 +30,14 @@ class ReferralTaskHooks:
 
     async def after_write(self, repo: Any, resource: dict[str, Any] | None, context: WriteContext) -> None:
         await self.workflow.after_write(repo, resource, context)
+        if _accepted_now(resource, context.previous) and workflow.is_referral_task(resource or {}):
+            request = await _focus(repo, resource or {})
+            if routing.referral_direction(request) == "downward-referral":
+                await follow_up.create_follow_ups(repo, resource or {}, request)
+
+
+def _accepted_now(task: dict[str, Any] | None, previous: dict[str, Any] | None) -> bool:
+    return bool(task and previous and task.get("status") == "accepted" and previous.get("status") != "accepted")
 
 
 async def _focus(repo: Any, task: dict[str, Any]) -> dict[str, Any]:
@@ -61,7 +70,7 @@ async def _check_new_task(repo: Any, task: dict[str, Any]) -> dict[str, Any]:
     if owner and performers and owner not in performers:
         raise BusinessRuleViolation(f"Task.owner {owner} is not a performer of {focus}", expression=["Task.owner"])
     if not owner and green_channel.pathway(request) is not None and performers:
-        task["owner"] = {"reference": sorted(p for p in performers if p)[0]}  # the emergency center, at once
+        task["owner"] = {"reference": min(p for p in performers if p)}  # the emergency center, at once
     return request
 
 
