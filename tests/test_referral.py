@@ -547,3 +547,22 @@ class TestDownwardFollowUp:
         assert seen["status"] == "completed"
         cancelled = await operate(alliance.county, entries[1], "cancel", reason("患者已转至上级医院"))
         assert cancelled.status_code == 200
+
+
+class TestInbox:
+    async def test_the_receiver_inbox_sorts_by_clinical_priority_and_includes_request_and_patient(self, alliance: Alliance) -> None:
+        for priority in ("routine", "stat", "urgent"):
+            body = referral_request(alliance, alliance.village, alliance.township, priority=priority)
+            request = (await alliance.village.call("POST", "ServiceRequest", body)).json()
+            task = referral_task(request["id"], alliance, alliance.village, alliance.township)
+            task["priority"] = priority
+            assert (await alliance.village.call("POST", "Task", task)).status_code == 201
+        inbox = await alliance.township.call("GET", "Task", params=[
+            ("owner", alliance.township.reference), ("status", "requested,received"),
+            ("_sort", "-priority,authored-on"), ("_include", "Task:focus"), ("_include", "Task:patient")])
+        assert inbox.status_code == 200, inbox.text
+        entries = inbox.json()["entry"]
+        matches = [e["resource"] for e in entries if e["search"]["mode"] == "match"]
+        assert [t["priority"] for t in matches] == ["stat", "urgent", "routine"]
+        included = {e["resource"]["resourceType"] for e in entries if e["search"]["mode"] == "include"}
+        assert "ServiceRequest" in included

@@ -307,6 +307,10 @@ def sort_components(target: FromClause, keys: list[SortKey]) -> list[tuple[Any, 
     return components
 
 
+# Codes whose order means something: `_sort=-priority` puts stat first, not the alphabet's `urgent`.
+ORDERED_CODES = {"priority": ("routine", "urgent", "asap", "stat")}
+
+
 def _sort_expression(target: FromClause, key: SortKey) -> Any:
     if key.name == "_id":
         return target.c.resource_id
@@ -317,7 +321,11 @@ def _sort_expression(target: FromClause, key: SortKey) -> Any:
         "token": "code", "string": "norm", "reference": "target_id", "number": "value",
         "quantity": "value", "uri": "value",
     }.get(key.kind)
-    if key.kind == "date":
+    ordered_codes = ORDERED_CODES.get(key.name) if key.kind == "token" else None
+    if ordered_codes:
+        rank = case(*((table.c.code == code, index) for index, code in enumerate(ordered_codes)), else_=None)
+        aggregate = func.max(rank) if key.descending else func.min(rank)
+    elif key.kind == "date":
         aggregate = func.max(table.c.high) if key.descending else func.min(table.c.low)
     else:
         assert column is not None
