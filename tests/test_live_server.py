@@ -123,3 +123,26 @@ def test_demo_clients_file_lists_a_client_for_every_organization_kind(server: di
     )
     assert response.status_code == 200
     assert response.headers["cache-control"] == "no-store"
+
+
+def test_smart_fhirclient_reads_searches_and_creates(server: dict[str, str]) -> None:
+    """The SMART on FHIR Python client (client-py) with its R4 models, unchanged."""
+    from fhirclient import client
+    from fhirclient.models.humanname import HumanName
+    from fhirclient.models.organization import Organization
+    from fhirclient.models.patient import Patient
+
+    smart = client.FHIRClient(settings={"app_id": "alliance-test", "api_base": f"{server['url']}/fhir"})
+    smart.server.session.headers["Authorization"] = f"Bearer {server['token']}"
+    county = Organization.read("qingxi-county-hospital", smart.server)
+    assert county.name == "青溪县人民医院"
+    search = Organization.where(struct={"partof": "Organization/qingxi-county-hospital"})
+    clinics = list(search.perform_resources_iter(smart.server))
+    assert len(clinics) >= 18
+
+    patient = Patient({"gender": "male", "birthDate": "1977-07-07"})
+    patient.name = [HumanName({"family": "赵", "given": ["磊"]})]
+    created = patient.create(smart.server)
+    assert created["resourceType"] == "Patient"
+    read_back = Patient.read(created["id"], smart.server)
+    assert read_back.name[0].family == "赵" and read_back.birthDate.isostring == "1977-07-07"
