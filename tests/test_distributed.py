@@ -13,6 +13,7 @@ from tests import live
 from tests.support import postgres_databases
 
 POSTGRES = os.environ.get("ALLIANCE_TEST_POSTGRES_URL")
+NATS_URL = os.environ.get("ALLIANCE_TEST_NATS_URL", "nats://127.0.0.1:4222")
 SERVICES = ("directory", "referral", "results-sharing", "telemedicine")
 
 pytestmark = pytest.mark.skipif(not POSTGRES, reason="distributed mode runs on PostgreSQL (ALLIANCE_TEST_POSTGRES_URL)")
@@ -27,16 +28,52 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, s
         service_urls = {
             f"ALLIANCE_{name.upper().replace('-', '_')}_URL": f"http://127.0.0.1:{ports[name]}" for name in SERVICES
         }
+        run = uuid.uuid4().hex[:8]
         env = live.environment(
-            data_dir, urls, ALLIANCE_PUBLIC_BASE_URL=f"http://127.0.0.1:{ports['gateway']}/fhir", **service_urls
+            data_dir, urls, ALLIANCE_PUBLIC_BASE_URL=f"http://127.0.0.1:{ports['gateway']}/fhir",
+            # The real broker, on a stream of this run's own.
+            ALLIANCE_NATS_URL=NATS_URL, ALLIANCE_NATS_STREAM=f"E2E_{run}", ALLIANCE_NATS_SUBJECT_PREFIX=f"e2e{run}.events",
+            **service_urls,
         )
+        stack.callback(_delete_stream, f"E2E_{run}")
         live.run_cli(env, "migrate")
         for name in SERVICES:
             stack.enter_context(live.serve(env, name, ports[name]))
         gateway = stack.enter_context(live.serve(env, "gateway", ports["gateway"]))
         live.run_cli(env, "directory", "load", "services/directory/src/directory/demo/alliance.yaml")
         client = live.create_client(env, "Organization/qingxi-county-hospital")
-        yield {"url": gateway, "token": live.token(gateway, client), **{n: f"http://127.0.0.1:{p}" for n, p in ports.items()}}
+        yield {"url": gateway, "token": live.token(gateway, client), "stream": f"E2E_{run}",
+               **{n: f"http://127.0.0.1:{p}" for n, p in ports.items()}}
+
+
+def _delete_stream(name: str) -> None:
+    import asyncio
+
+    import nats
+
+    async def delete() -> None:
+        connection = await nats.connect(NATS_URL)
+        try:
+            await connection.jetstream().delete_stream(name)
+        except Exception:  # noqa: BLE001 - nothing to clean up if the stream was never made
+            pass
+        await connection.close()
+
+    asyncio.run(delete())
+
+
+def _events_in_stream(name: str) -> int:
+    import asyncio
+
+    import nats
+
+    async def count() -> int:
+        connection = await nats.connect(NATS_URL)
+        info = await connection.jetstream().stream_info(name)
+        await connection.close()
+        return int(info.state.messages)
+
+    return asyncio.run(count())
 
 
 def _headers(deployment: dict[str, str]) -> dict[str, str]:
@@ -90,3 +127,17 @@ def test_services_expose_metrics(deployment: dict[str, str]) -> None:
         metrics = httpx.get(f"{deployment[name]}/metrics")
         assert metrics.status_code == 200
         assert "alliance_http_requests_total" in metrics.text
+
+
+def test_writes_reach_the_nats_stream(deployment: dict[str, str]) -> None:
+    import time
+
+    base = f"{deployment['url']}/fhir"
+    created = httpx.post(f"{base}/Patient", json={"resourceType": "Patient", "gender": "unknown"},
+                         headers=_headers(deployment))
+    assert created.status_code == 201
+    stream = deployment["stream"]
+    deadline = time.monotonic() + 10
+    while _events_in_stream(stream) == 0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _events_in_stream(stream) > 0

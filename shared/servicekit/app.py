@@ -21,6 +21,7 @@ from fhirkit.store.hooks import ResourceHooks
 from fhirkit.store.repository import StoreConfig
 from servicekit import topology
 from servicekit.db import Database
+from servicekit.events import EVENTS_LINEAGE, EventOptions, ServiceEvents, shared_bus
 from servicekit.identity import IDENTITY_HEADER, CallerIdentity, verify_identity
 from servicekit.migrations import FHIRKIT_LINEAGE, Lineage
 from servicekit.observability import Metrics, RequestContextMiddleware
@@ -43,7 +44,7 @@ class ServiceDefinition:
 
     @property
     def all_lineages(self) -> list[Lineage]:
-        return [FHIRKIT_LINEAGE, *self.lineages]
+        return [FHIRKIT_LINEAGE, EVENTS_LINEAGE, *self.lineages]
 
 
 def new_id_for(service: str) -> Callable[[str], str]:
@@ -69,9 +70,10 @@ def create_service_app(
     database = Database(settings.database_url(definition.name))
     urls = {name: settings.service_url(name) for name in topology.OWNED_TYPES}
     peers = Peers(definition.name, secret, urls, transports, cache_seconds=settings.reference_cache_seconds)
+    events = ServiceEvents(definition.name, database, shared_bus(settings), EventOptions.from_settings(settings))
     store = StoreConfig(
         resource_types=definition.resource_types,
-        hooks=definition.hooks,
+        hooks=events.store_hooks(definition.resource_types, definition.hooks),
         references=peers,
         new_id=new_id_for(definition.name),
     )
@@ -102,15 +104,19 @@ def create_service_app(
         await database.start()
         for hook in definition.on_startup:
             await hook(app)
+        await events.start()  # after on_startup, where the service subscribes its consumers
         try:
             yield
         finally:
+            await events.stop()
             await peers.close()
             await database.stop()
 
     app = FastAPI(title=definition.title, lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.database = database
     app.state.peers = peers
+    app.state.events = events
+    app.state.bus = events.bus
     app.state.service = service
     app.state.settings = settings
     install_exception_handlers(app)

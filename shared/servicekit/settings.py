@@ -42,6 +42,16 @@ class AllianceSettings(BaseSettings):
     telemedicine_url: str | None = None
 
     reference_cache_seconds: float = Field(default=30.0, ge=0)
+
+    # Events (docs/events.md): NATS JetStream when nats_url is set, otherwise the in-process bus.
+    nats_url: str | None = None
+    nats_stream: str = "ALLIANCE_EVENTS"
+    nats_subject_prefix: str = "alliance.events"
+    events_poll_interval_seconds: float = Field(default=1.0, gt=0)
+    events_retention_days: float = Field(default=8.0, gt=0)
+    events_max_attempts: int = Field(default=5, ge=1)
+    events_retry_backoff_seconds: float = Field(default=1.0, gt=0)
+    events_retry_backoff_max_seconds: float = Field(default=60.0, gt=0)
     jwks_url_allow_list: list[str] = Field(default_factory=list)
 
     def database_url(self, service: str) -> str:

@@ -1,0 +1,267 @@
+"""The dispatcher: publishes a service's outbox rows, at least once and in sequence order.
+
+Rows are read in sequence order, published one at a time (each waits for the bus's
+acknowledgement) and marked published afterwards; no transaction is held while publishing, so
+consumers writing to the same SQLite file never wait for the dispatcher. A crash before the mark
+publishes the rows again (consumers deduplicate by event id); a crash before the publish loses
+nothing, since the rows are still unpublished.
+
+Two writes of one resource commit in the order of their sequence numbers (the second waits for
+the first's row lock), so publishing in sequence order keeps the order per resource. With
+several processes on one PostgreSQL database only the holder of an advisory lock dispatches;
+SQLite (embedded mode) has a single process.
+
+The dispatcher wakes right after a commit that appended an event (a pool listener sees the
+flag `outbox.PENDING_KEY` when the committed connection is checked in) and polls anyway.
+"""
+
+import asyncio
+import logging
+import zlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import and_, delete, func, select, update
+from sqlalchemy import event as sa_event
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from servicekit.db import Database
+from servicekit.events.bus import BusUnavailable, EventBus
+from servicekit.events.consumers import prune_inbox
+from servicekit.events.envelope import Event, event_from_row, now_micros
+from servicekit.events.outbox import PENDING_KEY
+from servicekit.events.tables import outbox
+from servicekit.events.tasks import stop_task, uninterrupted
+
+log = logging.getLogger("alliance.events")
+
+# pg_try_advisory_lock(int, int): the two-key space never meets the one-key locks that
+# conditional creates take (pg_advisory_xact_lock(hashtext(...))).
+ADVISORY_LOCK_CLASS = 0x0E7E
+
+
+@dataclass(frozen=True)
+class DispatcherOptions:
+    poll_interval: float = 1.0
+    batch_size: int = 200
+    retention_seconds: float = 8 * 86400
+    prune_interval: float = 600.0
+    retry_pause_max: float = 5.0  # between publish attempts while the bus is unavailable
+
+
+class OutboxDispatcher:
+    def __init__(self, service: str, database: Database, bus: EventBus, options: DispatcherOptions) -> None:
+        self.service = service
+        self.database = database
+        self.bus = bus
+        self.options = options
+        self.is_leader = False
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._last_prune = 0.0
+        self._failures = 0  # consecutive passes that failed on the database
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._task is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        sa_event.listen(self.database.engine.sync_engine, "checkin", self._on_checkin)
+        self._task = asyncio.create_task(self._run(), name=f"outbox-dispatcher:{self.service}")
+
+    async def stop(self) -> None:
+        if self._task is None:
+            return
+        sa_event.remove(self.database.engine.sync_engine, "checkin", self._on_checkin)
+        await stop_task(self._task)
+        self._task = None
+
+    def wake(self) -> None:
+        self._wakeup.set()
+
+    def _on_checkin(self, _dbapi_connection: Any, record: Any) -> None:
+        # Runs when a connection goes back to the pool, after its commit (or rollback: a
+        # spurious wake is harmless). The flag was set by the outbox in that transaction.
+        if record is None or not record.info.pop(PENDING_KEY, False) or self._loop is None:
+            return
+        try:
+            self._loop.call_soon_threadsafe(self._wakeup.set)
+        except RuntimeError:
+            pass  # the loop is closed: nothing left to wake
+
+    # --- the loop ----------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                async with self._leadership() as still_leader:
+                    await self._lead(still_leader)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the database is away: retry, never die
+                self._failures += 1
+                if self._failures == 1 or self._failures % 20 == 0:
+                    log.warning("outbox dispatcher %s: %s; retrying", self.service, exc, exc_info=True)
+                await asyncio.sleep(self._pause(self._failures))
+
+    async def _lead(self, still_leader: Callable[[], Awaitable[None]]) -> None:
+        bus_failures = 0
+        while True:
+            await still_leader()
+            try:
+                published = await self.publish_pending()
+            except BusUnavailable as exc:
+                bus_failures += 1
+                if bus_failures == 1 or bus_failures % 20 == 0:
+                    log.warning("outbox dispatcher %s: %s; retrying", self.service, exc)
+                await asyncio.sleep(self._pause(bus_failures))
+                continue
+            if bus_failures:
+                log.warning("outbox dispatcher %s: the bus accepts events again", self.service)
+                bus_failures = 0
+            self._failures = 0
+            await self._prune_if_due()
+            if published < self.options.batch_size:
+                await self._wait_for_work()
+
+    async def _wait_for_work(self) -> None:
+        try:
+            await asyncio.wait_for(self._wakeup.wait(), timeout=self.options.poll_interval)
+        except TimeoutError:
+            pass
+        # Cleared before the next read: a commit after this point sets it again.
+        self._wakeup.clear()
+
+    def _pause(self, failures: int) -> float:
+        return min(0.1 * 2 ** min(failures, 10), self.options.retry_pause_max)
+
+    # --- one pass ----------------------------------------------------------------------------
+
+    async def publish_pending(self) -> int:
+        """Publish one batch of unpublished rows in sequence order; returns how many the bus
+        acknowledged. Raises BusUnavailable after marking those acknowledged before it failed."""
+        events = await uninterrupted(self._unpublished())
+        acknowledged: list[int] = []
+        try:
+            for event in events:
+                await self.bus.publish(event)
+                acknowledged.append(event.seq)
+        except BusUnavailable:
+            if acknowledged:
+                await uninterrupted(self._mark_published(acknowledged))
+            raise
+        # Not on cancellation (stop): those rows are simply published again after the restart.
+        if acknowledged:
+            await uninterrupted(self._mark_published(acknowledged))
+        return len(acknowledged)
+
+    async def _unpublished(self) -> list[Event]:
+        async with self.database.transaction(write=False) as conn:
+            rows = await conn.execute(
+                select(outbox)
+                .where(outbox.c.service == self.service, outbox.c.published_at.is_(None))
+                .order_by(outbox.c.seq)
+                .limit(self.options.batch_size)
+            )
+            return [event_from_row(row) for row in rows]
+
+    async def _mark_published(self, seqs: list[int]) -> None:
+        async with self.database.transaction(write=True) as conn:
+            await conn.execute(update(outbox).where(outbox.c.seq.in_(seqs)).values(published_at=now_micros()))
+
+    # --- retention ---------------------------------------------------------------------------
+
+    async def _prune_if_due(self) -> None:
+        assert self._loop is not None
+        if self._loop.time() - self._last_prune < self.options.prune_interval:
+            return
+        self._last_prune = self._loop.time()
+        removed = await uninterrupted(
+            self.prune(now_micros() - int(self.options.retention_seconds * 1_000_000))
+        )
+        if removed:
+            log.info("outbox dispatcher %s: pruned %d events past retention", self.service, removed)
+
+    async def prune(self, before: int) -> int:
+        """Delete published events that occurred before `before` (µs), and inbox entries
+        recorded before it. Unpublished rows are never pruned."""
+        async with self.database.transaction(write=True) as conn:
+            result = await conn.execute(
+                delete(outbox).where(
+                    and_(
+                        outbox.c.service == self.service,
+                        outbox.c.published_at.is_not(None),
+                        outbox.c.occurred_at < before,
+                    )
+                )
+            )
+            await prune_inbox(conn, before)
+        return result.rowcount or 0
+
+    # --- leadership --------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def _leadership(self) -> AsyncIterator[Callable[[], Awaitable[None]]]:
+        """Yield once this process may dispatch, with a check that it still may."""
+        if self.database.dialect != "postgresql":
+            self.is_leader = True
+            try:
+                yield _always
+            finally:
+                self.is_leader = False
+            return
+        async with self.database.engine.connect() as conn:
+            while not await uninterrupted(self._try_lock(conn)):
+                await asyncio.sleep(self.options.poll_interval)  # another process dispatches
+            self.is_leader = True
+            log.info("outbox dispatcher %s: leading", self.service)
+            try:
+                # The lock lives as long as this connection: a broken one means it is gone.
+                yield lambda: uninterrupted(_ping(conn))
+            finally:
+                self.is_leader = False
+                await uninterrupted(_unlock(conn, self._lock_key()))
+
+    def _lock_key(self) -> int:
+        return _signed32(zlib.crc32(f"servicekit.events.dispatcher:{self.service}".encode()))
+
+    async def _try_lock(self, conn: AsyncConnection) -> bool:
+        result = await conn.execute(select(func.pg_try_advisory_lock(ADVISORY_LOCK_CLASS, self._lock_key())))
+        acquired = bool(result.scalar_one())
+        await conn.commit()  # the lock is session-level; do not sit idle in a transaction
+        return acquired
+
+
+async def _always() -> None:
+    return None
+
+
+async def _ping(conn: AsyncConnection) -> None:
+    await conn.execute(select(1))
+    await conn.commit()
+
+
+async def _unlock(conn: AsyncConnection, key: int) -> None:
+    try:
+        await conn.execute(select(func.pg_advisory_unlock(ADVISORY_LOCK_CLASS, key)))
+        await conn.commit()
+    except Exception as exc:  # noqa: BLE001 - closing the connection releases the lock anyway
+        log.debug("advisory unlock: %s", exc)
+
+
+def _signed32(value: int) -> int:
+    return value - (1 << 32) if value >= 1 << 31 else value
+
+
+async def unpublished_count(database: Database, service: str) -> int:
+    async with database.transaction(write=False) as conn:
+        result = await conn.execute(
+            select(func.count())
+            .select_from(outbox)
+            .where(outbox.c.service == service, outbox.c.published_at.is_(None))
+        )
+        return int(result.scalar_one())

@@ -1,0 +1,228 @@
+"""Delivery: the same consumers on the in-process bus and on NATS JetStream, on SQLite and
+PostgreSQL: once per event, in order per resource, redelivered after a failure, parked when
+poisoned, filtered by subject, and nothing missed by a consumer that starts late."""
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+import pytest_asyncio
+
+from fhirkit.store.repository import Repository
+from servicekit.db import Database
+from servicekit.events import EventBus, ServiceEvents, emit, unpublished_count
+from servicekit.events.testing import (
+    POSTGRES_URL,
+    DatabaseTemplates,
+    Recorder,
+    count,
+    drop_bus,
+    effects,
+    fast_options,
+    make_bus,
+    nats_reachable,
+    running,
+    started,
+    store_for,
+    wait_for,
+    write_patients,
+)
+
+DATABASES = [
+    "sqlite",
+    pytest.param(
+        "postgres", marks=pytest.mark.skipif(not POSTGRES_URL, reason="ALLIANCE_TEST_POSTGRES_URL is not set")
+    ),
+]
+BUSES = [
+    "inprocess",
+    pytest.param(
+        "nats",
+        marks=pytest.mark.skipif(not nats_reachable(), reason="no NATS server at ALLIANCE_TEST_NATS_URL"),
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def templates(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DatabaseTemplates]:
+    found = DatabaseTemplates(tmp_path_factory.mktemp("events-delivery"))
+    yield found
+    found.drop_all()
+
+
+@pytest.fixture(params=DATABASES)
+def database_kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest_asyncio.fixture
+async def database(database_kind: str, templates: DatabaseTemplates) -> AsyncIterator[Database]:
+    async with running(templates.url(database_kind)) as found:
+        yield found
+
+
+@pytest_asyncio.fixture(params=BUSES)
+async def bus(request: pytest.FixtureRequest) -> AsyncIterator[EventBus]:
+    found = make_bus(request.param)
+    yield found
+    await drop_bus(found)
+
+
+async def test_each_event_is_handled_once_and_in_order_per_resource(
+    database: Database, bus: EventBus
+) -> None:
+    referral = ServiceEvents("referral", database, bus, fast_options())
+    recorder = Recorder("trail")
+    await referral.subscribe("trail", "referral.>", recorder)
+    store = store_for(referral)
+
+    async def edit(resource_id: str) -> None:
+        for version in range(1, 9):
+            async with database.transaction(write=True) as conn:
+                body = {"resourceType": "Patient", "id": resource_id, "birthDate": f"2000-01-0{version}"}
+                await Repository(conn, store).update("Patient", resource_id, body)
+
+    async with started(referral):
+        await asyncio.gather(*(edit(f"r{index}") for index in range(5)))
+        await wait_for(lambda: _effect_count(database, "trail", 40))
+        await wait_for(lambda: _no_backlog(database))
+
+    handled = await effects(database, "trail")
+    assert len(handled) == 40 and len({row["event_id"] for row in handled}) == 40
+    for resource_id in {row["resource_id"] for row in handled}:
+        versions = [row["version_id"] for row in handled if row["resource_id"] == resource_id]
+        assert versions == list(range(1, 9)), (resource_id, versions)
+    assert await count(database, "servicekit_inbox", "consumer = :c", c="trail") == 40
+
+
+async def test_a_failed_handler_gets_the_event_again_and_handles_it_once(
+    database: Database, bus: EventBus
+) -> None:
+    referral = ServiceEvents("referral", database, bus, fast_options())
+    recorder = Recorder("flaky", fail_once_for={"p-1", "p-3"})
+    await referral.subscribe("flaky", "referral.Patient.create", recorder)
+    async with started(referral):
+        await write_patients(database, store_for(referral), 5)
+        await wait_for(lambda: _effect_count(database, "flaky", 5))
+
+    handled = await effects(database, "flaky")
+    assert sorted(row["resource_id"] for row in handled) == [f"p-{index}" for index in range(5)]
+    assert len(recorder.calls) == 7  # two failed first deliveries came back once each
+    assert await count(database, "servicekit_dead_letter") == 0
+
+
+async def test_a_poison_event_is_parked_not_dropped_and_can_be_replayed(
+    database: Database, bus: EventBus
+) -> None:
+    referral = ServiceEvents("referral", database, bus, fast_options())
+    recorder = Recorder("strict", fail_always_for={"p-2"})
+    await referral.subscribe("strict", "referral.Patient.*", recorder)
+    async with started(referral):
+        await write_patients(database, store_for(referral), 4)
+        await wait_for(lambda: _effect_count(database, "strict", 3))
+        await wait_for(lambda: _parked(database, "strict"))
+
+        async with database.transaction(write=False) as conn:
+            from sqlalchemy import select
+
+            from servicekit.events import dead_letter
+
+            [parked] = list(await conn.execute(select(dead_letter)))
+        assert parked.resource_id == "p-2" and parked.attempts == 3 and "on purpose" in parked.error
+        assert parked.payload is not None and b'"p-2"' in parked.payload
+        assert recorder.calls.count(parked.event_id) == 3
+
+        recorder.fail_always_for.clear()  # the bug is fixed
+        assert await referral.replay_dead_letters("strict") == 1
+    assert sorted(row["resource_id"] for row in await effects(database, "strict")) == [
+        "p-0",
+        "p-1",
+        "p-2",
+        "p-3",
+    ]
+    assert await count(database, "servicekit_dead_letter") == 0
+
+
+async def test_consumers_receive_only_the_subjects_they_asked_for(database: Database, bus: EventBus) -> None:
+    referral = ServiceEvents("referral", database, bus, fast_options())
+    business, patients = Recorder("business"), Recorder("patients")
+    await referral.subscribe("business", "referral.business.>", business)
+    await referral.subscribe("patients", "*.Patient.create", patients)
+    async with started(referral):
+        await write_patients(database, store_for(referral), 3)
+        async with database.transaction(write=True) as conn:
+            await emit(conn, "referral.accepted", {"id": "sr1"}, service="referral")
+            await emit(conn, "referral.closed", {"id": "sr1"}, service="referral")
+        await wait_for(lambda: _effect_count(database, "business", 2))
+        await wait_for(lambda: _effect_count(database, "patients", 3))
+        await asyncio.sleep(0.3)  # would anything else arrive?
+    assert [row["subject"] for row in await effects(database, "business")] == [
+        "referral.business.referral.accepted",
+        "referral.business.referral.closed",
+    ]
+    assert {row["subject"] for row in await effects(database, "patients")} == {"referral.Patient.create"}
+
+
+async def test_a_consumer_in_another_service_that_starts_late_misses_nothing(
+    database: Database, bus: EventBus, templates: DatabaseTemplates, database_kind: str
+) -> None:
+    # Embedded mode starts the services one after another: the publisher first, with a backlog.
+    referral = ServiceEvents("referral", database, bus, fast_options())
+    async with running(templates.url(database_kind)) as other_database:
+        results = ServiceEvents("results-sharing", other_database, bus, fast_options())
+        await results.subscribe("grants", "referral.business.referral.accepted", Recorder("grants"))
+        async with database.transaction(write=True) as conn:
+            for index in range(3):
+                await emit(conn, "referral.accepted", {"n": index}, service="referral")
+        await referral.start()
+        await asyncio.sleep(0.3)
+        async with started(results):
+            await wait_for(lambda: _effect_count(other_database, "grants", 3))
+        await referral.stop()
+        assert [row["seq"] for row in await effects(other_database, "grants")] == [1, 2, 3]
+
+
+async def test_the_dispatcher_wakes_on_commit_without_waiting_for_the_poll(
+    database: Database, bus: EventBus
+) -> None:
+    referral = ServiceEvents("referral", database, bus, fast_options(poll_interval=30.0))
+    await referral.subscribe("quick", "referral.>", Recorder("quick"))
+    async with started(referral):
+        await asyncio.sleep(0.2)  # the dispatcher has looked once and now sleeps for 30 s
+        began = time.monotonic()
+        await write_patients(database, store_for(referral), 1)
+        await wait_for(lambda: _effect_count(database, "quick", 1), timeout=5)
+        assert time.monotonic() - began < 2
+
+
+async def test_published_events_are_kept_for_the_retention_and_then_pruned(database: Database) -> None:
+    from servicekit.events import InProcessBus
+
+    referral = ServiceEvents("referral", database, InProcessBus(), fast_options())
+    await referral.subscribe("keep", "referral.>", Recorder("keep"))
+    store = store_for(referral)
+    async with started(referral):
+        await write_patients(database, store, 3)
+        await wait_for(lambda: _effect_count(database, "keep", 3))
+        await wait_for(lambda: _no_backlog(database))
+    await write_patients(database, store, 1, prefix="late")  # committed, not published (stopped)
+    assert await referral.dispatcher.prune(before=1) == 0  # nothing is that old
+    removed = await referral.dispatcher.prune(before=time.time_ns() // 1000 + 1)
+    assert removed == 3
+    assert await unpublished_count(database, "referral") == 1  # unpublished rows are never pruned
+    assert await count(database, "servicekit_inbox") == 0
+
+
+async def _effect_count(database: Database, consumer: str, expected: int) -> bool:
+    found = await count(database, "test_event_effects", "consumer = :c", c=consumer)
+    assert found <= expected, f"{consumer} handled {found} events, expected {expected}"
+    return found == expected
+
+
+async def _no_backlog(database: Database) -> bool:
+    return await unpublished_count(database, "referral") == 0
+
+
+async def _parked(database: Database, consumer: str) -> bool:
+    return await count(database, "servicekit_dead_letter", "consumer = :c", c=consumer) > 0
