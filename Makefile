@@ -21,8 +21,9 @@ run: install
 	$(VENV)/bin/alliance demo load
 	$(VENV)/bin/alliance serve --port $(PORT)
 
-## Run the test suite (SQLite; set ALLIANCE_TEST_POSTGRES_URL to run it on PostgreSQL).
+## Lint, then run the test suite (SQLite; set ALLIANCE_TEST_POSTGRES_URL to run it on PostgreSQL).
 test: install
+	$(VENV)/bin/ruff check shared services gateway tests bench scripts
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 ## The same suite on a local PostgreSQL server.

@@ -17,8 +17,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "services" / "directory" / "src"))
 
-from directory.directory_file import parse_directory_file
-from directory.identifiers import (
+from directory.directory_file import parse_directory_file  # noqa: E402 - after the sys.path entry
+from directory.identifiers import (  # noqa: E402
     PRACTITIONER_LICENSE_SYSTEM,
     USCC_ALPHABET,
     national_id_check_char,

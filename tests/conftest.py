@@ -15,7 +15,7 @@ import httpx
 import pytest
 import pytest_asyncio
 
-from tests.support import postgres_databases, system_settings
+from tests.support import Api, postgres_databases, system_settings
 
 pytest_plugins: list[str] = []
 
@@ -39,9 +39,8 @@ def database_urls(data_dir: Path) -> Iterator[dict[str, str] | None]:
 
 @pytest_asyncio.fixture(scope="session")
 async def system(data_dir: Path, database_urls: dict[str, str] | None) -> AsyncIterator[Any]:
-    from gateway.app import create_gateway_app
+    from gateway.app import create_gateway_app, service_definitions
     from servicekit.migrations import upgrade
-    from gateway.app import service_definitions
 
     settings = system_settings(data_dir, database_urls)
     for name, definition in service_definitions().items():
@@ -59,7 +58,5 @@ async def client(system: Any) -> AsyncIterator[httpx.AsyncClient]:
 
 
 @pytest_asyncio.fixture(scope="session")
-async def api(system: Any, client: httpx.AsyncClient) -> "Api":
-    from tests.support import Api
-
+async def api(system: Any, client: httpx.AsyncClient) -> Api:
     return Api(system, client)

@@ -8,7 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from directory.identifiers import FACILITY_LEVEL_SYSTEM, NATIONAL_ID_SYSTEM, mrn_system, national_id_check_char
+from directory.identifiers import (
+    FACILITY_LEVEL_SYSTEM,
+    NATIONAL_ID_SYSTEM,
+    mrn_system,
+    national_id_check_char,
+)
 from tests.support import outcome_code
 
 MATCH_GRADE = "http://hl7.org/fhir/StructureDefinition/match-grade"

@@ -22,6 +22,7 @@ from typing import Any
 from urllib.parse import quote
 
 import pytest
+
 from servicekit.topology import ALL_TYPES
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "shared" / "fhir-r4-examples"

@@ -60,7 +60,7 @@ async def new_observation(api: Any, system: str, value: str, **extra: Any) -> st
 
 
 def link(bundle: dict[str, Any], relation: str) -> str | None:
-    url = next((l["url"] for l in bundle.get("link", []) if l["relation"] == relation), None)
+    url = next((item["url"] for item in bundle.get("link", []) if item["relation"] == relation), None)
     return url.split("/fhir/", 1)[1] if url else None
 
 

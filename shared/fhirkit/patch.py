@@ -624,7 +624,7 @@ def _satisfies(node: _Node, condition: str) -> bool:
             result = _evaluate_on_primitive(value, condition)
         else:
             result = _evaluate_on_element(value, node.type_path, condition)
-    except Exception as exc:  # noqa: BLE001 - fhirpathpy raises bare Exception for syntax errors
+    except Exception as exc:
         raise _malformed(f"cannot evaluate where({condition}): {exc}") from None
     return result == [True]
 

@@ -138,7 +138,7 @@ def _health_routes(app: FastAPI, database: Database, metrics: Metrics) -> None:
         try:
             async with database.transaction(write=False) as conn:
                 await conn.execute(text("SELECT 1"))
-        except Exception as exc:  # noqa: BLE001 - any database failure means not ready
+        except Exception as exc:
             return JSONResponse({"status": "unavailable", "reason": type(exc).__name__}, status_code=503)
         return JSONResponse({"status": "ready"})
 

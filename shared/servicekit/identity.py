@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
+
 from fhirkit.errors import Unauthorized
 
 IDENTITY_HEADER = "X-Alliance-Identity"

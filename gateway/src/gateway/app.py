@@ -33,7 +33,6 @@ from gateway import routing
 from gateway.auth import Authenticated, AuthSettings, authenticate, build_auth_router
 from gateway.capabilities import merge_capabilities
 from gateway.platform import DEFINITION as PLATFORM_DEFINITION
-from servicekit import topology
 from servicekit.app import ServiceDefinition, create_service_app
 from servicekit.identity import IDENTITY_HEADER, sign_identity
 from servicekit.observability import Metrics, RequestContextMiddleware, request_id_var
@@ -155,7 +154,7 @@ class FhirDispatcher:
         resource_type = segments[0]
         owners = routing.owners_of(resource_type)
         second = segments[1] if len(segments) > 1 else None
-        if second is None and method == "GET" or second == "_search":
+        if (second is None and method == "GET") or second == "_search":
             _require(auth, resource_type, "s")
             params = _params(query) + (_params(body.decode("utf-8", "replace")) if second == "_search" else [])
             service = routing.services_for_search(resource_type, params)[0]
@@ -394,4 +393,4 @@ def _health(app: FastAPI, gateway: Gateway) -> None:
                         status_code=200 if ready else 503, media_type="application/json")
 
 
-__all__ = ["create_gateway_app", "FhirError", "urlencode"]
+__all__ = ["FhirError", "create_gateway_app", "urlencode"]

@@ -9,9 +9,10 @@ import jwt
 import psycopg
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from gateway.auth.clients import METADATA
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from gateway.auth.clients import METADATA
 
 PG_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/test"
 

@@ -1,6 +1,9 @@
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from sqlalchemy import insert, select
+from sqlalchemy.ext.asyncio import AsyncEngine
+
 from gateway.auth.clients import (
     RegisteredClient,
     create_client,
@@ -12,8 +15,6 @@ from gateway.auth.clients import (
     set_enabled,
     verify_secret,
 )
-from sqlalchemy import insert, select
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 JWKS = {"keys": [{"kty": "EC", "crv": "P-384", "kid": "k1", "x": "AAAA", "y": "BBBB"}]}
 

@@ -4,6 +4,7 @@ import time
 import jwt
 import orjson
 import pytest
+
 from fhirkit.errors import Unauthorized
 from servicekit.identity import (
     IDENTITY_HEADER,

@@ -5,6 +5,8 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import FastAPI, Request, Response
+from sqlalchemy.ext.asyncio import AsyncEngine
+
 from fhirkit.errors import FhirError
 from gateway.auth import (
     AuthSettings,
@@ -15,7 +17,6 @@ from gateway.auth import (
     set_enabled,
 )
 from gateway.auth.tokens import issue_access_token
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 BASE_URL = "http://testserver/fhir"
 TOKEN_URL = "http://testserver/auth/token"

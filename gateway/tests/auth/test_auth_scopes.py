@@ -1,4 +1,5 @@
 import pytest
+
 from gateway.auth.scopes import InvalidScope, Scope, ScopeSet
 
 # (scope text, resource type, interaction, permitted)

@@ -6,6 +6,9 @@ import httpx
 import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from jwt.algorithms import ECAlgorithm, RSAAlgorithm
+from sqlalchemy.ext.asyncio import AsyncEngine
+
 from fhirkit.errors import Unauthorized
 from gateway.auth.clients import RegisteredClient, create_client
 from gateway.auth.tokens import (
@@ -17,9 +20,7 @@ from gateway.auth.tokens import (
     verify_access_token,
     verify_client_assertion,
 )
-from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 from servicekit.identity import CallerIdentity, sign_identity
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 KEY = b"k" * 32
 ISSUER = "http://testserver/fhir"

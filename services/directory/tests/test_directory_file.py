@@ -5,6 +5,8 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from fhir.resources.R4B import get_fhir_model_class
+
 from directory.directory_file import (
     DEMO_ALLIANCE_PATH,
     DirectoryContent,
@@ -23,7 +25,6 @@ from directory.identifiers import (
     national_id_birth_date,
     national_id_gender,
 )
-from fhir.resources.R4B import get_fhir_model_class
 
 REPO = Path(__file__).resolve().parents[3]
 

@@ -1,6 +1,7 @@
 from datetime import date, timedelta
 
 import pytest
+
 from directory.identifiers import (
     FACILITY_CODES,
     allowed_parent_codes,

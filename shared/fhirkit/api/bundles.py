@@ -64,7 +64,7 @@ def _entry(index: int, raw: Any) -> Entry:
         raise InvalidRequest(f"{where}.request.url is missing", expression=[f"{where}.request.url"])
     parts = urlsplit(url)
     segments = [s for s in parts.path.split("/") if s]
-    if not segments or not resources.is_resource_type(segments[0]) or len(segments) > 2 and segments[2] != "_history":
+    if not segments or not resources.is_resource_type(segments[0]) or (len(segments) > 2 and segments[2] != "_history"):
         raise InvalidRequest(f"{where}.request.url '{url[:80]}' is not Type, Type/id or Type?query", expression=[f"{where}.request.url"])
     return Entry(
         index=index,

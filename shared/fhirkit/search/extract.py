@@ -151,7 +151,7 @@ def evaluate_fhirpath(resource: dict[str, Any], expression: str) -> list[object]
     """Never raises: odd data (or an expression fhirpathpy cannot run) indexes nothing."""
     try:
         return compile_fhirpath(expression)(resource)
-    except Exception as exc:  # noqa: BLE001 - fhirpathpy raises bare Exceptions on data it dislikes
+    except Exception as exc:
         # The message may quote patient data: log the expression and the error type only.
         _log.debug("FHIRPath %r failed: %s", expression, type(exc).__name__)
         return []

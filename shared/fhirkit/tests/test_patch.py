@@ -4,6 +4,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from fhirkit.patch import PatchError, apply_fhirpath_patch, apply_json_patch, apply_merge_patch
 
 EXAMPLES = Path(__file__).resolve().parents[4] / "shared" / "fhir-r4-examples"

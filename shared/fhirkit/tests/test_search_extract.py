@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from fhirkit.search import definitions, extract
 from fhirkit.search.definitions import PathAlternative, SearchParamDef, WhereEquals
 

@@ -71,7 +71,7 @@ class Consumer:
             return Settlement(Outcome.DONE)
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # noqa: BLE001 - any handler failure means redeliver or park
+        except Exception as exc:
             return await self._after_failure(event, attempt, exc)
 
     async def _after_failure(self, event: Event, attempt: int, error: Exception) -> Settlement:
@@ -143,7 +143,7 @@ class Consumer:
     async def _replay_one(self, row_id: int, event: Event, attempts: int) -> int:
         try:
             await self._handle_once(event)
-        except Exception as exc:  # noqa: BLE001 - it stays parked, with the new reason
+        except Exception as exc:
             async with self.database.transaction(write=True) as conn:
                 await conn.execute(
                     update(dead_letter)

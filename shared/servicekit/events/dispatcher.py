@@ -249,7 +249,7 @@ async def _unlock(conn: AsyncConnection, key: int) -> None:
     try:
         await conn.execute(select(func.pg_advisory_unlock(ADVISORY_LOCK_CLASS, key)))
         await conn.commit()
-    except Exception as exc:  # noqa: BLE001 - closing the connection releases the lock anyway
+    except Exception as exc:
         log.debug("advisory unlock: %s", exc)
 
 

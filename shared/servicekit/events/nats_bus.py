@@ -118,7 +118,7 @@ class NatsBus:
             try:
                 await self._ensure_stream()
                 break
-            except Exception as exc:  # noqa: BLE001 - the broker may still be starting
+            except Exception as exc:
                 log.warning("cannot create stream %s yet: %s", self.stream, exc)
                 await asyncio.sleep(RETRY_PAUSE_SECONDS)
         self._ready.set()
@@ -130,7 +130,7 @@ class NatsBus:
         if self._client is not None and not self._client.is_closed:
             try:
                 await self._client.close()
-            except Exception as exc:  # noqa: BLE001 - closing a broken connection
+            except Exception as exc:
                 log.debug("closing the NATS connection: %s", exc)
         self._client = None
         self._connecting = None
@@ -217,7 +217,7 @@ class NatsBus:
                 continue  # nothing new
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # noqa: BLE001 - disconnected, broker restarting, consumer gone
+            except Exception as exc:
                 log.debug("consumer %s: %s; fetching again", consumer.name, exc)
                 subscription = await _drop(subscription)
                 await asyncio.sleep(RETRY_PAUSE_SECONDS)
@@ -266,7 +266,7 @@ class NatsBus:
 async def _reply(reply: Any) -> None:
     try:
         await reply
-    except Exception as exc:  # noqa: BLE001 - a lost (n)ack only causes a redelivery
+    except Exception as exc:
         log.debug("acknowledgement not sent: %s", exc)
 
 
@@ -274,14 +274,14 @@ async def _drop(subscription: JetStreamContext.PullSubscription | None) -> None:
     if subscription is not None:
         try:
             await subscription.unsubscribe()
-        except Exception as exc:  # noqa: BLE001 - the connection may be gone already
+        except Exception as exc:
             log.debug("unsubscribe: %s", exc)
 
 
 def _stream_sequence(message: Msg) -> str:
     try:
         return str(message.metadata.sequence.stream)
-    except Exception:  # noqa: BLE001 - only used in a log line
+    except Exception:
         return "?"
 
 

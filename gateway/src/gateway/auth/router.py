@@ -13,10 +13,9 @@ from urllib.parse import parse_qsl, unquote_plus, urlsplit
 
 import orjson
 from fastapi import APIRouter, Request, Response
-from fhirkit.errors import Unauthorized
-from servicekit.identity import CallerIdentity
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from fhirkit.errors import Unauthorized
 from gateway.auth.clients import RegisteredClient, burn_secret_check, get_client, verify_secret
 from gateway.auth.scopes import InvalidScope, ScopeSet
 from gateway.auth.tokens import (
@@ -30,6 +29,7 @@ from gateway.auth.tokens import (
     verify_access_token,
     verify_client_assertion,
 )
+from servicekit.identity import CallerIdentity
 
 DISCOVERY_PATH = "/fhir/.well-known/smart-configuration"
 TOKEN_PATH = "/auth/token"

@@ -14,9 +14,9 @@ import jwt
 import orjson
 from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePublicKey
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
-from fhirkit.errors import Unauthorized
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from fhirkit.errors import Unauthorized
 from gateway.auth.clients import RegisteredClient, remember_jti
 
 REALM = "alliance"

@@ -1,10 +1,10 @@
 from typing import Any
 
 from fastapi import FastAPI
-from servicekit.app import create_service_app
-from servicekit.settings import AllianceSettings
 
 from directory.fhir import DEFINITION
+from servicekit.app import create_service_app
+from servicekit.settings import AllianceSettings
 
 
 def create_app(settings: AllianceSettings | None = None, **options: Any) -> FastAPI:

@@ -18,7 +18,6 @@ from typing import Any
 
 from fhirkit.search.request import parse_search
 from fhirkit.search.values import date_range, format_instant, from_micros, to_micros
-
 from referral import green_channel, routing, workflow
 
 BASE = "http://county-alliance.org/fhir"

@@ -5,12 +5,11 @@ from pathlib import Path
 
 from fhirkit.api.router import Operation
 from fhirkit.workflow.operations import transition_operations
+from referral import onward, statistics, tasks
+from referral.routing import ReferralRequestHooks
 from servicekit import topology
 from servicekit.app import ServiceDefinition
 from servicekit.migrations import Lineage
-
-from referral import onward, statistics, tasks
-from referral.routing import ReferralRequestHooks
 
 LINEAGE = Lineage("referral", Path(__file__).resolve().parent / "migrations", "referral_alembic_version")
 OPERATION_BASE = "http://county-alliance.org/fhir/OperationDefinition"

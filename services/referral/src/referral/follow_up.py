@@ -12,7 +12,6 @@ from typing import Any
 from fhirkit.errors import BusinessRuleViolation
 from fhirkit.search.values import format_instant
 from fhirkit.workflow.machine import StateMachine, TaskRules, Transition, Workflow
-
 from referral import workflow
 
 BUSINESS_STATUS_SYSTEM = f"{workflow.BASE}/CodeSystem/follow-up-business-status"

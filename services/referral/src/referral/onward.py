@@ -15,7 +15,6 @@ from fhirkit.api.router import OperationCall
 from fhirkit.errors import BusinessRuleViolation, Forbidden, InvalidRequest
 from fhirkit.search.values import format_instant
 from fhirkit.workflow.operations import require_if_match
-
 from referral import workflow
 
 SERVER_FIELDS = ("id", "meta", "text")

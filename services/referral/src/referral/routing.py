@@ -11,7 +11,6 @@ from typing import Any, Protocol
 
 from fhirkit.errors import BusinessRuleViolation, UnprocessableEntity
 from fhirkit.store.hooks import WriteContext
-
 from referral import follow_up, green_channel
 
 BASE = "http://county-alliance.org/fhir"

@@ -14,12 +14,12 @@ from collections import Counter, defaultdict
 from typing import Any
 
 import orjson
+
 from fhirkit.api.interactions import Result
 from fhirkit.api.router import OperationCall
 from fhirkit.errors import Forbidden, InvalidRequest
 from fhirkit.search.request import parse_search
 from fhirkit.search.values import date_range
-
 from referral import green_channel, routing, workflow
 
 ANSWERS = {"accept": "accepted", "reject": "rejected"}

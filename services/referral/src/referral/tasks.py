@@ -6,7 +6,6 @@ from fhirkit.errors import BusinessRuleViolation
 from fhirkit.search.values import format_instant
 from fhirkit.store.hooks import WriteContext
 from fhirkit.workflow.hooks import WorkflowTaskHooks
-
 from referral import deadlines, follow_up, green_channel, routing, workflow
 
 IMMUTABLE = ("focus", "for", "requester", "code")

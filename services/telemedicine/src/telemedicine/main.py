@@ -2,9 +2,9 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from telemedicine.fhir import DEFINITION
 from servicekit.app import create_service_app
 from servicekit.settings import AllianceSettings
+from telemedicine.fhir import DEFINITION
 
 
 def create_app(settings: AllianceSettings | None = None, **options: Any) -> FastAPI:

@@ -1,4 +1,4 @@
-from telemedicine.db import METADATA
 from servicekit.migrations import run_env
+from telemedicine.db import METADATA
 
 run_env(METADATA)
