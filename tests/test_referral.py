@@ -566,3 +566,22 @@ class TestInbox:
         assert [t["priority"] for t in matches] == ["stat", "urgent", "routine"]
         included = {e["resource"]["resourceType"] for e in entries if e["search"]["mode"] == "include"}
         assert "ServiceRequest" in included
+
+
+class TestScheduler:
+    async def test_the_scheduled_sweep_escalates_a_referral_past_its_deadline(self, system, alliance: Alliance) -> None:
+        from referral import scheduler
+
+        body = referral_request(alliance, alliance.township, alliance.county, priority="routine")
+        request = (await alliance.township.call("POST", "ServiceRequest", body)).json()
+        task = referral_task(request["id"], alliance, alliance.township, alliance.county)
+        task["restriction"] = {"period": {"end": "2020-01-01T00:00:00Z"}}  # a client's earlier deadline is kept
+        created = (await alliance.township.call("POST", "Task", task)).json()
+        assert created["restriction"]["period"]["end"] == "2020-01-01T00:00:00Z"
+        report = await scheduler.sweep_once(system.state.apps["referral"])
+        assert report is not None and report.examined >= 1
+        swept = (await alliance.township.call("GET", f"Task/{created['id']}")).json()
+        assert swept["status"] == "cancelled"  # routine and long past: expired
+        assert swept["statusReason"]["coding"][0]["code"] == "expired"
+        jobs = [t.get_name() for t in asyncio.all_tasks()]
+        assert "referral:deadline_scheduler" in jobs

@@ -4,7 +4,8 @@ A service passes what makes it itself (its store declaration, operations, migrat
 plumbing is here, so the four services differ only in their domain code.
 """
 
-from collections.abc import AsyncIterator, Callable
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,6 +42,8 @@ class ServiceDefinition:
     lineages: list[Lineage] = field(default_factory=list)
     extra_routers: list[Any] = field(default_factory=list)
     on_startup: list[Callable[[FastAPI], Any]] = field(default_factory=list)
+    # Long-running jobs (schedulers): started after start-up, cancelled before shutdown.
+    background: list[Callable[[FastAPI], Awaitable[None]]] = field(default_factory=list)
 
     @property
     def all_lineages(self) -> list[Lineage]:
@@ -105,9 +108,13 @@ def create_service_app(
         for hook in definition.on_startup:
             await hook(app)
         await events.start()  # after on_startup, where the service subscribes its consumers
+        jobs = [asyncio.create_task(job(app), name=f"{definition.name}:{job.__name__}") for job in definition.background]
         try:
             yield
         finally:
+            for job in jobs:
+                job.cancel()
+            await asyncio.gather(*jobs, return_exceptions=True)
             await events.stop()
             await peers.close()
             await database.stop()

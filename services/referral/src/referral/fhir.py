@@ -5,7 +5,7 @@ from pathlib import Path
 
 from fhirkit.api.router import Operation
 from fhirkit.workflow.operations import transition_operations
-from referral import onward, statistics, tasks
+from referral import onward, scheduler, statistics, tasks
 from referral.routing import ReferralRequestHooks
 from servicekit import topology
 from servicekit.app import ServiceDefinition
@@ -27,4 +27,5 @@ DEFINITION = ServiceDefinition(
                   writes=False, definition=f"{OPERATION_BASE}/referral-statistics"),
     ],
     lineages=[LINEAGE],
+    background=[scheduler.deadline_scheduler],
 )
