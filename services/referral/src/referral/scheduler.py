@@ -44,5 +44,5 @@ async def deadline_scheduler(app: FastAPI) -> None:
                 log.info("deadline sweep", extra={"service": "referral", "status": report.escalated + report.expired})
         except asyncio.CancelledError:
             raise
-        except Exception:  # noqa: BLE001 - a bad sweep must not stop the next one
+        except Exception:
             log.exception("deadline sweep failed")
