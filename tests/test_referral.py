@@ -585,3 +585,37 @@ class TestScheduler:
         assert swept["statusReason"]["coding"][0]["code"] == "expired"
         jobs = [t.get_name() for t in asyncio.all_tasks()]
         assert "referral:deadline_scheduler" in jobs
+
+
+class TestChain:
+    async def test_five_tiers_four_hops_one_requisition_the_first_sender_sees_every_hop(self, alliance: Alliance) -> None:
+        requisition = {"system": f"{BASE}/sid/referral-chain", "value": uuid.uuid4().hex}
+        hops = [(alliance.village, alliance.township), (alliance.township, alliance.county),
+                (alliance.county, alliance.city), (alliance.city, alliance.province)]
+        previous_request: str | None = None
+        tasks = []
+        for sender, receiver in hops:
+            extra = {"requisition": requisition}
+            if previous_request:
+                extra["basedOn"] = [{"reference": previous_request}]
+            request = await sender.call("POST", "ServiceRequest", referral_request(alliance, sender, receiver, **extra))
+            assert request.status_code == 201, request.text
+            previous_request = f"ServiceRequest/{request.json()['id']}"
+            task = await sender.call("POST", "Task", referral_task(request.json()["id"], alliance, sender, receiver))
+            accepted = await operate(receiver, task.json(), "accept")
+            assert accepted.status_code == 200, accepted.text
+            tasks.append(accepted.json())
+        last = tasks[-1]
+        started = (await operate(alliance.province, last, "start")).json()
+        document = await outcome_document(alliance.province, alliance)
+        await operate(alliance.province, started, "complete", {"resourceType": "Parameters", "parameter": [
+            {"name": "output", "valueReference": {"reference": document}}]})
+
+        token = f"{requisition['system']}|{requisition['value']}"
+        chain = await alliance.village.call("GET", "Task", params={"focus:ServiceRequest.requisition": token,
+                                                                  "_sort": "authored-on"})
+        assert chain.status_code == 200, chain.text
+        seen = [e["resource"] for e in chain.json()["entry"]]
+        assert [t["owner"]["reference"] for t in seen] == [r.reference for _, r in hops]
+        assert seen[-1]["status"] == "completed"
+        assert seen[-1]["output"][0]["valueReference"]["reference"] == document
