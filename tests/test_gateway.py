@@ -123,3 +123,12 @@ async def test_services_refuse_callers_without_the_gateway_identity(system) -> N
                 response = await direct.get(path, headers={"X-Alliance-Identity": "forged.token.value"})
                 assert response.status_code == 401, (name, path, response.status_code)
                 assert outcome_code(response) == "login"
+
+
+async def test_an_oversized_body_is_refused_with_413(api) -> None:
+    from fhirkit.api.router import MAX_BODY_BYTES
+
+    huge = b'{"resourceType":"Patient","text":{"status":"generated","div":"' + b"x" * (MAX_BODY_BYTES + 10) + b'"}}'
+    response = await api.post("Patient", huge)
+    assert response.status_code == 413
+    assert outcome_code(response) == "too-costly"

@@ -20,6 +20,7 @@ from starlette.responses import Response
 from fhirkit import jsonio
 from fhirkit.api.handlers import install_exception_handlers
 from fhirkit.api.responses import FHIR_JSON, check_format
+from fhirkit.api.router import read_body
 from fhirkit.errors import (
     BusinessRuleViolation,
     FhirError,
@@ -353,7 +354,7 @@ def create_gateway_app(
         check_format(request.query_params.get("_format"), request.headers.get("accept"))
         auth = await authenticate(request, engine=platform_db.engine, settings=auth_settings)
         segments = [s for s in path.split("/") if s]
-        body = await request.body() if request.method in ("POST", "PUT", "PATCH") else b""
+        body = await read_body(request) if request.method in ("POST", "PUT", "PATCH") else b""
         upstream = await dispatcher.dispatch(
             auth, request.method, segments, request.url.query, _forward_headers(request), body
         )

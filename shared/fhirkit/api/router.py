@@ -306,7 +306,7 @@ class _Context:
     async def run(self, request: Request, action: Callable[[_Call], Awaitable[Result]], *, write: bool = False) -> Response:
         responses.check_format(request.query_params.get("_format"), request.headers.get("accept"))
         caller = await self.caller(request)
-        raw = await _read_body(request) if write or request.method in ("POST", "PUT", "PATCH") else b""
+        raw = await read_body(request) if write or request.method in ("POST", "PUT", "PATCH") else b""
         async with self.service.database.transaction(write=write) as conn:
             repo = self._repository(conn, caller)
             result = await action(_Call(repo, request, raw, caller))
@@ -334,7 +334,8 @@ class _Context:
         )
 
 
-async def _read_body(request: Request) -> bytes:
+async def read_body(request: Request) -> bytes:
+    """The request body, refused with 413 as soon as it exceeds MAX_BODY_BYTES (declared or streamed)."""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
         raise PayloadTooLarge(f"The body exceeds {MAX_BODY_BYTES} bytes")
