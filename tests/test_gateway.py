@@ -132,3 +132,34 @@ async def test_an_oversized_body_is_refused_with_413(api) -> None:
     response = await api.post("Patient", huge)
     assert response.status_code == 413
     assert outcome_code(response) == "too-costly"
+
+
+async def test_a_search_no_owner_is_named_for_merges_every_owner_in_order(api) -> None:
+    patient = (await api.post("Patient", PATIENT)).json()["id"]
+    telemedicine = {"system": "http://county-alliance.org/fhir/CodeSystem/telemedicine-category", "code": "remote-ecg"}
+    created = []
+    for index in range(5):
+        body = {"resourceType": "ServiceRequest", "status": "draft", "intent": "proposal",
+                "subject": {"reference": f"Patient/{patient}"}, "note": [{"text": f"#{index}"}]}
+        if index % 2:
+            body["category"] = [{"coding": [telemedicine]}]
+        response = await api.post("ServiceRequest", body)
+        assert response.status_code == 201
+        created.append(response.json()["id"])
+    assert any(i.startswith("tm-") for i in created) and any(not i.startswith("tm-") for i in created)
+
+    seen, url, pages = [], f"ServiceRequest?subject=Patient/{patient}&_count=2", 0
+    while url:
+        page = (await api.get(url)).json()
+        assert page["total"] == 5
+        seen += [e["resource"]["id"] for e in page.get("entry", [])]
+        following = [link["url"] for link in page["link"] if link["relation"] == "next"]
+        url = following[0].split("/fhir/", 1)[1] if following else None
+        pages += 1
+        assert pages < 10
+    assert seen == created  # every owner's rows, once each, in _lastUpdated order
+
+    newest_first = await api.get("ServiceRequest", params={"subject": f"Patient/{patient}", "_sort": "-_lastUpdated"})
+    assert [e["resource"]["id"] for e in newest_first.json()["entry"]] == list(reversed(created))
+    bad = await api.get("ServiceRequest", params={"subject": f"Patient/{patient}", "_merged": "garbage!"})
+    assert bad.status_code == 400

@@ -30,7 +30,7 @@ from fhirkit.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from gateway import routing
+from gateway import merged_search, routing
 from gateway.auth import Authenticated, AuthSettings, authenticate, build_auth_router
 from gateway.capabilities import merge_capabilities
 from gateway.platform import DEFINITION as PLATFORM_DEFINITION
@@ -158,7 +158,10 @@ class FhirDispatcher:
         if (second is None and method == "GET") or second == "_search":
             _require(auth, resource_type, "s")
             params = _params(query) + (_params(body.decode("utf-8", "replace")) if second == "_search" else [])
-            service = routing.services_for_search(resource_type, params)[0]
+            services = routing.services_for_search(resource_type, params)
+            if len(services) > 1 and not _chained(params):
+                return await self._merged(auth, resource_type, list(services), params, headers)
+            service = services[0]
         elif second == "_history":
             _require(auth, resource_type, "r")
             service = owners[0]
@@ -177,6 +180,20 @@ class FhirDispatcher:
         else:
             raise NotSupported(f"{method} on {resource_type} is not an interaction")
         return await self.gateway.send(service, method, path, identity=auth.identity, headers=headers, content=body)
+
+    async def _merged(
+        self, auth: Authenticated, resource_type: str, services: list[str], params: list[tuple[str, str]],
+        headers: dict[str, str],
+    ) -> Upstream:
+        async def fetch(service: str, query: list[tuple[str, str]]) -> tuple[int, bytes]:
+            path = f"/fhir/{resource_type}?{urlencode(query)}"
+            upstream = await self.gateway.send(service, "GET", path, identity=auth.identity, headers=headers)
+            return upstream.status, upstream.content
+
+        status, body = await merged_search.merged_search(
+            resource_type, services, params, fetch, self.gateway.settings.base_url
+        )
+        return Upstream(status, {}, body)
 
     async def _instance_level(
         self, auth: Authenticated, method: str, segments: list[str], path: str, headers: dict[str, str], body: bytes
@@ -274,6 +291,11 @@ class FhirDispatcher:
             entries.extend(orjson.loads(upstream.content).get("entry") or [])
         response = {"resourceType": "Bundle", "type": "batch-response", "entry": entries}
         return Upstream(200, {}, orjson.dumps(response))
+
+
+def _chained(params: list[tuple[str, str]]) -> bool:
+    # A chain or _has is answered by the service holding both ends; it goes to the default owner.
+    return any("." in key.split(":")[0] or "." in key or key.startswith("_has") for key, _ in params)
 
 
 def _params(query: str) -> list[tuple[str, str]]:

@@ -99,7 +99,7 @@ def services_for_search(resource_type: str, params: list[tuple[str, str]]) -> tu
         return ("referral",)
     if resource_type == "Provenance" and "target" in values:
         return (provenance_owner(values["target"]),)
-    return (candidates[0],)
+    return tuple(candidates)  # nothing names the owner: ask them all and merge
 
 
 def _has_coding(concepts: Any, system: str) -> bool:
