@@ -36,6 +36,11 @@ class Transition:
 RESUME_TARGET = "*previous*"
 
 
+def transition(operation: str, sources: set[str], target: str, actors: set[str], **options: Any) -> Transition:
+    """A Transition written with plain sets, as the services' tables do."""
+    return Transition(operation, frozenset(sources), target, frozenset(actors), **options)
+
+
 @dataclass(frozen=True)
 class StateMachine:
     name: str
@@ -118,7 +123,7 @@ class TaskRules:
         return TransitionCheck(None, roles)
 
     def _transition(self, old: Any, new: Any, previous: dict[str, Any], roles: Roles) -> Transition:
-        candidates = self.machine.between(str(old), str(new), _status_before_hold(previous))
+        candidates = self.machine.between(str(old), str(new), status_before_hold(previous))
         if not candidates:
             raise BusinessRuleViolation(
                 f"A {self.machine.name} Task cannot go from '{old}' to '{new}'. "
@@ -151,7 +156,7 @@ def _has_reason(task: dict[str, Any]) -> bool:
 HOLD_EXTENSION = "http://county-alliance.org/fhir/StructureDefinition/status-before-hold"
 
 
-def _status_before_hold(task: dict[str, Any]) -> str | None:
+def status_before_hold(task: dict[str, Any]) -> str | None:
     for extension in task.get("extension") or []:
         if extension.get("url") == HOLD_EXTENSION:
             return extension.get("valueCode")

@@ -22,6 +22,7 @@ from fhirkit.workflow.machine import (
     PreconditionRequired,
     Transition,
     Workflow,
+    status_before_hold,
 )
 
 WORKFLOW_BASE = "http://county-alliance.org/fhir"
@@ -86,7 +87,7 @@ def next_version(
     """The Task after `transition`, with what the caller sent (reason, outputs, note)."""
     new = copy.deepcopy(task)
     old_status = task.get("status")
-    target = _status_before_hold(task) if transition.target == RESUME_TARGET else transition.target
+    target = status_before_hold(task) if transition.target == RESUME_TARGET else transition.target
     new["status"] = target or old_status
     _set_hold_marker(new, transition, old_status)
     reason = call.parameter("reason")
@@ -117,13 +118,6 @@ def _set_hold_marker(task: dict[str, Any], transition: Transition, old_status: A
         task["extension"] = extensions
     else:
         task.pop("extension", None)
-
-
-def _status_before_hold(task: dict[str, Any]) -> str | None:
-    for extension in task.get("extension") or []:
-        if extension.get("url") == HOLD_EXTENSION:
-            return extension.get("valueCode")
-    return None
 
 
 def _parameters(call: OperationCall, name: str) -> list[Any]:
@@ -167,5 +161,5 @@ def _available_actions(workflows: list[Workflow]) -> Callable[[OperationCall], A
 
 def _target(transition: Transition, task: dict[str, Any]) -> str:
     if transition.target == RESUME_TARGET:
-        return _status_before_hold(task) or "received"
+        return status_before_hold(task) or "received"
     return transition.target

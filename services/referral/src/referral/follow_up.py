@@ -11,15 +11,12 @@ from typing import Any
 
 from fhirkit.errors import BusinessRuleViolation
 from fhirkit.search.values import format_instant
-from fhirkit.workflow.machine import StateMachine, TaskRules, Transition, Workflow
+from fhirkit.workflow.machine import StateMachine, TaskRules, Workflow, transition
 from referral import workflow
 
 BUSINESS_STATUS_SYSTEM = f"{workflow.BASE}/CodeSystem/follow-up-business-status"
 OWNER, REQUESTER = workflow.OWNER, workflow.REQUESTER
 
-
-def _t(operation: str, sources: set[str], target: str, actors: set[str], **options: Any) -> Transition:
-    return Transition(operation, frozenset(sources), target, frozenset(actors), **options)
 
 
 FOLLOW_UP_MACHINE = StateMachine(
@@ -27,11 +24,11 @@ FOLLOW_UP_MACHINE = StateMachine(
     initial=frozenset({"requested"}),
     business_status_system=BUSINESS_STATUS_SYSTEM,
     transitions=(
-        _t("accept", {"requested"}, "accepted", {OWNER}, business_status="planned"),
-        _t("start", {"requested", "accepted"}, "in-progress", {OWNER}, business_status="in-progress"),
-        _t("complete", {"requested", "accepted", "in-progress"}, "completed", {OWNER}, business_status="done"),
-        _t("reject", {"requested"}, "rejected", {OWNER}, requires_reason=True, business_status="declined"),
-        _t("cancel", {"requested", "accepted", "in-progress"}, "cancelled", {REQUESTER}, requires_reason=True,
+        transition("accept", {"requested"}, "accepted", {OWNER}, business_status="planned"),
+        transition("start", {"requested", "accepted"}, "in-progress", {OWNER}, business_status="in-progress"),
+        transition("complete", {"requested", "accepted", "in-progress"}, "completed", {OWNER}, business_status="done"),
+        transition("reject", {"requested"}, "rejected", {OWNER}, requires_reason=True, business_status="declined"),
+        transition("cancel", {"requested", "accepted", "in-progress"}, "cancelled", {REQUESTER}, requires_reason=True,
            business_status="cancelled"),
     ),
 )

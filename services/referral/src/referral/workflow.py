@@ -8,7 +8,8 @@ the sender cancels (the scheduler may cancel an expired routine referral).
 
 from typing import Any
 
-from fhirkit.workflow.machine import RESUME_TARGET, StateMachine, TaskRules, Transition, Workflow
+from fhirkit.errors import BusinessRuleViolation
+from fhirkit.workflow.machine import RESUME_TARGET, StateMachine, TaskRules, Transition, Workflow, transition
 
 BASE = "http://county-alliance.org/fhir"
 TASK_CODE_SYSTEM = f"{BASE}/CodeSystem/task-code"
@@ -17,27 +18,24 @@ BUSINESS_STATUS_SYSTEM = f"{BASE}/CodeSystem/referral-business-status"
 OWNER, REQUESTER, DESK, SYSTEM = "owner", "requester", "desk", "system"
 
 
-def _t(operation: str, sources: set[str], target: str, actors: set[str], **options: Any) -> Transition:
-    return Transition(operation, frozenset(sources), target, frozenset(actors), **options)
-
 
 REFERRAL_MACHINE = StateMachine(
     name="referral",
     initial=frozenset({"draft", "requested"}),
     business_status_system=BUSINESS_STATUS_SYSTEM,
     transitions=(
-        _t("submit", {"draft"}, "requested", {REQUESTER}, business_status="submitted"),
-        _t("receive", {"requested"}, "received", {OWNER}, business_status="awaiting-triage"),
-        _t("accept", {"requested", "received"}, "accepted", {OWNER}, business_status="accepted"),
-        _t("reject", {"requested", "received"}, "rejected", {OWNER}, requires_reason=True,
+        transition("submit", {"draft"}, "requested", {REQUESTER}, business_status="submitted"),
+        transition("receive", {"requested"}, "received", {OWNER}, business_status="awaiting-triage"),
+        transition("accept", {"requested", "received"}, "accepted", {OWNER}, business_status="accepted"),
+        transition("reject", {"requested", "received"}, "rejected", {OWNER}, requires_reason=True,
            business_status="rejected-by-performer"),
-        _t("hold", {"received", "accepted"}, "on-hold", {OWNER}, requires_reason=True,
+        transition("hold", {"received", "accepted"}, "on-hold", {OWNER}, requires_reason=True,
            business_status="awaiting-information"),
-        _t("resume", {"on-hold"}, RESUME_TARGET, {OWNER}, business_status="information-received"),
-        _t("start", {"accepted"}, "in-progress", {OWNER}, business_status="patient-arrived"),
-        _t("complete", {"in-progress"}, "completed", {OWNER}, requires_output=True, business_status="completed"),
-        _t("fail", {"accepted"}, "failed", {OWNER}, requires_reason=True, business_status="no-show"),
-        _t("cancel", {"draft", "requested", "received", "accepted", "on-hold"}, "cancelled", {REQUESTER, SYSTEM},
+        transition("resume", {"on-hold"}, RESUME_TARGET, {OWNER}, business_status="information-received"),
+        transition("start", {"accepted"}, "in-progress", {OWNER}, business_status="patient-arrived"),
+        transition("complete", {"in-progress"}, "completed", {OWNER}, requires_output=True, business_status="completed"),
+        transition("fail", {"accepted"}, "failed", {OWNER}, requires_reason=True, business_status="no-show"),
+        transition("cancel", {"draft", "requested", "received", "accepted", "on-hold"}, "cancelled", {REQUESTER, SYSTEM},
            requires_reason=True, business_status="cancelled-by-requester"),
     ),
 )
@@ -89,8 +87,6 @@ async def _senders(repo: Any, task: dict[str, Any], creating: bool) -> set[str]:
 async def _outcome_exists(repo: Any, transition: Transition, task: dict[str, Any], previous: dict[str, Any]) -> None:
     # Task.output references are checked for existence by the engine on every write; completion
     # additionally needs one of them to be the outcome document itself.
-    from fhirkit.errors import BusinessRuleViolation
-
     documents = [reference_of(o.get("valueReference")) or "" for o in task.get("output") or []]
     if not any(d.startswith(("DocumentReference/", "Composition/", "DiagnosticReport/")) for d in documents):
         raise BusinessRuleViolation(
@@ -101,8 +97,6 @@ async def _outcome_exists(repo: Any, transition: Transition, task: dict[str, Any
 
 
 async def _receiver_known(repo: Any, transition: Transition, task: dict[str, Any], previous: dict[str, Any]) -> None:
-    from fhirkit.errors import BusinessRuleViolation
-
     if not task.get("owner"):
         raise BusinessRuleViolation("A referral is accepted by its receiver: set Task.owner", expression=["Task.owner"])
 
