@@ -28,12 +28,13 @@ from servicekit.events.testing import (
     DatabaseTemplates,
     PrivateNatsServer,
     Recorder,
+    bus_params,
     count,
+    database_params,
     drop_bus,
     effects,
     fast_options,
     make_bus,
-    nats_reachable,
     running,
     started,
     store_for,
@@ -41,19 +42,8 @@ from servicekit.events.testing import (
     write_patients,
 )
 
-DATABASES = [
-    "sqlite",
-    pytest.param(
-        "postgres", marks=pytest.mark.skipif(not POSTGRES_URL, reason="ALLIANCE_TEST_POSTGRES_URL is not set")
-    ),
-]
-BUSES = [
-    "inprocess",
-    pytest.param(
-        "nats",
-        marks=pytest.mark.skipif(not nats_reachable(), reason="no NATS server at ALLIANCE_TEST_NATS_URL"),
-    ),
-]
+DATABASES = database_params()
+BUSES = bus_params()
 # Unacknowledged NATS deliveries come back after ack_wait; short, so the tests do not wait long.
 TEST_ACK_WAIT = 1.5
 

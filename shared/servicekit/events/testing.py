@@ -328,3 +328,19 @@ async def running(url: str) -> AsyncIterator[Database]:
         yield database
     finally:
         await database.stop()
+
+
+def database_params() -> list[Any]:
+    """pytest parameters for the databases the event tests run on (PostgreSQL when configured)."""
+    import pytest
+
+    skip = pytest.mark.skipif(not POSTGRES_URL, reason="ALLIANCE_TEST_POSTGRES_URL is not set")
+    return ["sqlite", pytest.param("postgres", marks=skip)]
+
+
+def bus_params() -> list[Any]:
+    """pytest parameters for the buses: in-process always, NATS when a server answers."""
+    import pytest
+
+    skip = pytest.mark.skipif(not nats_reachable(), reason="no NATS server at ALLIANCE_TEST_NATS_URL")
+    return ["inprocess", pytest.param("nats", marks=skip)]

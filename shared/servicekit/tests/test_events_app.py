@@ -13,18 +13,20 @@ from sqlalchemy import text
 from servicekit.app import ServiceDefinition, create_service_app
 from servicekit.events import EVENTS_LINEAGE, InProcessBus
 from servicekit.events.nats_bus import NatsBus
-from servicekit.events.testing import NATS_URL, Recorder, drop_bus, effects, migrate, nats_reachable, wait_for
+from servicekit.events.testing import (
+    NATS_URL,
+    Recorder,
+    bus_params,
+    drop_bus,
+    effects,
+    migrate,
+    wait_for,
+)
 from servicekit.identity import IDENTITY_HEADER, sign_identity
 from servicekit.peers import SYSTEM_IDENTITY
 from servicekit.settings import AllianceSettings
 
-BUSES = [
-    "inprocess",
-    pytest.param(
-        "nats",
-        marks=pytest.mark.skipif(not nats_reachable(), reason="no NATS server at ALLIANCE_TEST_NATS_URL"),
-    ),
-]
+BUSES = bus_params()
 SECRET = "test-internal-secret-0123456789abcdef0123456789"
 
 

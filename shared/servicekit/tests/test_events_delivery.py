@@ -13,15 +13,15 @@ from fhirkit.store.repository import Repository
 from servicekit.db import Database
 from servicekit.events import EventBus, ServiceEvents, emit, unpublished_count
 from servicekit.events.testing import (
-    POSTGRES_URL,
     DatabaseTemplates,
     Recorder,
+    bus_params,
     count,
+    database_params,
     drop_bus,
     effects,
     fast_options,
     make_bus,
-    nats_reachable,
     running,
     started,
     store_for,
@@ -29,19 +29,8 @@ from servicekit.events.testing import (
     write_patients,
 )
 
-DATABASES = [
-    "sqlite",
-    pytest.param(
-        "postgres", marks=pytest.mark.skipif(not POSTGRES_URL, reason="ALLIANCE_TEST_POSTGRES_URL is not set")
-    ),
-]
-BUSES = [
-    "inprocess",
-    pytest.param(
-        "nats",
-        marks=pytest.mark.skipif(not nats_reachable(), reason="no NATS server at ALLIANCE_TEST_NATS_URL"),
-    ),
-]
+DATABASES = database_params()
+BUSES = bus_params()
 
 
 @pytest.fixture(scope="module")

@@ -14,14 +14,9 @@ from fhirkit.store.tables import resource as resource_table
 from servicekit.db import Database
 from servicekit.events import Event, InProcessBus, ServiceEvents, emit, outbox, subject_matches
 from servicekit.events.envelope import event_from_message, event_from_row, message_headers
-from servicekit.events.testing import POSTGRES_URL, DatabaseTemplates, count, running
+from servicekit.events.testing import DatabaseTemplates, count, database_params, running
 
-DATABASES = [
-    "sqlite",
-    pytest.param(
-        "postgres", marks=pytest.mark.skipif(not POSTGRES_URL, reason="ALLIANCE_TEST_POSTGRES_URL is not set")
-    ),
-]
+DATABASES = database_params()
 
 
 @pytest.fixture(scope="module")
