@@ -109,3 +109,16 @@ def outcome_code(response: httpx.Response) -> str:
     body = response.json()
     assert body["resourceType"] == "OperationOutcome", body
     return body["issue"][0]["code"]
+
+
+async def eventually(probe: Any, expected: int = 200, *, seconds: float = 5.0) -> httpx.Response:
+    """The response of `probe()` once it answers `expected`: for what services learn of each
+    other through events (grants from a referral), which lands a moment after the write."""
+    import asyncio
+
+    deadline = asyncio.get_running_loop().time() + seconds
+    while True:
+        response = await probe()
+        if response.status_code == expected or asyncio.get_running_loop().time() > deadline:
+            return response
+        await asyncio.sleep(0.02)

@@ -15,6 +15,7 @@ from fastapi import FastAPI, Request
 from sqlalchemy import text
 from starlette.responses import JSONResponse, Response
 
+from fhirkit.access import AccessPolicy
 from fhirkit.api.handlers import install_exception_handlers
 from fhirkit.api.router import FhirService, Operation, build_fhir_router
 from fhirkit.errors import Unauthorized
@@ -23,6 +24,7 @@ from fhirkit.store.repository import StoreConfig
 from servicekit import topology
 from servicekit.db import Database
 from servicekit.events import EVENTS_LINEAGE, EventOptions, ServiceEvents, shared_bus
+from servicekit.grants import TaskGrants, apply_task_grants, task_event_handler
 from servicekit.identity import IDENTITY_HEADER, CallerIdentity, verify_identity
 from servicekit.migrations import FHIRKIT_LINEAGE, Lineage
 from servicekit.observability import Metrics, RequestContextMiddleware
@@ -40,6 +42,10 @@ class ServiceDefinition:
     hooks: dict[str, ResourceHooks] = field(default_factory=dict)
     operations: list[Operation] = field(default_factory=list)
     lineages: list[Lineage] = field(default_factory=list)
+    # Who sees what (fhirkit.access); the default shows each organization only what it created.
+    access: AccessPolicy = field(default_factory=AccessPolicy)
+    # Grants this service records from referral / teleconsultation Tasks (servicekit.grants).
+    task_grants: TaskGrants | None = None
     extra_routers: list[Any] = field(default_factory=list)
     on_startup: list[Callable[[FastAPI], Any]] = field(default_factory=list)
     # Long-running jobs (schedulers): started after start-up, cancelled before shutdown.
@@ -76,9 +82,10 @@ def create_service_app(
     events = ServiceEvents(definition.name, database, shared_bus(settings), EventOptions.from_settings(settings))
     store = StoreConfig(
         resource_types=definition.resource_types,
-        hooks=events.store_hooks(definition.resource_types, definition.hooks),
+        hooks=events.store_hooks(definition.resource_types, _with_task_grants(definition)),
         references=peers,
         new_id=new_id_for(definition.name),
+        access=definition.access,
     )
     if clock is not None:
         store.clock = clock
@@ -107,6 +114,7 @@ def create_service_app(
         await database.start()
         for hook in definition.on_startup:
             await hook(app)
+        await _subscribe_task_grants(definition, events)
         await events.start()  # after on_startup, where the service subscribes its consumers
         jobs = [asyncio.create_task(job(app), name=f"{definition.name}:{job.__name__}") for job in definition.background]
         try:
@@ -133,6 +141,37 @@ def create_service_app(
     _health_routes(app, database, metrics)
     app.add_middleware(RequestContextMiddleware, service=definition.name, metrics=metrics)
     return app
+
+
+class _TaskGrantHooks:
+    """A service's Task hooks, then the grants the written Task implies, in its transaction."""
+
+    def __init__(self, inner: ResourceHooks, rule: TaskGrants) -> None:
+        self.inner, self.rule = inner, rule
+
+    async def before_write(self, repo: Any, resource: dict[str, Any] | None, context: Any) -> None:
+        await self.inner.before_write(repo, resource, context)
+
+    async def after_write(self, repo: Any, resource: dict[str, Any] | None, context: Any) -> None:
+        await self.inner.after_write(repo, resource, context)
+        if resource is not None:
+            await apply_task_grants(repo.conn, resource, self.rule, repo.config.clock())
+
+
+def _with_task_grants(definition: ServiceDefinition) -> dict[str, ResourceHooks]:
+    rule = definition.task_grants
+    if rule is None or definition.name not in rule.from_services or "Task" not in definition.resource_types:
+        return definition.hooks
+    from fhirkit.store.hooks import NoHooks
+
+    return {**definition.hooks, "Task": _TaskGrantHooks(definition.hooks.get("Task") or NoHooks(), rule)}
+
+
+async def _subscribe_task_grants(definition: ServiceDefinition, events: ServiceEvents) -> None:
+    rule = definition.task_grants
+    for service in rule.from_services if rule else ():
+        if service != definition.name:
+            await events.subscribe(f"grants-from-{service}", f"{service}.Task.*", task_event_handler(rule))
 
 
 def _health_routes(app: FastAPI, database: Database, metrics: Metrics) -> None:

@@ -78,6 +78,14 @@ class Database:
             raise RuntimeError("Database.start() has not run (lifespan)")
         return self._write
 
+    @property
+    def read_engine(self) -> AsyncEngine:
+        """For lookups outside a request's transaction: on SQLite it never waits for the write
+        lock (WAL readers do not block), so a busy writer cannot stall authentication."""
+        if self._write is None:
+            raise RuntimeError("Database.start() has not run (lifespan)")
+        return self._read or self._write
+
     @asynccontextmanager
     async def transaction(self, *, write: bool) -> AsyncIterator[AsyncConnection]:
         """The request's one transaction: commit on success, roll back on any error."""

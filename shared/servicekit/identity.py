@@ -36,6 +36,8 @@ class CallerIdentity:
     scopes: tuple[str, ...]
     level: str | None
     roles: tuple[str, ...] = ()
+    # The stated reason of an emergency read outside the normal access rules (break-the-glass).
+    break_glass: str | None = None
 
 
 def _b64encode(data: bytes) -> str:
@@ -67,6 +69,7 @@ def sign_identity(
         "scope": list(identity.scopes),
         "level": identity.level,
         "roles": list(identity.roles),
+        "btg": identity.break_glass,
         "iat": now,
         "exp": now + ttl_seconds,
     }
@@ -86,6 +89,7 @@ def decode_identity(token: str, secret: bytes) -> tuple[CallerIdentity, str | No
             scopes=_str_tuple(claims["scope"]),
             level=_optional_str(claims["level"]),
             roles=_str_tuple(claims.get("roles", [])),
+            break_glass=_optional_str(claims.get("btg")),
         )
         request_id = _optional_str(claims.get("rid"))
     except (KeyError, TypeError) as exc:

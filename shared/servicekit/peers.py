@@ -71,15 +71,19 @@ class Peers:
         self._read_cache[key] = (time.monotonic(), content)
         return content
 
-    async def search(self, resource_type: str, params: list[tuple[str, str]]) -> list[dict[str, Any]]:
-        """The first page of a search at the owning service (callers ask narrow questions)."""
+    async def search(
+        self, resource_type: str, params: list[tuple[str, str]], *, service: str | None = None
+    ) -> list[dict[str, Any]]:
+        """The first page of a search at the owning service (callers ask narrow questions). For a
+        type several services hold (Provenance, Task, ServiceRequest) `service` names the one to ask."""
         from urllib.parse import urlencode
 
         results: list[dict[str, Any]] = []
-        for service in [n for n in topology.owners(resource_type) if n != self.me][:1]:
-            response = await self._get(service, f"/fhir/{resource_type}?{urlencode(params)}")
+        services = [service] if service else [n for n in topology.owners(resource_type) if n != self.me][:1]
+        for owner in services:
+            response = await self._get(owner, f"/fhir/{resource_type}?{urlencode(params)}")
             if response.status_code != 200:
-                raise UpstreamUnavailable(f"The {service} service answered {response.status_code} to a search")
+                raise UpstreamUnavailable(f"The {owner} service answered {response.status_code} to a search")
             results = [e["resource"] for e in orjson.loads(response.content).get("entry", []) if "resource" in e]
         return results
 

@@ -40,6 +40,8 @@ class AllianceSettings(BaseSettings):
     referral_url: str | None = None
     results_sharing_url: str | None = None
     telemedicine_url: str | None = None
+    # Where services reach the platform types (Consent) in distributed mode; embedded: in-process.
+    platform_url: str | None = None
 
     reference_cache_seconds: float = Field(default=30.0, ge=0)
 
@@ -53,6 +55,17 @@ class AllianceSettings(BaseSettings):
     events_retry_backoff_seconds: float = Field(default=1.0, gt=0)
     events_retry_backoff_max_seconds: float = Field(default=60.0, gt=0)
     jwks_url_allow_list: list[str] = Field(default_factory=list)
+
+    # Topic-based subscriptions (docs/notifications.md). Rest-hook endpoints must resolve only to
+    # addresses inside these networks; the default lets a developer try a receiver on loopback.
+    subscription_endpoint_allow_list: list[str] = Field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
+    subscription_require_https: bool = False
+    subscription_poll_interval_seconds: float = Field(default=1.0, gt=0)
+    subscription_retry_backoff_seconds: float = Field(default=5.0, gt=0)
+    subscription_retry_backoff_max_seconds: float = Field(default=600.0, gt=0)
+    subscription_retry_window_hours: float = Field(default=24.0, gt=0)
+    subscription_timeout_seconds: float = Field(default=10.0, gt=0, le=60)
+    subscription_heartbeat_min_seconds: int = Field(default=10, ge=1)
 
     def database_url(self, service: str) -> str:
         configured = getattr(self, f"{service.replace('-', '_')}_database_url")

@@ -30,8 +30,11 @@ from fhirkit.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from fhirkit.search.values import now_micros
 from gateway import merged_search, routing
+from gateway.audit import AccessNote, AuditTrail
 from gateway.auth import Authenticated, AuthSettings, authenticate, build_auth_router
+from gateway.break_glass import break_glass
 from gateway.capabilities import merge_capabilities
 from gateway.platform import DEFINITION as PLATFORM_DEFINITION
 from servicekit.app import ServiceDefinition, create_service_app
@@ -43,7 +46,13 @@ from servicekit.settings import AllianceSettings
 FORWARDED_REQUEST_HEADERS = ("content-type", "prefer", "if-match", "if-none-exist", "if-none-match", "if-modified-since")
 FORWARDED_RESPONSE_HEADERS = ("etag", "location", "last-modified", "content-location", "www-authenticate", "retry-after")
 # `$name` at the base → the owning service, and the type whose search scope the caller needs.
-SYSTEM_OPERATIONS: dict[str, tuple[str, str]] = {"referral-statistics": ("referral", "Task")}
+SYSTEM_OPERATIONS: dict[str, tuple[str, str]] = {
+    "referral-statistics": ("referral", "Task"),
+    "telemedicine-statistics": ("telemedicine", "Task"),
+    "telemedicine-worklist": ("telemedicine", "Task"),
+    "recognition-check": ("results-sharing", "Observation"),
+    "recognition-statistics": ("results-sharing", "Task"),
+}
 
 
 def service_definitions() -> dict[str, ServiceDefinition]:
@@ -97,6 +106,14 @@ class Gateway:
             raise UpstreamUnavailable(f"The {service} service is unavailable ({type(exc).__name__})") from None
         kept = {k: v for k, v in response.headers.items() if k.lower() in FORWARDED_RESPONSE_HEADERS}
         return Upstream(response.status_code, kept, response.content)
+
+    async def managing_organization(self, patient: str) -> str | None:
+        """The organization holding a patient's record (Patient.managingOrganization)."""
+        upstream = await self.send("directory", "GET", f"/fhir/{patient}", identity=SYSTEM_IDENTITY)
+        if upstream.status != 200:
+            return None
+        reference = (orjson.loads(upstream.content).get("managingOrganization") or {}).get("reference")
+        return reference if isinstance(reference, str) and reference.startswith("Organization/") else None
 
     async def capabilities(self) -> bytes:
         if self._capabilities is None:
@@ -293,6 +310,19 @@ class FhirDispatcher:
         return Upstream(200, {}, orjson.dumps(response))
 
 
+def access_note(
+    request: Request, auth: Authenticated, segments: list[str], status: int, body: bytes = b"",
+    *, diagnostics: str | None = None,
+) -> AccessNote:
+    identity = auth.identity
+    return AccessNote(
+        method=request.method, segments=segments, query=request.url.query, status=status,
+        client_id=identity.client_id, organization=identity.organization, recorded=now_micros(),
+        request_id=request_id_var.get(), address=request.client.host if request.client else None,
+        break_glass=identity.break_glass, body=body if request.method == "GET" else b"", diagnostics=diagnostics,
+    )
+
+
 def _chained(params: list[tuple[str, str]]) -> bool:
     # A chain or _has is answered by the service holding both ends; it goes to the default owner.
     return any("." in key.split(":")[0] or "." in key or key.startswith("_has") for key, _ in params)
@@ -337,8 +367,11 @@ def create_gateway_app(
                 raise RuntimeError(f"Distributed mode needs ALLIANCE_{name.upper().replace('-', '_')}_URL")
             clients[name] = httpx.AsyncClient(base_url=url, timeout=30.0, limits=httpx.Limits(max_connections=100))
     gateway = Gateway(settings, clients)
+    apps["platform"].state.gateway = gateway  # the subscription hub reads resources as each subscriber
     dispatcher = FhirDispatcher(gateway)
     platform_db = apps["platform"].state.database
+    audit = AuditTrail(platform_db, apps["platform"].state.service.store,
+                       managing_organization=gateway.managing_organization)
     auth_settings = AuthSettings(
         base_url=settings.base_url,
         signing_key=settings.secret("token_signing_key"),
@@ -351,6 +384,8 @@ def create_gateway_app(
         async with AsyncExitStack() as stack:
             for service_app in apps.values():
                 await stack.enter_async_context(service_app.router.lifespan_context(service_app))
+            audit.start()
+            stack.push_async_callback(audit.stop)  # drained before the services stop
             try:
                 yield
             finally:
@@ -359,6 +394,7 @@ def create_gateway_app(
 
     app = FastAPI(title="County medical alliance FHIR gateway", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.gateway = gateway
+    app.state.audit = audit
     app.state.apps = apps
     app.state.settings = settings
     app.state.auth_settings = auth_settings
@@ -374,12 +410,18 @@ def create_gateway_app(
     @app.api_route("/fhir/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False)
     async def fhir(request: Request, path: str = "") -> Response:
         check_format(request.query_params.get("_format"), request.headers.get("accept"))
-        auth = await authenticate(request, engine=platform_db.engine, settings=auth_settings)
+        auth = await authenticate(request, engine=platform_db.read_engine, settings=auth_settings)
+        auth = break_glass(request, auth)
         segments = [s for s in path.split("/") if s]
-        body = await read_body(request) if request.method in ("POST", "PUT", "PATCH") else b""
-        upstream = await dispatcher.dispatch(
-            auth, request.method, segments, request.url.query, _forward_headers(request), body
-        )
+        try:
+            body = await read_body(request) if request.method in ("POST", "PUT", "PATCH") else b""
+            upstream = await dispatcher.dispatch(
+                auth, request.method, segments, request.url.query, _forward_headers(request), body
+            )
+        except FhirError as exc:
+            audit.note(access_note(request, auth, segments, exc.status_code, diagnostics=exc.diagnostics))
+            raise
+        audit.note(access_note(request, auth, segments, upstream.status, upstream.content))
         return _response(upstream)
 
     _health(app, gateway)

@@ -24,6 +24,8 @@ demo_app = typer.Typer(no_args_is_help=True, help="The demo alliance")
 app.add_typer(directory_app, name="directory")
 app.add_typer(client_app, name="client")
 app.add_typer(demo_app, name="demo")
+catalog_app = typer.Typer(no_args_is_help=True, help="The recognition catalog (互认项目目录)")
+app.add_typer(catalog_app, name="catalog")
 
 SERVE_TARGETS = ("all", "gateway", "directory", "referral", "results-sharing", "telemedicine")
 DEMO_DIRECTORY = Path(__file__).resolve().parents[3] / "services/directory/src/directory/demo/alliance.yaml"
@@ -124,6 +126,35 @@ def directory_load(file: Annotated[Path, typer.Argument(exists=True, dir_okay=Fa
         raise typer.Exit(1) from None
 
 
+async def _load_results_sharing(load: Any, settings: AllianceSettings) -> str:
+    """Run a results-sharing loader (`results_sharing.load`) against the service, through the gateway."""
+    from servicekit.peers import SYSTEM_IDENTITY
+
+    async with _system(settings) as gateway_app:
+        gateway = gateway_app.state.gateway
+
+        async def send(body: bytes) -> tuple[int, bytes]:
+            upstream = await gateway.send(
+                "results-sharing", "POST", "/fhir", identity=SYSTEM_IDENTITY,
+                headers={"content-type": "application/fhir+json"}, content=body,
+            )
+            return upstream.status, upstream.content
+
+        return str(await load(send))
+
+
+@catalog_app.command("load")
+def catalog_load(file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="Catalog file (YAML)")]) -> None:
+    """Load a version of the recognition catalog; see docs/results-sharing.md."""
+    from results_sharing.load import RecognitionLoadError, load_catalog
+
+    try:
+        typer.echo(asyncio.run(_load_results_sharing(lambda send: load_catalog(file, send), _settings())))
+    except RecognitionLoadError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+
+
 @client_app.command("create")
 def client_create(
     org: Annotated[str, typer.Option("--org", help="The client's organization, e.g. Organization/qingxi-county-hospital")],
@@ -167,6 +198,9 @@ def demo_load() -> None:
     """Load the demo alliance and write one API client per organization to data/demo-clients.json."""
     settings = _settings()
     typer.echo(asyncio.run(_load_directory(DEMO_DIRECTORY, settings)))
+    from results_sharing.load import load_demo
+
+    typer.echo(asyncio.run(_load_results_sharing(load_demo, settings)))
     path = asyncio.run(_demo_clients(settings))
     typer.echo(f"demo clients written to {path}")
 

@@ -5,6 +5,8 @@ which also holds the registered API clients."""
 
 from pathlib import Path
 
+from fhirkit.access import AccessPolicy
+from gateway import subscriptions
 from servicekit import topology
 from servicekit.app import ServiceDefinition
 from servicekit.migrations import Lineage
@@ -16,4 +18,13 @@ DEFINITION = ServiceDefinition(
     title="Alliance platform: audit repository, notification hub, consent",
     resource_types=topology.PLATFORM_TYPES,
     lineages=[LINEAGE],
+    # An organization reads its own audit trail and the emergency reads of patients it manages.
+    access=AccessPolicy(
+        public_types=frozenset({"SubscriptionTopic"}),
+        parties={"Consent": ("organization", "actor"), "AuditEvent": ("agent", "entity")},
+    ),
+    hooks=subscriptions.HOOKS,
+    operations=subscriptions.OPERATIONS,
+    on_startup=[subscriptions.start_hub],
+    background=[subscriptions.run_delivery],
 )

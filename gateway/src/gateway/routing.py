@@ -17,7 +17,7 @@ BASE = "http://county-alliance.org/fhir"
 TELEMEDICINE_CATEGORY = f"{BASE}/CodeSystem/telemedicine-category"
 TASK_CODE = f"{BASE}/CodeSystem/task-code"
 TELEMEDICINE_CODES = {"teleconsultation", "remote-imaging", "remote-ecg", "remote-pathology", "remote-diagnosis"}
-RESULTS_TASK_CODES = {"recognition-decision"}
+RESULTS_TASK_CODES = {"recognition-decision", "recall"}
 
 
 @dataclass(frozen=True)

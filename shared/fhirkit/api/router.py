@@ -88,7 +88,6 @@ class FhirService:
     database: Database
     authenticate: Callable[[Request], Awaitable[Any]]
     operations: list[Operation] = field(default_factory=list)
-    repository_scope: Callable[[Any], Any] | None = None
     title: str = "County medical alliance FHIR service"
 
     def __post_init__(self) -> None:
@@ -315,8 +314,16 @@ class _Context:
     async def operation(
         self, request: Request, name: str, level: str, resource_type: str | None, resource_id: str | None
     ) -> Response:
-        await self.caller(request)
-        op = self.service.operation(name, level, resource_type)
+        caller = await self.caller(request)
+        try:
+            op = self.service.operation(name, level, resource_type)
+        except NotSupported:
+            if resource_id is not None:
+                # An instance this service does not hold (or the caller may not see) is 404 first,
+                # so that the gateway can ask the type's other owners.
+                async with self.service.database.transaction(write=False) as conn:
+                    await self._repository(conn, caller).read(resource_type or "", resource_id)
+            raise
         if request.method not in op.methods:
             raise MethodNotAllowed(f"${name} does not accept {request.method}")
 
@@ -328,10 +335,7 @@ class _Context:
         return await self.run(request, invoke, write=op.writes and request.method == "POST")
 
     def _repository(self, conn: AsyncConnection, caller: Any) -> Repository:
-        scope = self.service.repository_scope(caller) if self.service.repository_scope else None
-        return Repository(
-            conn, self.service.store, owner=getattr(caller, "organization", None), scope=scope, caller=caller
-        )
+        return Repository(conn, self.service.store, owner=getattr(caller, "organization", None), caller=caller)
 
 
 async def read_body(request: Request) -> bytes:

@@ -6,6 +6,7 @@ so a next page neither repeats nor skips rows when others are inserted or delete
 
 import base64
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,16 +45,27 @@ from fhirkit.store.tables import (
 Clause = ColumnElement[bool]
 
 
-def filter_clause(target: FromClause, flt: Filter | HasFilter) -> Clause:
-    """A condition on the `fhir_resource` alias `target` that keeps rows matching `flt`."""
+Visibility = Callable[[FromClause], "Clause | None"]
+
+
+def _everything(_: FromClause) -> None:
+    return None
+
+
+def filter_clause(target: FromClause, flt: Filter | HasFilter, visible: Visibility = _everything) -> Clause:
+    """A condition on the `fhir_resource` alias `target` that keeps rows matching `flt`.
+
+    `visible` is the caller's access condition: the resources a chain or `_has` looks through
+    must be visible too, or the search would answer questions about what the caller cannot see.
+    """
     if isinstance(flt, HasFilter):
-        return _has_clause(target, flt)
+        return _has_clause(target, flt, visible)
     if flt.name == "_id":
         return _id_clause(target, flt)
     if flt.name == "_lastUpdated":
         return _last_updated_clause(target, flt)
     if flt.chain is not None:
-        return _chain_clause(target, flt)
+        return _chain_clause(target, flt, visible)
     if flt.kind == "reference" and flt.modifier in ("above", "below"):
         return _hierarchy_clause(target, flt)
     table = _INDEX_FOR_KIND[flt.kind]
@@ -79,13 +91,14 @@ def _last_updated_clause(target: FromClause, flt: Filter) -> Clause:
     return or_(*(_date_compare(column, column, v) for v in flt.values))
 
 
-def _chain_clause(target: FromClause, flt: Filter) -> Clause:
+def _chain_clause(target: FromClause, flt: Filter, visible: Visibility) -> Clause:
     assert flt.chain is not None and flt.chain_type is not None
     inner = resource.alias()
     inner_ids = select(inner.c.resource_id).where(
         inner.c.resource_type == flt.chain_type,
         inner.c.deleted == false(),
-        filter_clause(inner, flt.chain),
+        filter_clause(inner, flt.chain, visible),
+        *_present(visible(inner)),
     )
     refs = select(reference_index.c.rid).where(
         reference_index.c.resource_type == flt.resource_type,
@@ -96,7 +109,11 @@ def _chain_clause(target: FromClause, flt: Filter) -> Clause:
     return target.c.rid.in_(refs)
 
 
-def _has_clause(target: FromClause, flt: HasFilter) -> Clause:
+def _present(clause: Clause | None) -> list[Clause]:
+    return [clause] if clause is not None else []
+
+
+def _has_clause(target: FromClause, flt: HasFilter, visible: Visibility) -> Clause:
     source = resource.alias()
     pointing = (
         select(reference_index.c.target_id)
@@ -106,7 +123,8 @@ def _has_clause(target: FromClause, flt: HasFilter) -> Clause:
             reference_index.c.param == flt.reference_param,
             reference_index.c.target_type == target.c.resource_type,
             source.c.deleted == false(),
-            filter_clause(source, flt.inner),
+            filter_clause(source, flt.inner, visible),
+            *_present(visible(source)),
         )
     )
     return target.c.resource_id.in_(pointing)
@@ -362,9 +380,8 @@ def ordered(query: Select[Any], components: list[tuple[Any, bool]], backward: bo
     return query.order_by(*order)
 
 
-def base_search(target: FromClause, request: SearchRequest, scope: Clause | None) -> Select[Any]:
+def base_search(target: FromClause, request: SearchRequest, visible: Visibility = _everything) -> Select[Any]:
     conditions: list[Clause] = [target.c.resource_type == request.resource_type, target.c.deleted == false()]
-    conditions.extend(filter_clause(target, flt) for flt in request.filters)
-    if scope is not None:
-        conditions.append(scope)
+    conditions.extend(filter_clause(target, flt, visible) for flt in request.filters)
+    conditions.extend(_present(visible(target)))
     return select(target.c.rid).where(*conditions)

@@ -15,8 +15,10 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from fhirkit import jsonio, resources
+from fhirkit.access import AccessPolicy
 from fhirkit.errors import (
     FhirError,
+    Forbidden,
     InvalidRequest,
     MultipleMatches,
     NotSupported,
@@ -90,6 +92,8 @@ class StoreConfig:
     new_id: Callable[[str], str] = lambda resource_type: str(uuid.uuid4())
     clock: Callable[[], int] = now_micros
     check_references: bool = True
+    # Who sees what (fhirkit.access). None only for stores without callers (engine unit tests).
+    access: AccessPolicy | None = None
 
     def hooks_for(self, resource_type: str) -> ResourceHooks:
         return self.hooks.get(resource_type) or _NO_HOOKS
@@ -105,19 +109,56 @@ class Repository:
         config: StoreConfig,
         *,
         owner: str | None = None,
-        scope: Callable[[Any], ColumnElement[bool] | None] | None = None,
         in_transaction: bool = False,
         caller: Any = None,
     ) -> None:
         self.conn = conn
-        self.caller = caller  # who is asking (the service's identity object); hooks decide by it
+        # Who is asking (the service's identity object): hooks decide by it, and the access
+        # policy filters every read by it. None is the server itself (loaders, event consumers).
+        self.caller = caller
         self.config = config
         self.owner = owner
-        self.scope = scope
         self.in_transaction = in_transaction
         self._is_postgres = conn.dialect.name == "postgresql"
         # Bodies whose references are checked later (see defer_reference_checks).
         self.deferred_references: list[dict[str, Any]] | None = None
+
+    def unrestricted(self) -> "Repository":
+        """The same transaction seen by the server itself: for a hook's internal lookups (the
+        earlier hops of a chain) whose results are not shown to the caller as they are."""
+        clone = Repository(self.conn, self.config, owner=self.owner, in_transaction=self.in_transaction)
+        clone.deferred_references = self.deferred_references
+        return clone
+
+    def visibility(self, target: Any) -> ColumnElement[bool] | None:
+        """The access policy's condition on a `fhir_resource` alias for this caller (None: all)."""
+        if self.config.access is None or self.caller is None:
+            return None
+        return self.config.access.visible(self.caller, target, now=self._now())
+
+    def _modifiability(self, target: Any) -> ColumnElement[bool] | None:
+        if self.config.access is None or self.caller is None:
+            return None
+        return self.config.access.modifiable(self.caller, target)
+
+    async def _require_access(self, current: StoredResource, *, write: bool = False) -> None:
+        """404 for what the caller may not see (its existence is not revealed), 403 for what it
+        sees but may not change."""
+        missing = ResourceNotFound(f"{current.resource_type}/{current.resource_id} is not known")
+        if not await self._satisfies(current, self.visibility(resource)):
+            raise missing
+        if write and not await self._satisfies(current, self._modifiability(resource)):
+            raise Forbidden(
+                f"{current.resource_type}/{current.resource_id} may be read but not changed by this organization"
+            )
+
+    async def _satisfies(self, current: StoredResource, clause: ColumnElement[bool] | None) -> bool:
+        if clause is None:
+            return True
+        stmt = select(resource.c.rid).where(
+            resource.c.resource_type == current.resource_type, resource.c.resource_id == current.resource_id, clause
+        )
+        return (await self.conn.execute(stmt)).first() is not None
 
     def defer_reference_checks(self) -> None:
         """Collect written bodies instead of checking their references at once.
@@ -150,6 +191,7 @@ class Repository:
         current = await self._current(resource_type, resource_id)
         if current is None:
             raise ResourceNotFound(f"{resource_type}/{resource_id} is not known")
+        await self._require_access(current)
         if current.deleted:
             raise ResourceGone(
                 f"{resource_type}/{resource_id} was deleted",
@@ -169,6 +211,10 @@ class Repository:
         self._require_type(resource_type)
         if not version_id.isdigit():
             raise ResourceNotFound(f"{resource_type}/{resource_id} has no version '{version_id[:20]}'")
+        current = await self._current(resource_type, resource_id)
+        if current is None:
+            raise ResourceNotFound(f"{resource_type}/{resource_id} is not known")
+        await self._require_access(current)
         stmt = select(resource_history).where(
             resource_history.c.resource_type == resource_type,
             resource_history.c.resource_id == resource_id,
@@ -185,8 +231,11 @@ class Repository:
     # --- writes -----------------------------------------------------------------------------
 
     async def create(
-        self, body: dict[str, Any], *, if_none_exist: str | None = None, resource_id: str | None = None
+        self, body: dict[str, Any], *, if_none_exist: str | None = None, resource_id: str | None = None,
+        trusted: bool = False,
     ) -> WriteOutcome:
+        """`trusted`: the server wrote this body itself (an audit record), so it is stored without
+        model validation or reference checks; never for anything a client sent."""
         resource_type = body["resourceType"]
         self._require_type(resource_type)
         if if_none_exist:
@@ -197,7 +246,7 @@ class Repository:
             if existing:
                 return WriteOutcome(existing[0], created=False, changed=False)
         new_id = resource_id or self.config.new_id(resource_type)
-        return await self._insert(body, new_id, "POST")
+        return await self._insert(body, new_id, "POST", trusted=trusted)
 
     async def update(
         self, resource_type: str, resource_id: str, body: dict[str, Any], *, if_match: int | None = None
@@ -214,6 +263,7 @@ class Repository:
             if if_match is not None:
                 raise PreconditionFailed(f"{resource_type}/{resource_id} does not exist (If-Match given)")
             return await self._insert(body, resource_id, "PUT")
+        await self._require_access(current, write=True)
         return await self._replace(current, body, if_match, "PUT", client_if_match=if_match)
 
     async def patch(
@@ -225,6 +275,7 @@ class Repository:
         if_match: int | None = None,
     ) -> WriteOutcome:
         current = await self.read(resource_type, resource_id)
+        await self._require_access(current, write=True)
         _check_if_match(current, if_match)
         patched = apply(current.parsed())
         if not isinstance(patched, dict) or patched.get("resourceType") != resource_type:
@@ -238,6 +289,7 @@ class Repository:
         current = await self._current(resource_type, resource_id, for_update=True)
         if current is None or current.deleted:
             return None  # deleting what is not there succeeds (idempotent), as the spec allows
+        await self._require_access(current, write=True)
         _check_if_match(current, if_match)
         context = WriteContext("delete", resource_type, resource_id, current.parsed(), self.in_transaction, if_match)
         hooks = self.config.hooks_for(resource_type)
@@ -250,14 +302,14 @@ class Repository:
         self._require_type(resource_type)
         return await self.search_matches(resource_type, criteria)
 
-    async def _insert(self, body: dict[str, Any], resource_id: str, method: str) -> WriteOutcome:
+    async def _insert(self, body: dict[str, Any], resource_id: str, method: str, *, trusted: bool = False) -> WriteOutcome:
         resource_type = body["resourceType"]
         resources.check_id(resource_id)
         body = {**body, "id": resource_id}
         context = WriteContext(
             "create" if method == "POST" else "update", resource_type, resource_id, None, self.in_transaction
         )
-        await self._prepare(body, context)
+        await self._prepare(body, context, trusted=trusted)
         now = self._now()
         content = _content(body, 1, now)
         values = {
@@ -294,15 +346,22 @@ class Repository:
             interaction, current.resource_type, current.resource_id, previous, self.in_transaction, client_if_match
         )
         await self._prepare(body, context)
+        if previous is not None and _same_content(previous, body):
+            # The service's hooks filled in server-owned elements (a stamp, a default) and the
+            # result is what is stored already: a re-send writes no new version.
+            return WriteOutcome(current, created=False, changed=False)
         stored = await self._write_version(current, body, method)
         await self.config.hooks_for(current.resource_type).after_write(self, body, context)
         return WriteOutcome(stored, created=current.deleted)
 
-    async def _prepare(self, body: dict[str, Any], context: WriteContext) -> None:
-        resources.validate(body)
-        if self.config.check_references and self.deferred_references is not None:
+    async def _prepare(self, body: dict[str, Any], context: WriteContext, *, trusted: bool = False) -> None:
+        if not trusted:
+            resources.validate(body)
+        if trusted or not self.config.check_references:
+            pass
+        elif self.deferred_references is not None:
             self.deferred_references.append(body)
-        elif self.config.check_references:
+        else:
             await self.check_references(body)
         await self.config.hooks_for(context.resource_type).before_write(self, body, context)
 
@@ -402,8 +461,13 @@ class Repository:
         if not wanted:
             return {}
         keys = list(wanted)
+        # A reference to what the caller may not see is refused as if it did not exist: the
+        # answer must not tell it apart from a missing resource.
+        visible = self.visibility(resource)
         stmt = select(resource.c.resource_type, resource.c.resource_id).where(
-            tuple_(resource.c.resource_type, resource.c.resource_id).in_(keys), resource.c.deleted == false()
+            tuple_(resource.c.resource_type, resource.c.resource_id).in_(keys),
+            resource.c.deleted == false(),
+            *([visible] if visible is not None else []),
         )
         found = {(row[0], row[1]) for row in await self.conn.execute(stmt)}
         return {key: wanted[key] for key in keys if key not in found}
@@ -433,8 +497,7 @@ class Repository:
         for flt in request.filters:
             self._require_local(flt)
         target = resource.alias("r")
-        scope = self.scope(target) if self.scope else None
-        base = query.base_search(target, request, scope)
+        base = query.base_search(target, request, self.visibility)
         total = await self._total(base) if request.total != "none" or request.summary == "count" else None
         if request.summary == "count" or request.count == 0:
             return SearchPage([], [], total, None, None)
@@ -583,10 +646,9 @@ class Repository:
             tuple_(target.c.resource_type, target.c.resource_id).in_(keys),
             target.c.deleted == false(),
         ]
-        if self.scope is not None:
-            scope = self.scope(target)
-            if scope is not None:
-                conditions.append(scope)
+        visible = self.visibility(target)
+        if visible is not None:
+            conditions.append(visible)
         stmt = select(target).where(*conditions)
         return [_stored(row) for row in await self.conn.execute(stmt)]
 
@@ -608,9 +670,16 @@ class Repository:
         if resource_type is not None:
             stmt = stmt.where(resource_history.c.resource_type == resource_type)
         if resource_id is not None:
-            if await self._current(resource_type or "", resource_id) is None:
+            current = await self._current(resource_type or "", resource_id)
+            if current is None:
                 raise ResourceNotFound(f"{resource_type}/{resource_id} is not known")
+            await self._require_access(current)
             stmt = stmt.where(resource_history.c.resource_id == resource_id)
+        else:
+            holder = resource.alias("holder")
+            visible = self.visibility(holder)
+            if visible is not None:
+                stmt = stmt.where(resource_history.c.rid.in_(select(holder.c.rid).where(visible)))
         if since is not None:
             stmt = stmt.where(resource_history.c.last_updated >= since)
         if cursor is not None:

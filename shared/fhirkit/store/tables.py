@@ -141,3 +141,20 @@ INDEX_TABLES = {
     "quantity": quantity_index,
     "uri": uri_index,
 }
+
+# Grants beyond ownership (fhirkit.access): the grantee organization may read the patient's data
+# of `scope` in this service until `expires_at` (microseconds; NULL: until revoked).
+access_grant = Table(
+    "fhir_access_grant",
+    STORE_METADATA,
+    Column("gid", RowId, primary_key=True, autoincrement=True),
+    Column("grantee", String(128), nullable=False),
+    Column("patient_id", String(64), nullable=False),
+    Column("scope", String(32), nullable=False),
+    Column("source", String(200), nullable=False),
+    Column("reason", String(255), nullable=False),
+    Column("expires_at", BigInteger, nullable=True),
+    Column("created_at", BigInteger, nullable=False),
+    Index(None, "grantee", "patient_id", "scope"),
+    Index(None, "source"),
+)

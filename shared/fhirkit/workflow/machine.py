@@ -153,6 +153,12 @@ def _has_reason(task: dict[str, Any]) -> bool:
     return bool(reason.get("text") or reason.get("coding"))
 
 
+def reference_of(value: Any) -> str | None:
+    """The `reference` string of a Reference element (None when absent or not a string)."""
+    reference = value.get("reference") if isinstance(value, dict) else None
+    return reference if isinstance(reference, str) else None
+
+
 HOLD_EXTENSION = "http://county-alliance.org/fhir/StructureDefinition/status-before-hold"
 
 

@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from fhirkit.errors import Unauthorized
 from gateway.auth.clients import RegisteredClient, burn_secret_check, get_client, verify_secret
-from gateway.auth.scopes import InvalidScope, ScopeSet
+from gateway.auth.scopes import BREAK_GLASS_SCOPE, InvalidScope, ScopeSet
 from gateway.auth.tokens import (
     ASSERTION_TYPE,
     DEFAULT_TOKEN_TTL_SECONDS,
@@ -33,6 +33,7 @@ from servicekit.identity import CallerIdentity
 
 DISCOVERY_PATH = "/fhir/.well-known/smart-configuration"
 TOKEN_PATH = "/auth/token"
+BREAK_GLASS_ROLE = "break-glass"  # the identity role a break-the-glass scope gives
 MAX_FORM_BYTES = 16 * 1024
 MIN_SIGNING_KEY_BYTES = 32
 SCOPES_SUPPORTED = ("system/*.cruds", "system/*.rs", "system/*.read", "system/*.write", "system/*.*")
@@ -314,5 +315,6 @@ async def authenticate(request: Request, *, engine: AsyncEngine, settings: AuthS
         organization=status.organization,
         scopes=scopes.strings(),
         level=status.level,
+        roles=(BREAK_GLASS_ROLE,) if BREAK_GLASS_SCOPE in scopes.extras else (),
     )
     return Authenticated(identity, scopes)

@@ -12,8 +12,11 @@ Interaction = Literal["c", "r", "u", "d", "s"]
 
 CONTEXTS = ("patient", "user", "system")
 INTERACTION_ORDER = "cruds"
+# Registered to the clients whose users may read outside the normal access rules in an emergency,
+# with a stated reason (docs/security.md); a role, not a resource permission.
+BREAK_GLASS_SCOPE = "alliance/break-glass"
 # Scopes with no bearing on resource permissions; accepted so that a client asking for them is not refused.
-NON_RESOURCE_SCOPES = frozenset({"openid", "fhirUser", "offline_access"})
+NON_RESOURCE_SCOPES = frozenset({"openid", "fhirUser", "offline_access", BREAK_GLASS_SCOPE})
 
 _V1_TO_V2 = {"read": "rs", "write": "cud", "*": "cruds"}
 _V2_TO_V1 = {v: k for k, v in _V1_TO_V2.items()}

@@ -5,6 +5,7 @@ from pathlib import Path
 from directory import matching
 from directory.organizations import OrganizationHooks
 from directory.patients import PatientHooks
+from fhirkit.access import AccessPolicy
 from fhirkit.api.router import Operation
 from servicekit import topology
 from servicekit.app import ServiceDefinition
@@ -27,4 +28,7 @@ DEFINITION = ServiceDefinition(
                   definition="http://hl7.org/fhir/5.0/OperationDefinition/Patient-merge"),
     ],
     lineages=[LINEAGE],
+    # Every member reads the directory (it refers patients to each other); each record is
+    # changed only by the organization that created it.
+    access=AccessPolicy(public_types=topology.DIRECTORY_TYPES),
 )

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from fhirkit.api.router import Operation
 from fhirkit.workflow.operations import transition_operations
-from referral import onward, scheduler, statistics, tasks
+from referral import access, onward, scheduler, statistics, tasks
 from referral.routing import ReferralRequestHooks
 from servicekit import topology
 from servicekit.app import ServiceDefinition
@@ -27,5 +27,7 @@ DEFINITION = ServiceDefinition(
                   writes=False, definition=f"{OPERATION_BASE}/referral-statistics"),
     ],
     lineages=[LINEAGE],
+    access=access.POLICY,
+    task_grants=access.GRANTS,
     background=[scheduler.deadline_scheduler],
 )

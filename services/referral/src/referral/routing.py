@@ -6,36 +6,19 @@ everything under it) or the receiver must be one of the upper-level partner hosp
 county hospital is `partOf`. Organizations are read through the directory's API.
 """
 
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
-from fhirkit.errors import BusinessRuleViolation, UnprocessableEntity
+from fhirkit.errors import BusinessRuleViolation
 from fhirkit.store.hooks import WriteContext
 from referral import follow_up, green_channel
+from servicekit.tiers import FACILITY_LEVEL_SYSTEM, Directory, Place, organization_of, place, same_alliance
+
+__all__ = ["FACILITY_LEVEL_SYSTEM", "Directory", "Place", "ReferralRequestHooks", "check_route", "place",
+           "referral_direction", "same_alliance", "sending_organization"]
 
 BASE = "http://county-alliance.org/fhir"
 REFERRAL_CATEGORY_SYSTEM = f"{BASE}/CodeSystem/referral-category"
-FACILITY_LEVEL_SYSTEM = f"{BASE}/CodeSystem/facility-level"
 DIRECTIONS = {"upward-referral", "downward-referral", "lateral-referral"}
-TIER_RANK = {"village-clinic": 1, "township-health-center": 2, "county-hospital": 3, "city-hospital": 4,
-             "provincial-hospital": 5}
-CENTER_RANK = 3  # the shared and emergency centers are part of the county hospital
-MAX_DEPTH = 8
-
-
-class Directory(Protocol):
-    async def read(self, resource_type: str, resource_id: str) -> dict[str, Any] | None: ...
-
-    async def search(self, resource_type: str, params: list[tuple[str, str]]) -> list[dict[str, Any]]: ...
-
-
-@dataclass(frozen=True)
-class Place:
-    organization: str  # Organization/id
-    code: str | None
-    rank: int | None
-    county: str | None  # the county hospital above (or at) it
-    ancestors: tuple[str, ...]
 
 
 def referral_direction(request: dict[str, Any]) -> str | None:
@@ -95,41 +78,13 @@ def _require_content(request: dict[str, Any]) -> None:
 
 async def sending_organization(directory: Directory, request: dict[str, Any]) -> str:
     requester = (request.get("requester") or {}).get("reference", "")
-    if requester.startswith("Organization/"):
-        return requester
-    if requester.startswith("PractitionerRole/"):
-        role = await directory.read("PractitionerRole", requester.split("/", 1)[1])
-        organization = ((role or {}).get("organization") or {}).get("reference")
-        if organization:
-            return organization
-        raise UnprocessableEntity(f"{requester} names no organization", expression=["ServiceRequest.requester"])
+    organization = await organization_of(directory, requester, "ServiceRequest.requester")
+    if organization:
+        return organization
     raise BusinessRuleViolation(
         "A referral's requester is the sending Organization or a PractitionerRole at it",
         expression=["ServiceRequest.requester"],
     )
-
-
-async def place(directory: Directory, organization: str) -> Place:
-    chain: list[dict[str, Any]] = []
-    current: str | None = organization
-    while current and len(chain) < MAX_DEPTH:
-        resource = await directory.read("Organization", current.split("/", 1)[1])
-        if resource is None:
-            raise UnprocessableEntity(f"{current} does not exist in the directory")
-        chain.append(resource)
-        current = (resource.get("partOf") or {}).get("reference")
-    code = _facility(chain[0])
-    rank = TIER_RANK.get(code or "", CENTER_RANK if code else None)
-    county = next((f"Organization/{o['id']}" for o in chain if _facility(o) == "county-hospital"), None)
-    return Place(organization, code, rank, county, tuple(f"Organization/{o['id']}" for o in chain[1:]))
-
-
-def _facility(organization: dict[str, Any]) -> str | None:
-    for concept in organization.get("type") or []:
-        for coding in concept.get("coding") or []:
-            if coding.get("system") == FACILITY_LEVEL_SYSTEM:
-                return coding.get("code")
-    return None
 
 
 def check_route(direction: str, sender: Place, receiver: Place) -> None:
@@ -160,10 +115,3 @@ def check_route(direction: str, sender: Place, receiver: Place) -> None:
 def _expected(direction: str) -> str:
     return {"upward-referral": "to a higher tier than", "downward-referral": "to a lower tier than",
             "lateral-referral": "to the same tier as"}[direction]
-
-
-def same_alliance(a: Place, b: Place) -> bool:
-    if a.county and a.county == b.county:
-        return True
-    # Upper-level partners: the receiver (or sender) is above the other's county hospital.
-    return a.organization in b.ancestors or b.organization in a.ancestors

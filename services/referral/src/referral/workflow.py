@@ -9,7 +9,15 @@ the sender cancels (the scheduler may cancel an expired routine referral).
 from typing import Any
 
 from fhirkit.errors import BusinessRuleViolation
-from fhirkit.workflow.machine import RESUME_TARGET, StateMachine, TaskRules, Transition, Workflow, transition
+from fhirkit.workflow.machine import (  # reference_of is re-exported for the referral modules
+    RESUME_TARGET,
+    StateMachine,
+    TaskRules,
+    Transition,
+    Workflow,
+    reference_of,
+    transition,
+)
 
 BASE = "http://county-alliance.org/fhir"
 TASK_CODE_SYSTEM = f"{BASE}/CodeSystem/task-code"
@@ -46,11 +54,6 @@ def is_referral_task(task: dict[str, Any]) -> bool:
         if coding.get("system") == TASK_CODE_SYSTEM and coding.get("code") == "referral":
             return True
     return False
-
-
-def reference_of(value: Any) -> str | None:
-    reference = value.get("reference") if isinstance(value, dict) else None
-    return reference if isinstance(reference, str) else None
 
 
 async def referral_roles(repo: Any, task: dict[str, Any], previous: dict[str, Any] | None) -> frozenset[str]:

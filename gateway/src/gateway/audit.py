@@ -1,0 +1,235 @@
+"""Every FHIR request leaves an `AuditEvent` (IHE BALP style) in the platform's audit repository.
+
+The request path only notes what happened (who, what, outcome, the response bytes); a writer task
+turns the notes into AuditEvents and stores them in batches, one transaction per batch, so the
+hot path pays for a queue append and not for a database write. A note waits at most
+`flush_seconds` (50 ms) before it is written; on shutdown the queue is drained. What is written:
+
+* `type` rest, `subtype` the interaction, `action` C/R/U/D/E, `outcome` 0/4/8, `recorded`;
+* agents: the client (`who.identifier`) and its organization (`who.reference`), the requestor;
+* entities: the resource or query asked for, and every patient whose data the answer carried;
+* break-the-glass: `purposeOfEvent` BTG with the stated reason, and the patient's managing
+  organization as an entity, so that organization finds the emergency access in its audit view.
+
+Logs never carry patient identifiers; the AuditEvents do, which is why they are access-controlled.
+"""
+
+import asyncio
+import base64
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from fhirkit import jsonio
+from fhirkit.search.values import format_instant
+from fhirkit.store.repository import Repository, StoreConfig
+from servicekit.db import Database
+
+log = logging.getLogger("alliance.audit")
+
+EVENT_TYPE = {"system": "http://terminology.hl7.org/CodeSystem/audit-event-type", "code": "rest",
+              "display": "RESTful Operation"}
+INTERACTIONS = "http://hl7.org/fhir/restful-interaction"
+SOURCE_TYPE = {"system": "http://terminology.hl7.org/CodeSystem/security-source-type", "code": "4",
+               "display": "Application Server"}
+OBJECT_ROLE = "http://terminology.hl7.org/CodeSystem/object-role"
+OBJECT_TYPE = "http://terminology.hl7.org/CodeSystem/audit-entity-type"
+PARTICIPATION = "http://terminology.hl7.org/CodeSystem/v3-ParticipationType"
+ACT_REASON = "http://terminology.hl7.org/CodeSystem/v3-ActReason"
+CLIENT_SYSTEM = "http://county-alliance.org/fhir/sid/api-client"
+PATIENT_ELEMENTS = ("subject", "patient", "for", "beneficiary")
+MAX_PATIENTS = 50
+MAX_SCANNED_BYTES = 4 * 1024 * 1024
+ACTIONS = {"create": "C", "read": "R", "vread": "R", "history-instance": "R", "history-type": "R",
+           "search-type": "R", "update": "U", "patch": "U", "delete": "D"}
+
+
+@dataclass
+class AccessNote:
+    """What the request path knows about one request, taken as it finishes."""
+
+    method: str
+    segments: list[str]
+    query: str
+    status: int
+    client_id: str
+    organization: str
+    recorded: int
+    request_id: str | None = None
+    address: str | None = None
+    break_glass: str | None = None
+    body: bytes = b""
+    diagnostics: str | None = None
+    patients: set[str] = field(default_factory=set)
+
+
+class AuditTrail:
+    def __init__(
+        self,
+        database: Database,
+        store: StoreConfig,
+        *,
+        managing_organization: Callable[[str], Awaitable[str | None]] | None = None,
+        flush_seconds: float = 0.05,
+        batch_size: int = 200,
+    ) -> None:
+        self.database = database
+        self.store = store
+        self.managing_organization = managing_organization
+        self.flush_seconds = flush_seconds
+        self.batch_size = batch_size
+        self.queue: asyncio.Queue[AccessNote] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+
+    def note(self, note: AccessNote) -> None:
+        self.queue.put_nowait(note)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="audit-writer")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        await self.flush()
+
+    async def flush(self) -> None:
+        """Write everything noted so far (tests call this before reading the audit)."""
+        while not self.queue.empty():
+            batch = [self.queue.get_nowait() for _ in range(min(self.batch_size, self.queue.qsize()))]
+            await self._write(batch)
+
+    async def _run(self) -> None:
+        while True:
+            first = await self.queue.get()
+            await asyncio.sleep(self.flush_seconds)
+            batch = [first] + [self.queue.get_nowait() for _ in range(min(self.batch_size - 1, self.queue.qsize()))]
+            try:
+                await self._write(batch)
+            except Exception:  # the writer must outlive a bad batch; the notes go back for another try
+                log.exception("audit batch of %d failed; retrying", len(batch))
+                for item in batch:
+                    self.queue.put_nowait(item)
+                await asyncio.sleep(1.0)
+
+    async def _write(self, batch: list[AccessNote]) -> None:
+        events = [await self._event(note) for note in batch]
+        async with self.database.transaction(write=True) as conn:
+            repo = Repository(conn, self.store)
+            for event in events:
+                await repo.create(event, trusted=True)
+
+    async def _event(self, note: AccessNote) -> dict[str, Any]:
+        patients = sorted(note.patients | patients_in(note))[:MAX_PATIENTS]
+        custodians = await self._custodians(patients) if note.break_glass else []
+        return audit_event(note, patients, custodians)
+
+    async def _custodians(self, patients: list[str]) -> list[str]:
+        found: list[str] = []
+        for patient in patients:
+            organization = await self.managing_organization(patient) if self.managing_organization else None
+            if organization and organization not in found:
+                found.append(organization)
+        return found
+
+
+def interaction_of(method: str, segments: list[str]) -> str:
+    if not segments:
+        return "transaction" if method == "POST" else "capabilities"
+    if any(s.startswith("$") for s in segments):
+        return "operation"
+    if len(segments) == 1:
+        return {"GET": "search-type", "POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}.get(
+            method, "operation")
+    if segments[1] == "_search":
+        return "search-type"
+    if segments[1] == "_history":
+        return "history-type"
+    if len(segments) >= 3 and segments[2] == "_history":
+        return "vread" if len(segments) == 4 else "history-instance"
+    return {"GET": "read", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}.get(method, "operation")
+
+
+def audit_event(note: AccessNote, patients: list[str], custodians: list[str]) -> dict[str, Any]:
+    interaction = interaction_of(note.method, note.segments)
+    event: dict[str, Any] = {
+        "resourceType": "AuditEvent",
+        "type": EVENT_TYPE,
+        "subtype": [{"system": INTERACTIONS, "code": interaction}],
+        "action": ACTIONS.get(interaction, "E"),
+        "recorded": format_instant(note.recorded),
+        "outcome": "0" if note.status < 400 else "4" if note.status < 500 else "8",
+        "agent": [_client_agent(note)],
+        "source": {"observer": {"display": "county alliance gateway"}, "type": [SOURCE_TYPE]},
+        "entity": _entities(note, patients, custodians),
+    }
+    if note.status >= 400:
+        event["outcomeDesc"] = f"HTTP {note.status}" + (f": {note.diagnostics[:200]}" if note.diagnostics else "")
+    if note.break_glass:
+        event["purposeOfEvent"] = [{"coding": [{"system": ACT_REASON, "code": "BTG", "display": "break the glass"}],
+                                    "text": note.break_glass}]
+    if not event["entity"]:
+        del event["entity"]
+    return event
+
+
+def _client_agent(note: AccessNote) -> dict[str, Any]:
+    agent: dict[str, Any] = {
+        "type": {"coding": [{"system": "http://dicom.nema.org/resources/ontology/DCM", "code": "110153",
+                             "display": "Source Role ID"}]},
+        "who": {"reference": note.organization, "identifier": {"system": CLIENT_SYSTEM, "value": note.client_id}},
+        "requestor": True,
+    }
+    if note.address:
+        agent["network"] = {"address": note.address, "type": "2"}
+    return agent
+
+
+def _entities(note: AccessNote, patients: list[str], custodians: list[str]) -> list[dict[str, Any]]:
+    entities: list[dict[str, Any]] = []
+    if len(note.segments) >= 2 and not note.segments[1].startswith(("$", "_")):
+        entities.append({"what": {"reference": "/".join(note.segments[:2])},
+                         "type": {"system": OBJECT_TYPE, "code": "2", "display": "System Object"}})
+    if note.query:
+        entities.append({"type": {"system": OBJECT_TYPE, "code": "2"}, "role": {"system": OBJECT_ROLE, "code": "24",
+                         "display": "Query"}, "query": base64.b64encode(note.query.encode("utf-8")).decode("ascii")})
+    entities += [{"what": {"reference": patient}, "type": {"system": OBJECT_TYPE, "code": "1", "display": "Person"},
+                  "role": {"system": OBJECT_ROLE, "code": "1", "display": "Patient"}} for patient in patients]
+    entities += [{"what": {"reference": organization}, "type": {"system": OBJECT_TYPE, "code": "3"},
+                  "role": {"system": OBJECT_ROLE, "code": "7", "display": "Custodian"}} for organization in custodians]
+    return entities
+
+
+def patients_in(note: AccessNote) -> set[str]:
+    """The patients the request named or the answer carried (read from the response bytes)."""
+    found: set[str] = set()
+    if len(note.segments) >= 2 and note.segments[0] == "Patient" and not note.segments[1].startswith(("$", "_")):
+        found.add(f"Patient/{note.segments[1]}")
+    if note.status >= 400 or not note.body or len(note.body) > MAX_SCANNED_BYTES:
+        return found
+    try:
+        content = jsonio.loads(note.body)
+    except Exception:
+        return found
+    if isinstance(content, dict) and content.get("resourceType") == "Bundle":
+        for entry in content.get("entry") or []:
+            resource = entry.get("resource") if isinstance(entry, dict) else None
+            if isinstance(resource, dict):
+                found |= _patients_of(resource)
+    elif isinstance(content, dict):
+        found |= _patients_of(content)
+    return found
+
+
+def _patients_of(resource: dict[str, Any]) -> set[str]:
+    if resource.get("resourceType") == "Patient" and isinstance(resource.get("id"), str):
+        return {f"Patient/{resource['id']}"}
+    found = set()
+    for element in PATIENT_ELEMENTS:
+        value = resource.get(element)
+        reference = value.get("reference") if isinstance(value, dict) else None
+        if isinstance(reference, str) and reference.startswith("Patient/"):
+            found.add(reference)
+    return found
+

@@ -1,0 +1,138 @@
+"""Quality status of the producing centers (室间质评 EQA, 影像质控): one `VerificationResult` per
+center × item (or item category) × period, with the scope it was awarded at.
+
+Model (docs/results-sharing.md, "Quality evaluations"): a VerificationResult whose `target` is the
+center's Organization, `status` `validated` while it stands, and the extension
+`…/StructureDefinition/recognition-quality-evaluation` with `scope` (national, provincial, city,
+alliance), `period` (start and end, both required) and one or more `item` (a catalog Coding) or
+`category` (every item of lab, imaging, ecg, ultrasound, nuclear). VerificationResult rather than
+an Organization extension: each evaluation is a record of its own with its evidence
+(`validationProcess`, `primarySource`: the QC organization), created and revised through the API by
+the QC office without rewriting the directory's Organization, which another service owns.
+
+Records are projected into `recognition_quality` when written. Only `validated` records count;
+setting another status (e.g. `val-fail`) withdraws the record.
+"""
+
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import delete, insert, or_, select
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from fhirkit.errors import BusinessRuleViolation
+from fhirkit.search.values import date_range
+from fhirkit.store.hooks import WriteContext
+from results_sharing import catalog, db
+from results_sharing.catalog import CatalogItem
+from results_sharing.vocabulary import CATEGORIES, QUALITY_EVALUATION, RECOGNITION_ITEM, SCOPE_RANK, SCOPES
+
+
+@dataclass(frozen=True)
+class QualityRecord:
+    record_id: str
+    organization_id: str
+    item_code: str | None
+    category: str | None
+    scope: str
+    valid_from: int
+    valid_to: int
+
+
+@dataclass(frozen=True)
+class Standing:
+    """What the quality records say about one center and item at one moment."""
+
+    state: str  # in-force | lapsed | none
+    record: QualityRecord | None = None
+
+    @property
+    def scope(self) -> str | None:
+        return self.record.scope if self.record else None
+
+
+def evaluation(resource: dict[str, Any] | None) -> dict[str, Any] | None:
+    for extension in (resource or {}).get("extension") or []:
+        if isinstance(extension, dict) and extension.get("url") == QUALITY_EVALUATION:
+            return extension
+    return None
+
+
+class QualityHooks:
+    async def before_write(self, repo: Any, resource: dict[str, Any] | None, context: WriteContext) -> None:
+        if resource is not None and evaluation(resource) is not None:
+            records = _records(resource, context.resource_id)
+            wanted = {r.item_code for r in records if r.item_code}
+            known = await catalog.find_items(repo.conn, wanted)
+            unknown = sorted(wanted - set(known))
+            if unknown:
+                raise BusinessRuleViolation(
+                    f"Unknown recognition item(s) {', '.join(unknown)}: not in the catalog in force",
+                    expression=["VerificationResult.extension"])
+
+    async def after_write(self, repo: Any, resource: dict[str, Any] | None, context: WriteContext) -> None:
+        await repo.conn.execute(delete(db.quality).where(db.quality.c.record_id == context.resource_id))
+        if resource is None or evaluation(resource) is None or resource.get("status") != "validated":
+            return
+        records = _records(resource, context.resource_id)
+        await repo.conn.execute(insert(db.quality), [r.__dict__ for r in records])
+
+
+def _records(resource: dict[str, Any], record_id: str) -> list[QualityRecord]:
+    def problem(message: str, where: str = "VerificationResult.extension") -> BusinessRuleViolation:
+        return BusinessRuleViolation(f"A quality evaluation {message}", expression=[where])
+
+    targets = [t.get("reference", "") for t in resource.get("target") or [] if isinstance(t, dict)]
+    if len(targets) != 1 or not targets[0].startswith("Organization/"):
+        raise problem("has exactly one target: the evaluated center's Organization", "VerificationResult.target")
+    parts: dict[str, list[Any]] = {}
+    for part in (evaluation(resource) or {}).get("extension") or []:
+        value = next((v for k, v in part.items() if k.startswith("value")), None)
+        parts.setdefault(part.get("url", ""), []).append(value)
+    scope = (parts.get("scope") or [None])[0]
+    if scope not in SCOPES:
+        raise problem(f"needs a scope: one of {', '.join(SCOPES)}")
+    period = (parts.get("period") or [None])[0] or {}
+    start = date_range(period.get("start", "")) if isinstance(period, dict) else None
+    end = date_range(period.get("end", "")) if isinstance(period, dict) else None
+    if start is None or end is None or start[0] > end[1]:
+        raise problem("needs a period with a start and an end, the start first")
+    items = [c.get("code") for c in parts.get("item") or []
+             if isinstance(c, dict) and c.get("system") == RECOGNITION_ITEM]
+    categories = parts.get("category") or []
+    if len(items) != len(parts.get("item") or []) or not all(isinstance(i, str) for i in items):
+        raise problem(f"names its items as Codings of {RECOGNITION_ITEM}")
+    if any(c not in CATEGORIES for c in categories):
+        raise problem(f"category must be one of {', '.join(CATEGORIES)}")
+    if not items and not categories:
+        raise problem("covers at least one item or category")
+    organization_id = targets[0].split("/", 1)[1]
+    common = {"record_id": record_id, "organization_id": organization_id, "scope": scope,
+              "valid_from": start[0], "valid_to": end[1]}
+    return ([QualityRecord(item_code=i, category=None, **common) for i in items]
+            + [QualityRecord(item_code=None, category=c, **common) for c in categories])
+
+
+async def records_for(conn: AsyncConnection, producers: set[str], item: CatalogItem) -> dict[str, list[QualityRecord]]:
+    """Every standing record of these centers for the item (by code or category): one query."""
+    found: dict[str, list[QualityRecord]] = {p: [] for p in producers}
+    if not producers:
+        return found
+    q = db.quality.c
+    stmt = select(db.quality).where(
+        q.organization_id.in_(sorted(producers)), or_(q.item_code == item.code, q.category == item.category)
+    )
+    for row in await conn.execute(stmt):
+        found[row.organization_id].append(QualityRecord(
+            row.record_id, row.organization_id, row.item_code, row.category, row.scope, row.valid_from, row.valid_to))
+    return found
+
+
+def standing_at(records: list[QualityRecord], moment: int) -> Standing:
+    """In force at `moment` (the widest scope wins), lapsed (there was one, it had ended), or none."""
+    in_force = [r for r in records if r.valid_from <= moment <= r.valid_to]
+    if in_force:
+        return Standing("in-force", max(in_force, key=lambda r: (SCOPE_RANK[r.scope], r.valid_to)))
+    if any(r.valid_to < moment for r in records):
+        return Standing("lapsed")
+    return Standing("none")

@@ -1,0 +1,283 @@
+"""`$recognition-check` (DOMAIN.md §3): may the result of a prior test replace the one about to be
+ordered, and why (not)?
+
+It runs each time a doctor orders a test, so it answers from indexed look-ups only: the catalog
+item (by its code or LOINC: one primary-key or index look-up), the patient's results of that item
+(`recognition_result`, one range scan of the (patient, system, code, effective) index, newest
+first, at most MAX_CANDIDATES), and the producers' quality records (one query). Organizations come
+from the directory through the cached peer client. It sees every result of the patient whoever
+produced it: deciding whether a prior result exists is the point, so it never goes through a
+caller-filtered search.
+
+Each candidate gets the first reason that applies, in this order: `diagnostic-conclusion`,
+`not-in-catalog`, `not-final`, `critical-unacknowledged`, `expired`, `no-eqa`, `eqa-lapsed`,
+`scope`; otherwise `recognizable`. Recognizable candidates come first, newest first.
+"""
+
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import and_, or_, select
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from fhirkit import jsonio
+from fhirkit.api.interactions import Result
+from fhirkit.api.router import OperationCall
+from fhirkit.errors import InvalidRequest, ResourceNotFound, UnprocessableEntity
+from fhirkit.search.values import date_range, format_instant
+from results_sharing import catalog, db, places, quality
+from results_sharing.catalog import CatalogItem
+from results_sharing.places import Place
+from results_sharing.quality import Standing
+from results_sharing.results import DAY_MICROS
+from results_sharing.vocabulary import (
+    ENCOUNTER_CLASSES,
+    FINAL_STATUSES,
+    LOINC,
+    REASONS,
+    RECOGNITION_ITEM,
+    RECOGNITION_REASON,
+    SCOPE_RANK,
+)
+
+MAX_CANDIDATES = 20
+NATIONAL_ID = "urn:oid:2.16.156.10011.1.3"
+
+
+@dataclass(frozen=True)
+class Candidate:
+    resource_type: str
+    resource_id: str
+    producer_id: str
+    effective: int
+    status: str
+    critical_open: bool
+    diagnostic_conclusion: bool
+    mark_label: str | None
+
+
+@dataclass(frozen=True)
+class Verdict:
+    candidate: Candidate
+    reason: str
+    age_days: int
+    validity_days: int | None
+    expires: int | None
+
+    @property
+    def recognizable(self) -> bool:
+        return self.reason == "recognizable"
+
+
+@dataclass(frozen=True)
+class CheckRequest:
+    patient_id: str
+    system: str | None
+    code: str
+    requester: str
+    as_of: int
+    encounter_class: str | None
+
+
+def judge(candidate: Candidate, item: CatalogItem | None, standing: Standing, producer: Place, requester: Place,
+          as_of: int, encounter_class: str | None) -> Verdict:
+    """The reason for one candidate: the rules of DOMAIN.md §3, in the module's order. Pure."""
+    age_days = max(0, (as_of - candidate.effective) // DAY_MICROS)
+    validity = item.validity_for(encounter_class) if item else None
+    expires = candidate.effective + validity * DAY_MICROS if validity else None
+
+    def verdict(reason: str) -> Verdict:
+        return Verdict(candidate, reason, age_days, validity, expires)
+
+    if candidate.diagnostic_conclusion:
+        return verdict("diagnostic-conclusion")
+    if item is None:
+        return verdict("not-in-catalog")
+    if candidate.status not in FINAL_STATUSES:
+        return verdict("not-final")
+    if candidate.critical_open:
+        return verdict("critical-unacknowledged")
+    if expires is not None and as_of > expires:
+        return verdict("expired")
+    if standing.state == "none":
+        return verdict("no-eqa")
+    if standing.state == "lapsed":
+        return verdict("eqa-lapsed")
+    scope = standing.scope or ""
+    if SCOPE_RANK[scope] < SCOPE_RANK[item.scope_required] or not places.covers(scope, producer, requester):
+        return verdict("scope")
+    return verdict("recognizable")
+
+
+async def recognition_check(call: OperationCall) -> Result:
+    directory = call.repo.config.references
+    request = await _check_request(call, directory)
+    conn = call.repo.conn
+    item = await _item(conn, request.system, request.code)
+    candidates = await candidates_for(conn, request, item)
+    verdicts = await _judge_all(conn, directory, request, item, candidates)
+    return Result(200, jsonio.dumps(answer(request, item, verdicts)))
+
+
+async def _judge_all(conn: AsyncConnection, directory: Any, request: CheckRequest, item: CatalogItem | None,
+                     candidates: list[Candidate]) -> list[Verdict]:
+    producers = {c.producer_id for c in candidates}
+    records = await quality.records_for(conn, producers, item) if item else {p: [] for p in producers}
+    requester = await places.place_of(directory, request.requester)
+    producer_places = {p: await places.place_of(directory, f"Organization/{p}") for p in sorted(producers)}
+    verdicts = [
+        judge(c, item, quality.standing_at(records[c.producer_id], c.effective), producer_places[c.producer_id],
+              requester, request.as_of, request.encounter_class)
+        for c in candidates
+    ]
+    return sorted(verdicts, key=lambda v: (not v.recognizable, -v.candidate.effective))
+
+
+async def _item(conn: AsyncConnection, system: str | None, code: str) -> CatalogItem | None:
+    if system is not None:
+        return await catalog.find_item(conn, system, code)
+    # A bare code: a catalog code first, then a LOINC code.
+    return await catalog.find_item(conn, RECOGNITION_ITEM, code) or await catalog.find_item(conn, LOINC, code)
+
+
+async def candidates_for(conn: AsyncConnection, request: CheckRequest, item: CatalogItem | None) -> list[Candidate]:
+    """The patient's latest results of the item (by catalog code or LOINC), whoever produced them."""
+    if item is not None:
+        wanted = [(RECOGNITION_ITEM, item.code), *([(LOINC, item.loinc)] if item.loinc else [])]
+    elif request.system is not None:
+        wanted = [(request.system, request.code)]
+    else:
+        wanted = [(RECOGNITION_ITEM, request.code), (LOINC, request.code)]
+    r = db.result.c
+    stmt = (select(db.result)
+            .where(r.patient_id == request.patient_id, r.effective <= request.as_of,
+                   or_(*(and_(r.system == system, r.code == code) for system, code in wanted)))
+            .order_by(r.effective.desc())
+            .limit(MAX_CANDIDATES * len(wanted)))
+    found: dict[tuple[str, str], Candidate] = {}
+    for row in await conn.execute(stmt):
+        found.setdefault((row.resource_type, row.resource_id), Candidate(
+            row.resource_type, row.resource_id, row.producer_id, row.effective, row.status, row.critical_open,
+            row.diagnostic_conclusion, row.mark_label))
+    return list(found.values())[:MAX_CANDIDATES]
+
+
+def answer(request: CheckRequest, item: CatalogItem | None, verdicts: list[Verdict]) -> dict[str, Any]:
+    parameters: list[dict[str, Any]] = [
+        {"name": "recognizable", "valueBoolean": any(v.recognizable for v in verdicts)},
+        {"name": "patient", "valueReference": {"reference": f"Patient/{request.patient_id}"}},
+        {"name": "requester", "valueReference": {"reference": request.requester}},
+        {"name": "asOf", "valueDateTime": format_instant(request.as_of)},
+    ]
+    if item is not None:
+        parameters.append({"name": "item", "valueCoding": item.coding()})
+    else:
+        parameters.append({"name": "reason", "valueCoding": _reason("not-in-catalog")})
+    parameters += [{"name": "candidate", "part": _candidate_parts(v)} for v in verdicts]
+    return {"resourceType": "Parameters", "parameter": parameters}
+
+
+def _candidate_parts(verdict: Verdict) -> list[dict[str, Any]]:
+    candidate = verdict.candidate
+    parts: list[dict[str, Any]] = [
+        {"name": "result", "valueReference": {"reference": f"{candidate.resource_type}/{candidate.resource_id}"}},
+        {"name": "producer", "valueReference": {"reference": f"Organization/{candidate.producer_id}"}},
+    ]
+    if candidate.mark_label:
+        parts.append({"name": "mark", "valueString": candidate.mark_label})
+    parts += [
+        {"name": "recognizable", "valueBoolean": verdict.recognizable},
+        {"name": "reason", "valueCoding": _reason(verdict.reason)},
+        {"name": "effective", "valueDateTime": format_instant(candidate.effective)},
+        {"name": "status", "valueCode": candidate.status},
+        {"name": "age-days", "valueInteger": verdict.age_days},
+    ]
+    if verdict.validity_days is not None and verdict.expires is not None:
+        parts += [{"name": "validity-days", "valueInteger": verdict.validity_days},
+                  {"name": "expires", "valueDateTime": format_instant(verdict.expires)}]
+    return parts
+
+
+def _reason(code: str) -> dict[str, Any]:
+    return {"system": RECOGNITION_REASON, "code": code, "display": REASONS[code]}
+
+
+# --- parameters -------------------------------------------------------------------------------
+
+async def _check_request(call: OperationCall, directory: Any) -> CheckRequest:
+    system, code = _code(call.parameter("code"))
+    requester = _requester(call)
+    as_of = _as_of(call)
+    encounter_class = _encounter_class(call.parameter("encounter-class"))
+    patient_id = await _patient(call.parameter("patient"), directory)
+    return CheckRequest(patient_id, system, code, requester, as_of, encounter_class)
+
+
+async def _patient(value: Any, directory: Any) -> str:
+    if isinstance(value, dict) and "reference" in value:
+        value = value["reference"]
+    if isinstance(value, str) and value.startswith("Patient/"):
+        patient_id = value.split("/", 1)[1]
+        if not await directory.exists("Patient", patient_id):
+            raise ResourceNotFound(f"Patient/{patient_id[:64]} is not known to the directory")
+        return patient_id
+    identifier = _identifier(value)
+    if identifier is None:
+        raise InvalidRequest("patient is required: a Patient reference, or an identifier such as the national ID "
+                             f"({NATIONAL_ID}|<18 characters>)")
+    matches = await directory.search("Patient", [("identifier", f"{identifier[0]}|{identifier[1]}"), ("_count", "2")])
+    if not matches:
+        raise ResourceNotFound(f"No patient has identifier {identifier[0]}|{identifier[1][:40]}")
+    if len(matches) > 1:
+        raise UnprocessableEntity(f"Identifier {identifier[0]}|{identifier[1][:40]} names several patients; "
+                                  "give the Patient reference")
+    return str(matches[0]["id"])
+
+
+def _identifier(value: Any) -> tuple[str, str] | None:
+    if isinstance(value, dict) and value.get("system") and value.get("value"):
+        return str(value["system"]), str(value["value"])
+    if isinstance(value, str) and "|" in value:
+        system, _, text = value.rpartition("|")
+        if system and text:
+            return system, text
+    return None
+
+
+def _code(value: Any) -> tuple[str | None, str]:
+    if isinstance(value, dict) and isinstance(value.get("code"), str):
+        return value.get("system"), value["code"]
+    if isinstance(value, str) and value:
+        system, _, code = value.rpartition("|")
+        return (system or None), code
+    raise InvalidRequest("code is required: the Coding of the test about to be ordered (a catalog code or LOINC)")
+
+
+def _requester(call: OperationCall) -> str:
+    value = call.parameter("requester")
+    if isinstance(value, dict):
+        value = value.get("reference")
+    requester = value if value is not None else getattr(call.caller, "organization", None)
+    if not isinstance(requester, str) or not requester.startswith("Organization/"):
+        raise InvalidRequest("requester must be an Organization reference")
+    return requester
+
+
+def _as_of(call: OperationCall) -> int:
+    value = call.parameter("asOf")
+    if value is None:
+        return call.repo.config.clock()
+    bounds = date_range(value) if isinstance(value, str) else None
+    if bounds is None:
+        raise InvalidRequest("asOf must be a FHIR dateTime")
+    return bounds[1] if len(value) <= 10 else bounds[0]  # a bare date means the end of that day
+
+
+def _encounter_class(value: Any) -> str | None:
+    if isinstance(value, dict):
+        value = value.get("code")
+    if value is None:
+        return None
+    if value not in ENCOUNTER_CLASSES:
+        raise InvalidRequest(f"encounter-class must be one of {', '.join(ENCOUNTER_CLASSES)}")
+    return str(value)

@@ -1,0 +1,225 @@
+"""Who may see and change what: ownership plus grants, compiled into one SQL predicate.
+
+Every stored resource carries the organization that created it (`fhir_resource.owner`, set by the
+server, never by the client). Beyond ownership an organization sees the resources that name it as
+a party (a referral addressed to it), every hop of a chain it is a party to (all Tasks sharing one
+referral `requisition`), and the patient data covered by a grant: a row in `fhir_access_grant`
+(grantee, patient, scope, expiry) written when a referral is accepted, a teleconsultation opens,
+or a doctor checks a patient's prior results. `AccessPolicy.visible` turns that into one SQL
+condition on a `fhir_resource` alias; the repository adds it to every read path (read, vread,
+history, search, includes, chains, `_has`, totals, conditional writes). It fails closed: a caller
+without an organization gets 403, never unfiltered rows (ARCHITECTURE.md §5).
+"""
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import ColumnElement, and_, exists, false, insert, or_, select
+from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.sql.expression import FromClause
+
+from fhirkit.errors import Forbidden
+from fhirkit.search.values import now_micros
+from fhirkit.store.tables import access_grant, reference_index, token_index
+
+Clause = ColumnElement[bool]
+SYSTEM_ROLE = "system"
+DAY_MICROS = 86_400 * 1_000_000
+
+
+@dataclass(frozen=True)
+class AccessPolicy:
+    """What one service shows to whom. Everything not listed is visible to its owner only."""
+
+    # Types every authenticated member reads (the directory, code systems, catalogs).
+    public_types: frozenset[str] = frozenset()
+    # Type → reference search parameters that name the organizations party to a resource.
+    parties: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    # Type → token search parameter shared by all records of one chain (a referral's hops): a
+    # party to one record of the chain sees them all.
+    chains: Mapping[str, str] = field(default_factory=dict)
+    # Type → reference parameters to records whose parties also see this one (a Task's focus, a
+    # Provenance's target): one level, following the referenced record's owner, parties and chain.
+    follows: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    # Grant scopes honoured by this service; a grant makes the grantee see every resource here
+    # that refers to the granted patient.
+    grant_scopes: frozenset[str] = frozenset()
+    # The types a grant opens (None: every type that refers to the patient).
+    granted_types: frozenset[str] | None = None
+    # A service's own extra rule (e.g. the county referral desk sees unaddressed referrals).
+    extra: Callable[[Any, FromClause], Clause | None] | None = None
+
+    def visible(self, caller: Any, target: FromClause, *, now: int | None = None) -> Clause | None:
+        """The condition on `target` (a `fhir_resource` alias) keeping what `caller` may read;
+        None when nothing is hidden from it (the services' own system identity, break-the-glass)."""
+        if SYSTEM_ROLE in getattr(caller, "roles", ()) or getattr(caller, "break_glass", None):
+            return None
+        organization = _organization_of(caller)
+        clauses = [target.c.owner == organization, *self._party_clauses(organization, target)]
+        if self.follows:
+            clauses.append(self._follows_clause(organization, target))
+        if self.public_types:
+            clauses.append(target.c.resource_type.in_(sorted(self.public_types)))
+        if self.grant_scopes:
+            clauses.append(self._granted(organization, target, now if now is not None else now_micros()))
+        if self.extra is not None:
+            extra = self.extra(caller, target)
+            if extra is not None:
+                clauses.append(extra)
+        return or_(*clauses)
+
+    def modifiable(self, caller: Any, target: FromClause) -> Clause | None:
+        """What `caller` may change: its own resources and those naming it as a party (the
+        service's hooks then decide what a party may do). Grants and public reads never let a
+        caller write; break-the-glass is for reading only."""
+        if SYSTEM_ROLE in getattr(caller, "roles", ()):
+            return None
+        organization = _organization_of(caller)
+        clauses = [target.c.owner == organization, *self._party_clauses(organization, target, chains=False)]
+        if self.extra is not None:
+            extra = self.extra(caller, target)
+            if extra is not None:
+                clauses.append(extra)
+        return or_(*clauses)
+
+    def _party_clauses(self, organization: str, target: FromClause, *, chains: bool = True) -> list[Clause]:
+        if not self.parties:
+            return []
+        org_id = organization.split("/", 1)[1]
+        clauses = [_names_party(target, self.parties, org_id)]
+        if chains and self.chains:
+            clauses.append(self._chain_clause(target, org_id))
+        return clauses
+
+    def _follows_clause(self, organization: str, target: FromClause) -> Clause:
+        ref, followed = reference_index.alias(), _resource_alias()
+        return exists(
+            select(ref.c.rid)
+            .join(followed, and_(followed.c.resource_type == ref.c.target_type, followed.c.resource_id == ref.c.target_id))
+            .where(
+                ref.c.rid == target.c.rid,
+                _param_of(ref, self.follows),
+                followed.c.deleted == false(),
+                or_(followed.c.owner == organization, *self._party_clauses(organization, followed)),
+            )
+        )
+
+    def _chain_clause(self, target: FromClause, org_id: str) -> Clause:
+        """Some record of the same chain (same token value) names the organization, or was
+        created by it."""
+        mine, theirs, other = token_index.alias(), token_index.alias(), _resource_alias()
+        party_of_other = or_(other.c.owner == f"Organization/{org_id}", _names_party(other, self.parties, org_id))
+        linked = (
+            select(mine.c.rid)
+            .join(theirs, and_(theirs.c.code == mine.c.code, theirs.c.system == mine.c.system))
+            .join(other, other.c.rid == theirs.c.rid)
+            .where(
+                mine.c.rid == target.c.rid,
+                _param_of(mine, self.chains),
+                _param_of(theirs, self.chains),
+                other.c.deleted == false(),
+                party_of_other,
+            )
+        )
+        return exists(linked)
+
+    def _granted(self, organization: str, target: FromClause, now: int) -> Clause:
+        ref, grant = reference_index.alias(), access_grant.alias()
+        patient_of_row = select(ref.c.rid).join(
+            grant, and_(grant.c.patient_id == ref.c.target_id, ref.c.target_type == "Patient")
+        )
+        types = [] if self.granted_types is None else [target.c.resource_type.in_(sorted(self.granted_types))]
+        return and_(*types, exists(
+            patient_of_row.where(
+                ref.c.rid == target.c.rid,
+                grant.c.grantee == organization,
+                grant.c.scope.in_(sorted(self.grant_scopes)),
+                or_(grant.c.expires_at.is_(None), grant.c.expires_at > now),
+            )
+        ))
+
+
+def _organization_of(caller: Any) -> str:
+    organization = getattr(caller, "organization", None)
+    if not isinstance(organization, str) or not organization.startswith("Organization/") or "/" in organization[13:]:
+        # Fail closed: without a known organization no predicate can be built, so nothing is shown.
+        raise Forbidden("The caller's organization is unknown, so no access rule applies to it")
+    return organization
+
+
+def _names_party(target: FromClause, parties: Mapping[str, tuple[str, ...]], org_id: str) -> Clause:
+    ref = reference_index.alias()
+    return exists(
+        select(ref.c.rid).where(
+            ref.c.rid == target.c.rid,
+            _param_of(ref, parties),
+            ref.c.target_type == "Organization",
+            ref.c.target_id == org_id,
+        )
+    )
+
+
+def _param_of(index: FromClause, params: Mapping[str, Any]) -> Clause:
+    """(resource_type, param) among the policy's pairs."""
+    pairs = [
+        and_(index.c.resource_type == resource_type, index.c.param.in_(names if isinstance(names, tuple) else (names,)))
+        for resource_type, names in sorted(params.items())
+    ]
+    return or_(*pairs) if pairs else false()
+
+
+def _resource_alias() -> FromClause:
+    from fhirkit.store.tables import resource
+
+    return resource.alias()
+
+
+async def grant_access(
+    conn: AsyncConnection,
+    *,
+    grantee: str,
+    patient: str,
+    scope: str,
+    source: str,
+    reason: str,
+    expires_at: int | None,
+    now: int | None = None,
+) -> None:
+    """Record that `grantee` may read `patient`'s data of `scope` until `expires_at` (None: until
+    revoked). Called inside the transaction of the write (or event) that creates the relationship;
+    a source granting again replaces its earlier grant's expiry (the relationship's latest state)."""
+    patient_id = patient.split("/", 1)[1] if patient.startswith("Patient/") else patient
+    created = now if now is not None else now_micros()
+    existing = (
+        await conn.execute(
+            select(access_grant.c.gid, access_grant.c.expires_at).where(
+                access_grant.c.grantee == grantee,
+                access_grant.c.patient_id == patient_id,
+                access_grant.c.scope == scope,
+                access_grant.c.source == source,
+            )
+        )
+    ).first()
+    if existing is None:
+        await conn.execute(
+            insert(access_grant).values(
+                grantee=grantee, patient_id=patient_id, scope=scope, source=source, reason=reason[:255],
+                expires_at=expires_at, created_at=created,
+            )
+        )
+        return
+    if existing.expires_at != expires_at:
+        await conn.execute(
+            access_grant.update().where(access_grant.c.gid == existing.gid).values(expires_at=expires_at, reason=reason[:255])
+        )
+
+
+async def revoke_access(conn: AsyncConnection, *, source: str, now: int | None = None) -> None:
+    """End every grant a source made (a referral cancelled, a consultation closed), from now."""
+    ended = now if now is not None else now_micros()
+    await conn.execute(
+        access_grant.update()
+        .where(access_grant.c.source == source, or_(access_grant.c.expires_at.is_(None), access_grant.c.expires_at > ended))
+        .values(expires_at=ended)
+    )

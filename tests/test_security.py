@@ -1,0 +1,222 @@
+"""The access predicate on every path, the side channels other FHIR servers leaked through
+(research/fhir-server-security-perf.md §B.5), break-the-glass and the audit trail.
+
+Two organizations share nothing: A holds a patient's clinical records in the referral service; B
+is party to one Encounter only. Every test asks, as B, a question whose answer would reveal A's
+records if one path forgot the predicate.
+"""
+
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from tests.support import outcome_code
+
+ENCOUNTER_CLASS = {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "AMB"}
+SECRET_CODE = {"system": "http://snomed.info/sct", "code": "86406008", "display": "HIV infection"}
+
+
+@dataclass
+class World:
+    a: str
+    b: str
+    patient: str
+    shared_encounter: dict[str, Any]  # A's, naming B as service provider: B sees it
+    private_encounter: dict[str, Any]  # A's only
+    condition: dict[str, Any]  # A's, on the shared encounter, with a code B must not learn
+
+
+async def _as(api: Any, organization: str, method: str, path: str, body: Any = None, **kwargs: Any) -> Any:
+    return await api.request(method, path, body, organization=organization, **kwargs)
+
+
+@pytest.fixture(scope="module")
+async def world(api: Any) -> World:
+    a, b = f"Organization/sec-a-{uuid.uuid4().hex[:6]}", f"Organization/sec-b-{uuid.uuid4().hex[:6]}"
+    for org in (a, b):
+        created = await api.put(org, {"resourceType": "Organization", "id": org.split("/")[1], "name": org})
+        assert created.status_code in (200, 201), created.text
+    patient = (await _as(api, a, "POST", "Patient", {"resourceType": "Patient", "name": [{"family": "吴"}]})).json()
+    subject = {"reference": f"Patient/{patient['id']}"}
+
+    async def encounter(provider: str) -> dict[str, Any]:
+        body = {"resourceType": "Encounter", "status": "finished", "class": ENCOUNTER_CLASS, "subject": subject,
+                "serviceProvider": {"reference": provider}}
+        response = await _as(api, a, "POST", "Encounter", body)
+        assert response.status_code == 201, response.text
+        return response.json()
+
+    shared, private = await encounter(b), await encounter(a)
+    condition = await _as(api, a, "POST", "Condition", {
+        "resourceType": "Condition", "subject": subject, "code": {"coding": [SECRET_CODE]},
+        "encounter": {"reference": f"Encounter/{shared['id']}"}})
+    assert condition.status_code == 201, condition.text
+    return World(a, b, f"Patient/{patient['id']}", shared, private, condition.json())
+
+
+def _ids(bundle: Any) -> set[str]:
+    return {f"{e['resource']['resourceType']}/{e['resource']['id']}" for e in bundle.json().get("entry", [])
+            if e.get("resource", {}).get("resourceType") != "OperationOutcome"}
+
+
+class TestReadPaths:
+    async def test_owner_and_party_read_others_get_404(self, api: Any, world: World) -> None:
+        private = f"Encounter/{world.private_encounter['id']}"
+        assert (await _as(api, world.a, "GET", private)).status_code == 200
+        refused = await _as(api, world.b, "GET", private)
+        assert refused.status_code == 404 and outcome_code(refused) == "not-found"
+        assert (await _as(api, world.b, "GET", f"Encounter/{world.shared_encounter['id']}")).status_code == 200
+
+    async def test_invisible_and_unknown_answer_the_same(self, api: Any, world: World) -> None:
+        hidden = await _as(api, world.b, "GET", f"Condition/{world.condition['id']}")
+        unknown = await _as(api, world.b, "GET", f"Condition/{uuid.uuid4()}")
+        assert hidden.status_code == unknown.status_code == 404
+        assert hidden.json()["issue"][0]["code"] == unknown.json()["issue"][0]["code"]
+
+    async def test_vread_and_history_are_filtered(self, api: Any, world: World) -> None:
+        condition = f"Condition/{world.condition['id']}"
+        assert (await _as(api, world.b, "GET", f"{condition}/_history/1")).status_code == 404
+        assert (await _as(api, world.b, "GET", f"{condition}/_history")).status_code == 404
+        type_history = await _as(api, world.b, "GET", "Condition/_history")
+        assert type_history.status_code == 200
+        assert condition not in _ids(type_history)
+        assert condition in _ids(await _as(api, world.a, "GET", "Condition/_history"))
+
+    async def test_search_and_totals_count_only_visible_rows(self, api: Any, world: World) -> None:
+        params = {"patient": world.patient, "_total": "accurate"}
+        mine = await _as(api, world.a, "GET", "Condition", params=params)
+        theirs = await _as(api, world.b, "GET", "Condition", params=params)
+        assert mine.json()["total"] == 1 and theirs.json()["total"] == 0
+        count = await _as(api, world.b, "GET", "Condition", params={"patient": world.patient, "_summary": "count"})
+        assert count.json()["total"] == 0
+        by_id = await _as(api, world.b, "GET", "Condition", params={"_id": world.condition["id"]})
+        assert _ids(by_id) == set()
+
+
+class TestSideChannels:
+    async def test_revinclude_does_not_leak(self, api: Any, world: World) -> None:
+        shared = world.shared_encounter["id"]
+        found = await _as(api, world.b, "GET", "Encounter", params={"_id": shared, "_revinclude": "Condition:encounter"})
+        assert found.status_code == 200, found.text
+        assert _ids(found) == {f"Encounter/{shared}"}
+        mine = await _as(api, world.a, "GET", "Encounter", params={"_id": shared, "_revinclude": "Condition:encounter"})
+        assert f"Condition/{world.condition['id']}" in _ids(mine)
+
+    async def test_unbounded_revinclude_is_refused(self, api: Any, world: World) -> None:
+        everything = await _as(api, world.b, "GET", "Encounter", params={"_revinclude": "*"})
+        assert everything.status_code == 400 and outcome_code(everything) == "not-supported"
+
+    async def test_include_does_not_leak(self, api: Any, world: World) -> None:
+        # A Provenance B owns may point at A's private encounter only if B could see it when writing.
+        body = {"resourceType": "Provenance", "recorded": "2026-11-23T08:00:00+08:00",
+                "target": [{"reference": f"Encounter/{world.private_encounter['id']}"}],
+                "agent": [{"who": {"reference": world.b}}]}
+        refused = await _as(api, world.b, "POST", "Provenance", body)
+        assert refused.status_code == 422  # as if it did not exist: no oracle through references either
+        found = await _as(api, world.b, "GET", "Condition", params={"_id": world.condition["id"],
+                                                                      "_include": "Condition:encounter"})
+        assert _ids(found) == set()
+
+    async def test_has_is_no_oracle(self, api: Any, world: World) -> None:
+        shared = world.shared_encounter["id"]
+        probe = {"_id": shared, "_has:Condition:encounter:code": f"{SECRET_CODE['system']}|{SECRET_CODE['code']}"}
+        assert _ids(await _as(api, world.a, "GET", "Encounter", params=probe)) == {f"Encounter/{shared}"}
+        assert _ids(await _as(api, world.b, "GET", "Encounter", params=probe)) == set()
+
+    async def test_chain_is_no_oracle(self, api: Any, world: World) -> None:
+        # B's own Condition on an encounter B could see when writing; then A takes B off it.
+        encounter = {**world.shared_encounter}
+        encounter.pop("meta", None)
+        body = {"resourceType": "Encounter", "status": "in-progress", "class": ENCOUNTER_CLASS,
+                "subject": {"reference": world.patient}, "serviceProvider": {"reference": world.b}}
+        created = (await _as(api, world.a, "POST", "Encounter", body)).json()
+        mine = await _as(api, world.b, "POST", "Condition", {
+            "resourceType": "Condition", "subject": {"reference": world.patient},
+            "encounter": {"reference": f"Encounter/{created['id']}"}})
+        assert mine.status_code == 201, mine.text
+        chained = {"_id": mine.json()["id"], "encounter.status": "in-progress"}
+        assert _ids(await _as(api, world.b, "GET", "Condition", params=chained)) == {f"Condition/{mine.json()['id']}"}
+        withdrawn = {**created, "serviceProvider": {"reference": world.a}}
+        assert (await _as(api, world.a, "PUT", f"Encounter/{created['id']}", withdrawn)).status_code == 200
+        assert _ids(await _as(api, world.b, "GET", "Condition", params=chained)) == set()
+
+    async def test_writes_to_what_is_not_visible_are_404_and_to_what_is_only_read_403(
+        self, api: Any, world: World
+    ) -> None:
+        condition = {**world.condition, "note": [{"text": "改写"}]}
+        assert (await _as(api, world.b, "PUT", f"Condition/{world.condition['id']}", condition)).status_code == 404
+        assert (await _as(api, world.b, "DELETE", f"Condition/{world.condition['id']}")).status_code in (200, 204, 404)
+        assert (await _as(api, world.a, "GET", f"Condition/{world.condition['id']}")).status_code == 200
+        # Every member reads the directory; only the organization that registered a patient changes it.
+        patch = [{"op": "add", "path": "/gender", "value": "male"}]
+        patched = await api.request("PATCH", world.patient, patch, organization=world.b,
+                                    headers={"Content-Type": "application/json-patch+json"})
+        assert patched.status_code == 403 and outcome_code(patched) == "forbidden"
+        assert "gender" not in (await _as(api, world.a, "GET", world.patient)).json()
+
+    async def test_conditional_update_does_not_reach_what_is_invisible(self, api: Any, world: World) -> None:
+        body = {"resourceType": "Condition", "subject": {"reference": world.patient}, "code": {"text": "B的记录"}}
+        response = await _as(api, world.b, "PUT", f"Condition?_id={world.condition['id']}", body)
+        assert response.status_code == 201  # no visible match: a new resource, A's stays as it was
+        assert response.json()["id"] != world.condition["id"]
+        assert (await _as(api, world.a, "GET", f"Condition/{world.condition['id']}")).json()["code"] == \
+            world.condition["code"]
+
+    async def test_sort_and_parameter_names_cannot_reach_internal_columns(self, api: Any, world: World) -> None:
+        for params in ({"_sort": "owner"}, {"_sort": "rid;DROP TABLE fhir_resource"},
+                       {"owner'--": world.a}):
+            response = await _as(api, world.b, "GET", "Condition", params=params,
+                                 headers={"Prefer": "handling=strict"})
+            assert response.status_code == 400, params
+        assert (await _as(api, world.a, "GET", f"Condition/{world.condition['id']}")).status_code == 200
+
+
+class TestBreakTheGlass:
+    BTG = "system/*.rs alliance/break-glass"
+
+    async def test_reads_with_a_reason_and_is_audited(self, api: Any, world: World) -> None:
+        condition = f"Condition/{world.condition['id']}"
+        reason = "急诊昏迷患者，需查既往诊断"
+        from urllib.parse import quote
+
+        response = await api.request("GET", condition, organization=world.b, scope=self.BTG,
+                                     headers={"X-Break-Glass-Reason": quote(reason)})
+        assert response.status_code == 200, response.text
+        await api.system.state.audit.flush()
+        audit = await _as(api, world.b, "GET", "AuditEvent", params={"agent": world.b, "_count": "100"})
+        assert audit.status_code == 200, audit.text
+        flagged = [e["resource"] for e in audit.json()["entry"]
+                   if e["resource"].get("purposeOfEvent", [{}])[0].get("text") == reason]
+        assert flagged, "the emergency read is not in the audit"
+        assert flagged[0]["purposeOfEvent"][0]["coding"][0]["code"] == "BTG"
+        assert {"reference": world.patient} in [e.get("what") for e in flagged[0]["entity"]]
+
+    async def test_needs_the_role_a_reason_and_a_read(self, api: Any, world: World) -> None:
+        condition = f"Condition/{world.condition['id']}"
+        without_role = await api.request("GET", condition, organization=world.b,
+                                         headers={"X-Break-Glass-Reason": "urgent care"})
+        assert without_role.status_code == 403
+        no_reason = await api.request("GET", condition, organization=world.b, scope=self.BTG,
+                                      headers={"X-Break-Glass-Reason": " "})
+        assert no_reason.status_code == 400
+        write = await api.request("PUT", condition, {**world.condition}, organization=world.b, scope=self.BTG,
+                                  headers={"X-Break-Glass-Reason": "urgent care"})
+        assert write.status_code == 403
+        assert (await _as(api, world.b, "GET", condition)).status_code == 404  # the glass closes again
+
+
+class TestAudit:
+    async def test_every_access_leaves_an_audit_event_its_agent_can_read(self, api: Any, world: World) -> None:
+        await _as(api, world.a, "GET", f"Condition/{world.condition['id']}")
+        await _as(api, world.b, "GET", f"Condition/{world.condition['id']}")  # refused, audited as well
+        await api.system.state.audit.flush()
+        mine = await _as(api, world.a, "GET", "AuditEvent", params={"agent": world.a, "entity": world.patient})
+        events = [e["resource"] for e in mine.json()["entry"]]
+        reads = [e for e in events if e["subtype"][0]["code"] == "read" and e["outcome"] == "0"]
+        assert reads and reads[0]["agent"][0]["who"]["reference"] == world.a
+        refused = await _as(api, world.b, "GET", "AuditEvent", params={"agent": world.b, "outcome": "4"})
+        assert any(e["resource"]["outcomeDesc"].startswith("HTTP 404") for e in refused.json()["entry"])
+        others = await _as(api, world.b, "GET", "AuditEvent", params={"agent": world.a})
+        assert _ids(others) == set()  # A's audit trail is A's
