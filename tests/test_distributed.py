@@ -31,6 +31,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, s
         run = uuid.uuid4().hex[:8]
         env = live.environment(
             data_dir, urls, ALLIANCE_PUBLIC_BASE_URL=f"http://127.0.0.1:{ports['gateway']}/fhir",
+            ALLIANCE_PLATFORM_URL=f"http://127.0.0.1:{ports['gateway']}/internal/platform",
             # The real broker, on a stream of this run's own.
             ALLIANCE_NATS_URL=NATS_URL, ALLIANCE_NATS_STREAM=f"E2E_{run}", ALLIANCE_NATS_SUBJECT_PREFIX=f"e2e{run}.events",
             **service_urls,
@@ -42,7 +43,9 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, s
         gateway = stack.enter_context(live.serve(env, "gateway", ports["gateway"]))
         live.run_cli(env, "directory", "load", "services/directory/src/directory/demo/alliance.yaml")
         client = live.create_client(env, "Organization/qingxi-county-hospital")
-        yield {"url": gateway, "token": live.token(gateway, client), "stream": f"E2E_{run}",
+        lab = live.create_client(env, "Organization/qingxi-lab-center")
+        yield {"url": gateway, "token": live.token(gateway, client), "lab_token": live.token(gateway, lab),
+               "stream": f"E2E_{run}",
                **{n: f"http://127.0.0.1:{p}" for n, p in ports.items()}}
 
 
@@ -76,8 +79,8 @@ def _events_in_stream(name: str) -> int:
     return asyncio.run(count())
 
 
-def _headers(deployment: dict[str, str]) -> dict[str, str]:
-    return {"Authorization": f"Bearer {deployment['token']}", "Content-Type": "application/fhir+json"}
+def _headers(deployment: dict[str, str], token: str = "token") -> dict[str, str]:
+    return {"Authorization": f"Bearer {deployment[token]}", "Content-Type": "application/fhir+json"}
 
 
 def test_each_service_is_its_own_process_and_refuses_unsigned_calls(deployment: dict[str, str]) -> None:
@@ -92,13 +95,16 @@ def test_each_service_is_its_own_process_and_refuses_unsigned_calls(deployment: 
 
 def test_write_and_read_across_services_through_the_gateway(deployment: dict[str, str]) -> None:
     base = f"{deployment['url']}/fhir"
-    headers = _headers(deployment)
+    headers = _headers(deployment, "lab_token")  # the county's lab center posts a result
     patient = httpx.get(f"{base}/Patient", params={"_count": 1}, headers=headers).json()["entry"][0]["resource"]
     observation = {
         "resourceType": "Observation",
+        "identifier": [{"system": "http://county-alliance.org/fhir/sid/report-number", "value": uuid.uuid4().hex}],
         "status": "final",
         "code": {"coding": [{"system": "http://loinc.org", "code": "718-7", "display": "Hemoglobin"}]},
         "subject": {"reference": f"Patient/{patient['id']}"},
+        "effectiveDateTime": "2026-11-20T09:00:00+08:00",
+        "performer": [{"reference": "Organization/qingxi-lab-center"}],
         "valueQuantity": {"value": 13.5, "unit": "g/dL", "system": "http://unitsofmeasure.org", "code": "g/dL"},
     }
     created = httpx.post(f"{base}/Observation", json=observation, headers={**headers, "X-Request-ID": "e2e-req-1"})
@@ -114,6 +120,15 @@ def test_write_and_read_across_services_through_the_gateway(deployment: dict[str
     missing = httpx.post(f"{base}/Observation", json={**observation, "subject": {"reference": "Patient/nobody-here"}}, headers=headers)
     assert missing.status_code == 422
     assert "Patient/nobody-here" in missing.json()["issue"][0]["diagnostics"]
+    # The county hospital has no treatment relationship with this patient: the result is not there for it.
+    hidden = httpx.get(created.headers["location"].split("/_history")[0], headers=_headers(deployment))
+    assert hidden.status_code == 404
+
+
+def test_the_platform_api_for_services_needs_the_signed_identity(deployment: dict[str, str]) -> None:
+    # Services read Consent at the gateway's platform mount (ALLIANCE_PLATFORM_URL); clients cannot.
+    direct = httpx.get(f"{deployment['url']}/internal/platform/fhir/Consent", headers=_headers(deployment))
+    assert direct.status_code == 401
 
 
 def test_metadata_merges_every_service(deployment: dict[str, str]) -> None:

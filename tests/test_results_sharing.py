@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.support import outcome_code
+from tests.support import eventually, outcome_code
 
 BASE = "http://county-alliance.org/fhir"
 LOINC = "http://loinc.org"
@@ -483,15 +483,11 @@ async def _lab_center(api: Any, name: str) -> str:
 
 # ------------------------------------------------------------------------------ decisions, statistics
 
-async def treating(system: Any, organization: str, patient: str) -> None:
-    """The ordering organization sees the patient's shared results, as a doctor does who just
-    checked them: a `results` grant (in production written by the treatment relationship or by
-    `$recognition-check` itself, item 5 of issue 7). A decision may only cite what its author sees."""
-    from fhirkit.access import grant_access
-
-    async with system.state.apps["results-sharing"].state.database.transaction(write=True) as conn:
-        await grant_access(conn, grantee=organization, patient=patient, scope="results", source="test-recognition",
-                           reason="recognition check", expires_at=None)
+async def checked(api: Any, patient: str, *codes: dict[str, str]) -> None:
+    """The township's doctor checks the patient's prior results before ordering, which lets the
+    township read what the check returned: a decision may only cite what its author sees."""
+    for code in codes:
+        await check(api, patient, code)
 
 
 def decision(patient: str, item: dict[str, str], *, recognized: bool, reason: str | None = None,
@@ -516,8 +512,8 @@ def decision(patient: str, item: dict[str, str], *, recognized: bool, reason: st
 class TestDecisionsAndStatistics:
     async def test_a_decision_records_item_version_price_and_producer(self, api: Any, system: Any) -> None:
         patient = "Patient/pat-0121"
-        await treating(system, TOWNSHIP, patient)
         result = await lab_result(api, patient)
+        await checked(api, patient, POTASSIUM)
         created = await api.post("Task", decision(patient, POTASSIUM, recognized=True, result=result,
                                                   authored="2031-01-05T10:00:00+08:00"),
                                  organization=TOWNSHIP, level="township")
@@ -539,10 +535,10 @@ class TestDecisionsAndStatistics:
     ])
     async def test_bad_decisions_are_refused(self, api: Any, system: Any, recognized: bool, reason: str | None,
                                              with_result: bool, item: dict[str, str], message: str) -> None:
-        for patient in ("Patient/pat-0122", "Patient/pat-0123"):
-            await treating(system, TOWNSHIP, patient)
         other_patients_result = await lab_result(api, "Patient/pat-0122") if message == "not a shared result" else None
         result = other_patients_result or (await lab_result(api, "Patient/pat-0123") if with_result else None)
+        for patient in ("Patient/pat-0122", "Patient/pat-0123"):
+            await checked(api, patient, POTASSIUM)
         response = await api.post("Task", decision("Patient/pat-0123", item, recognized=recognized, reason=reason,
                                                    result=result), organization=TOWNSHIP, level="township")
         assert response.status_code == 422, response.text
@@ -550,12 +546,12 @@ class TestDecisionsAndStatistics:
 
     async def test_statistics_exclude_98_and_99_and_sum_the_money_saved(self, api: Any, system: Any) -> None:
         patient = "Patient/pat-0124"
-        await treating(system, TOWNSHIP, patient)
         potassium = await lab_result(api, patient)
         sodium = await lab_result(api, patient, "2951-2", "钠", value=140)
         ecg = observation(patient, ECG, "11524-6", "心电图")
         bundle, _ = transaction(ecg)
         ecg_result = locations(await upload(api, ECG, bundle))[0]
+        await checked(api, patient, POTASSIUM, {"system": LOINC, "code": "2951-2"}, {"system": LOINC, "code": "11524-6"})
         period = "2031-03"
         tasks = [
             decision(patient, POTASSIUM, recognized=True, result=potassium),                    # 5.00 saved
@@ -596,3 +592,92 @@ class TestDecisionsAndStatistics:
                               organization=TOWNSHIP, level="township")
         assert other.status_code == 403 and outcome_code(other) == "forbidden"
         assert (await api.get("$recognition-statistics")).status_code == 400
+
+
+# ------------------------------------------------------------------------------ access (item 5)
+
+COUNTY = "Organization/qingxi-county-hospital"
+OTHER_TOWNSHIP = "Organization/thc-baisha"
+SHIMEN_HOLDER = "Organization/thc-shimen"
+
+
+async def read_as(api: Any, organization: str, reference: str, level: str = "township", **headers: str) -> int:
+    response = await api.get(reference, organization=organization, level=level, headers=headers or None)
+    return response.status_code
+
+
+async def refer(api: Any, patient: str) -> dict[str, Any]:
+    """The township refers the patient up to the county hospital, which accepts."""
+    request = {"resourceType": "ServiceRequest", "status": "active", "intent": "order", "priority": "urgent",
+               "category": [{"coding": [{"system": f"{BASE}/CodeSystem/referral-category",
+                                         "code": "upward-referral"}]}],
+               "subject": {"reference": patient}, "requester": {"reference": TOWNSHIP},
+               "performer": [{"reference": COUNTY}], "reasonCode": [{"text": "血钾偏高，需进一步诊治"}],
+               "requisition": {"system": f"{BASE}/sid/referral-chain", "value": uuid.uuid4().hex}}
+    created = await api.post("ServiceRequest", request, organization=TOWNSHIP, level="township")
+    assert created.status_code == 201, created.text
+    task = {"resourceType": "Task", "status": "requested", "intent": "order", "priority": "urgent",
+            "code": {"coding": [{"system": TASK_CODE, "code": "referral"}]},
+            "focus": {"reference": f"ServiceRequest/{created.json()['id']}"}, "for": {"reference": patient},
+            "requester": {"reference": TOWNSHIP}, "owner": {"reference": COUNTY}}
+    submitted = await api.post("Task", task, organization=TOWNSHIP, level="township")
+    assert submitted.status_code == 201, submitted.text
+    return submitted.json()
+
+
+class TestAccess:
+    async def test_results_are_invisible_without_a_treatment_relationship(self, api: Any) -> None:
+        patient = "Patient/pat-0131"
+        result = await lab_result(api, patient)
+        assert await read_as(api, LAB, result, level="center") == 200  # the producer always reads its own
+        assert await read_as(api, OTHER_TOWNSHIP, result) == 404
+        found = await api.get("Observation", params={"subject": patient, "_total": "accurate"},
+                              organization=OTHER_TOWNSHIP, level="township")
+        assert found.json()["total"] == 0
+
+    async def test_a_recognition_check_opens_what_it_returned_for_a_day(self, api: Any) -> None:
+        patient = "Patient/pat-0132"
+        potassium = await lab_result(api, patient)
+        sodium = await lab_result(api, patient, "2951-2", "钠", value=140)
+        assert await read_as(api, TOWNSHIP, potassium) == 404
+        answer = await check(api, patient, POTASSIUM)
+        returned = [value(c["part"], "result")["reference"] for c in answer["parameter"] if c["name"] == "candidate"]
+        assert potassium in returned and sodium not in returned
+        assert await read_as(api, TOWNSHIP, potassium) == 200
+        assert await read_as(api, TOWNSHIP, sodium) == 404  # only what the check returned
+        assert await read_as(api, OTHER_TOWNSHIP, potassium) == 404
+
+    async def test_naming_another_requester_opens_nothing(self, api: Any) -> None:
+        patient = "Patient/pat-0133"
+        potassium = await lab_result(api, patient)
+        await check(api, patient, POTASSIUM, caller=OTHER_TOWNSHIP, requester=TOWNSHIP)
+        assert await read_as(api, OTHER_TOWNSHIP, potassium) == 404
+        assert await read_as(api, TOWNSHIP, potassium) == 404
+
+    async def test_an_accepted_referral_opens_the_patients_results_to_the_receiver(self, api: Any) -> None:
+        patient = "Patient/pat-0134"
+        result = await lab_result(api, patient)
+        task = await refer(api, patient)
+        assert await read_as(api, COUNTY, result, level="county") == 404  # not before it accepts
+        accepted = await api.post(f"Task/{task['id']}/$accept", {"resourceType": "Parameters"},
+                                  organization=COUNTY, level="county",
+                                  headers={"If-Match": f'W/"{task["meta"]["versionId"]}"'})
+        assert accepted.status_code == 200, accepted.text
+        seen = await eventually(lambda: api.get(result, organization=COUNTY, level="county"))
+        assert seen.status_code == 200
+        assert await read_as(api, OTHER_TOWNSHIP, result) == 404
+
+    async def test_break_the_glass_reads_and_is_flagged(self, api: Any, system: Any) -> None:
+        patient = "Patient/pat-0135"  # registered at 石门镇 (thc-shimen)
+        result = await lab_result(api, patient)
+        response = await api.get(result, organization=OTHER_TOWNSHIP, level="township",
+                                 scope="system/*.rs alliance/break-glass",
+                                 headers={"X-Break-Glass-Reason": "patient unconscious in emergency"})
+        assert response.status_code == 200
+        await system.state.audit.flush()
+        # The emergency read is in the audit, flagged, and the patient's own health center sees it.
+        audit = await api.get("AuditEvent", params={"entity": patient, "agent": OTHER_TOWNSHIP},
+                              organization=SHIMEN_HOLDER, level="township")
+        flagged = [e["resource"] for e in audit.json().get("entry", []) if "purposeOfEvent" in e["resource"]]
+        assert flagged and flagged[0]["purposeOfEvent"][0]["coding"][0]["code"] == "BTG", audit.text
+        assert flagged[0]["purposeOfEvent"][0]["text"] == "patient unconscious in emergency"

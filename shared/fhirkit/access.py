@@ -136,6 +136,8 @@ class AccessPolicy:
                 grant.c.grantee == organization,
                 grant.c.scope.in_(sorted(self.grant_scopes)),
                 or_(grant.c.expires_at.is_(None), grant.c.expires_at > now),
+                or_(grant.c.target_id.is_(None),
+                    and_(grant.c.target_type == target.c.resource_type, grant.c.target_id == target.c.resource_id)),
             )
         ))
 
@@ -185,10 +187,13 @@ async def grant_access(
     reason: str,
     expires_at: int | None,
     now: int | None = None,
+    target: tuple[str, str] | None = None,
 ) -> None:
     """Record that `grantee` may read `patient`'s data of `scope` until `expires_at` (None: until
     revoked). Called inside the transaction of the write (or event) that creates the relationship;
-    a source granting again replaces its earlier grant's expiry (the relationship's latest state)."""
+    a source granting again replaces its earlier grant's expiry (the relationship's latest state).
+    `target` (type, id) narrows the grant to one resource of the patient."""
+    target_type, target_id = target if target is not None else (None, None)
     patient_id = patient.split("/", 1)[1] if patient.startswith("Patient/") else patient
     created = now if now is not None else now_micros()
     existing = (
@@ -198,6 +203,8 @@ async def grant_access(
                 access_grant.c.patient_id == patient_id,
                 access_grant.c.scope == scope,
                 access_grant.c.source == source,
+                access_grant.c.target_type.is_(None) if target_type is None else access_grant.c.target_type == target_type,
+                access_grant.c.target_id.is_(None) if target_id is None else access_grant.c.target_id == target_id,
             )
         )
     ).first()
@@ -205,7 +212,7 @@ async def grant_access(
         await conn.execute(
             insert(access_grant).values(
                 grantee=grantee, patient_id=patient_id, scope=scope, source=source, reason=reason[:255],
-                expires_at=expires_at, created_at=created,
+                expires_at=expires_at, created_at=created, target_type=target_type, target_id=target_id,
             )
         )
         return

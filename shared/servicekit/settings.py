@@ -44,6 +44,8 @@ class AllianceSettings(BaseSettings):
     platform_url: str | None = None
 
     reference_cache_seconds: float = Field(default=30.0, ge=0)
+    # How long a recognition check lets the checking organization read the results it returned.
+    recognition_grant_hours: float = Field(default=24.0, gt=0, le=24 * 30)
 
     # Events (docs/events.md): NATS JetStream when nats_url is set, otherwise the in-process bus.
     nats_url: str | None = None

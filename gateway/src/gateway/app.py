@@ -46,6 +46,7 @@ from servicekit.settings import AllianceSettings
 FORWARDED_REQUEST_HEADERS = ("content-type", "prefer", "if-match", "if-none-exist", "if-none-match", "if-modified-since")
 FORWARDED_RESPONSE_HEADERS = ("etag", "location", "last-modified", "content-location", "www-authenticate", "retry-after")
 # `$name` at the base → the owning service, and the type whose search scope the caller needs.
+PLATFORM_INTERNAL_PATH = "/internal/platform"
 SYSTEM_OPERATIONS: dict[str, tuple[str, str]] = {
     "referral-statistics": ("referral", "Task"),
     "telemedicine-statistics": ("telemedicine", "Task"),
@@ -107,13 +108,18 @@ class Gateway:
         kept = {k: v for k, v in response.headers.items() if k.lower() in FORWARDED_RESPONSE_HEADERS}
         return Upstream(response.status_code, kept, response.content)
 
-    async def managing_organization(self, patient: str) -> str | None:
-        """The organization holding a patient's record (Patient.managingOrganization)."""
+    async def patient_custodians(self, patient: str) -> list[str]:
+        """The organizations keeping a patient's record: Patient.managingOrganization, else the
+        assigners of its medical record numbers."""
         upstream = await self.send("directory", "GET", f"/fhir/{patient}", identity=SYSTEM_IDENTITY)
         if upstream.status != 200:
-            return None
-        reference = (orjson.loads(upstream.content).get("managingOrganization") or {}).get("reference")
-        return reference if isinstance(reference, str) and reference.startswith("Organization/") else None
+            return []
+        content = orjson.loads(upstream.content)
+        managing = content.get("managingOrganization")
+        holders = [managing] if managing else [i.get("assigner") for i in content.get("identifier") or []
+                                               if isinstance(i, dict)]
+        references = [h.get("reference") for h in holders if isinstance(h, dict)]
+        return sorted({r for r in references if isinstance(r, str) and r.startswith("Organization/")})
 
     async def capabilities(self) -> bytes:
         if self._capabilities is None:
@@ -371,7 +377,7 @@ def create_gateway_app(
     dispatcher = FhirDispatcher(gateway)
     platform_db = apps["platform"].state.database
     audit = AuditTrail(platform_db, apps["platform"].state.service.store,
-                       managing_organization=gateway.managing_organization)
+                       custodians_of=gateway.patient_custodians)
     auth_settings = AuthSettings(
         base_url=settings.base_url,
         signing_key=settings.secret("token_signing_key"),
@@ -425,6 +431,9 @@ def create_gateway_app(
         return _response(upstream)
 
     _health(app, gateway)
+    # Services reach the platform types (Consent) here in distributed mode (ALLIANCE_PLATFORM_URL);
+    # the platform app accepts only calls carrying the internal signed identity, like every service.
+    app.mount(PLATFORM_INTERNAL_PATH, apps["platform"])
     app.add_middleware(RequestContextMiddleware, service="gateway", metrics=_metrics(app))
     return app
 

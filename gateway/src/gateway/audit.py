@@ -8,8 +8,9 @@ hot path pays for a queue append and not for a database write. A note waits at m
 * `type` rest, `subtype` the interaction, `action` C/R/U/D/E, `outcome` 0/4/8, `recorded`;
 * agents: the client (`who.identifier`) and its organization (`who.reference`), the requestor;
 * entities: the resource or query asked for, and every patient whose data the answer carried;
-* break-the-glass: `purposeOfEvent` BTG with the stated reason, and the patient's managing
-  organization as an entity, so that organization finds the emergency access in its audit view.
+* break-the-glass: `purposeOfEvent` BTG with the stated reason, and the organizations keeping the
+  patient's record (managing organization, else the assigners of its record numbers) as
+  entities, so that they find the emergency access in their audit view.
 
 Logs never carry patient identifiers; the AuditEvents do, which is why they are access-controlled.
 """
@@ -70,13 +71,13 @@ class AuditTrail:
         database: Database,
         store: StoreConfig,
         *,
-        managing_organization: Callable[[str], Awaitable[str | None]] | None = None,
+        custodians_of: Callable[[str], Awaitable[list[str]]] | None = None,
         flush_seconds: float = 0.05,
         batch_size: int = 200,
     ) -> None:
         self.database = database
         self.store = store
-        self.managing_organization = managing_organization
+        self.custodians_of = custodians_of
         self.flush_seconds = flush_seconds
         self.batch_size = batch_size
         self.queue: asyncio.Queue[AccessNote] = asyncio.Queue()
@@ -128,9 +129,9 @@ class AuditTrail:
     async def _custodians(self, patients: list[str]) -> list[str]:
         found: list[str] = []
         for patient in patients:
-            organization = await self.managing_organization(patient) if self.managing_organization else None
-            if organization and organization not in found:
-                found.append(organization)
+            for organization in await self.custodians_of(patient) if self.custodians_of else []:
+                if organization not in found:
+                    found.append(organization)
         return found
 
 

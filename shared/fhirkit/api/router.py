@@ -79,6 +79,9 @@ class Operation:
     methods: tuple[str, ...] = ("POST",)
     writes: bool = True
     definition: str | None = None  # canonical URL of its OperationDefinition
+    # A GET that records something besides answering (a recognition check grants access to what
+    # it returned): run in a write transaction as a POST is.
+    records_on_get: bool = False
 
 
 @dataclass
@@ -332,7 +335,8 @@ class _Context:
             op_call = OperationCall(call.repo, request, call.options, call.caller, resource_type, resource_id, body, call.params)
             return await op.handler(op_call)
 
-        return await self.run(request, invoke, write=op.writes and request.method == "POST")
+        write = op.writes and (request.method == "POST" or op.records_on_get)
+        return await self.run(request, invoke, write=write)
 
     def _repository(self, conn: AsyncConnection, caller: Any) -> Repository:
         return Repository(conn, self.service.store, owner=getattr(caller, "organization", None), caller=caller)

@@ -155,6 +155,9 @@ access_grant = Table(
     Column("reason", String(255), nullable=False),
     Column("expires_at", BigInteger, nullable=True),
     Column("created_at", BigInteger, nullable=False),
+    # One resource of the patient (a result a recognition check returned); NULL: all of them.
+    Column("target_type", String(64), nullable=True),
+    Column("target_id", String(64), nullable=True),
     Index(None, "grantee", "patient_id", "scope"),
     Index(None, "source"),
 )

@@ -7,7 +7,12 @@ check it made for the patient. Catalogs, code systems, quality records and devic
 (sterile packs and sterilizers) carry no patient data and are read by every member.
 """
 
-from fhirkit.access import AccessPolicy
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from fhirkit.access import AccessPolicy, grant_access
+from fhirkit.api.router import OperationCall
+from fhirkit.store.tables import reference_index, resource
 from servicekit.grants import TaskGrants
 
 RESULTS_SCOPE = "results"
@@ -23,3 +28,36 @@ POLICY = AccessPolicy(
 )
 
 GRANTS = TaskGrants(RESULTS_SCOPE, from_services=("referral", "telemedicine"))
+
+
+async def grant_checked_results(
+    call: OperationCall, patient_id: str, requester: str, results: list[tuple[str, str]]
+) -> None:
+    """A recognition check is made for the patient in front of the caller's doctor: the caller may
+    read the results it returned (and a report's member observations) for a while. Only for its
+    own organization: naming another requester answers the question but opens nothing."""
+    organization = getattr(call.caller, "organization", None)
+    if organization != requester or not results:
+        return
+    conn = call.repo.conn
+    now = call.repo.config.clock()
+    hours = call.request.app.state.settings.recognition_grant_hours
+    for target in [*results, *await _report_members(conn, results)]:
+        await grant_access(
+            conn, grantee=organization, patient=f"Patient/{patient_id}", scope=RESULTS_SCOPE,
+            source=f"recognition-check#{organization}", reason="$recognition-check", now=now,
+            expires_at=now + int(hours * 3600 * 1_000_000), target=target,
+        )
+
+
+async def _report_members(conn: AsyncConnection, results: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    reports = [resource_id for resource_type, resource_id in results if resource_type == "DiagnosticReport"]
+    if not reports:
+        return []
+    stmt = (
+        select(reference_index.c.target_type, reference_index.c.target_id)
+        .join(resource, resource.c.rid == reference_index.c.rid)
+        .where(resource.c.resource_type == "DiagnosticReport", resource.c.resource_id.in_(reports),
+               reference_index.c.param == "result", reference_index.c.target_id.is_not(None))
+    )
+    return [(row[0], row[1]) for row in await conn.execute(stmt)]

@@ -31,7 +31,7 @@ DEFINITION = ServiceDefinition(
     operations=[
         *sterile.OPERATIONS,
         Operation("recognition-check", recognition.recognition_check, system=True, methods=("GET", "POST"),
-                  writes=False, definition=f"{OPERATION_BASE}/recognition-check"),
+                  records_on_get=True, definition=f"{OPERATION_BASE}/recognition-check"),
         Operation("recognition-statistics", decisions.recognition_statistics, system=True, methods=("GET", "POST"),
                   writes=False, definition=f"{OPERATION_BASE}/recognition-statistics"),
     ],

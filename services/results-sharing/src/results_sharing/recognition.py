@@ -25,7 +25,7 @@ from fhirkit.api.interactions import Result
 from fhirkit.api.router import OperationCall
 from fhirkit.errors import InvalidRequest, ResourceNotFound, UnprocessableEntity
 from fhirkit.search.values import date_range, format_instant
-from results_sharing import catalog, db, places, quality
+from results_sharing import access, catalog, db, places, quality
 from results_sharing.catalog import CatalogItem
 from results_sharing.places import Place
 from results_sharing.quality import Standing
@@ -116,6 +116,8 @@ async def recognition_check(call: OperationCall) -> Result:
     item = await _item(conn, request.system, request.code)
     candidates = await candidates_for(conn, request, item)
     verdicts = await _judge_all(conn, directory, request, item, candidates)
+    await access.grant_checked_results(call, request.patient_id, request.requester,
+                                       [(v.candidate.resource_type, v.candidate.resource_id) for v in verdicts])
     return Result(200, jsonio.dumps(answer(request, item, verdicts)))
 
 
