@@ -64,7 +64,7 @@ async def run(seconds: float, concurrency: int) -> list[dict[str, Any]]:
     from tests.support import Api, system_settings
 
     with tempfile.TemporaryDirectory() as data:
-        settings = system_settings(Path(data))
+        settings = system_settings(Path(data), rate_limit_per_second=0)  # measure the server, not the limiter
         for name, definition in service_definitions().items():
             upgrade(settings.database_url(name), definition.all_lineages)
         app = create_gateway_app(settings)

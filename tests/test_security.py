@@ -220,3 +220,18 @@ class TestAudit:
         assert any(e["resource"]["outcomeDesc"].startswith("HTTP 404") for e in refused.json()["entry"])
         others = await _as(api, world.b, "GET", "AuditEvent", params={"agent": world.a})
         assert _ids(others) == set()  # A's audit trail is A's
+
+
+class TestRateLimits:
+    async def test_a_client_over_its_limit_gets_429_with_retry_after(self, api: Any, world: World) -> None:
+        from gateway.rate_limit import RateLimiter
+
+        normal = api.system.state.rate_limiter
+        api.system.state.rate_limiter = RateLimiter(rate=0.5, burst=2)
+        try:
+            answers = [await _as(api, world.a, "GET", world.patient) for _ in range(3)]
+        finally:
+            api.system.state.rate_limiter = normal
+        assert [r.status_code for r in answers] == [200, 200, 429]
+        assert answers[2].headers["retry-after"] == "2"
+        assert outcome_code(answers[2]) == "throttled"

@@ -230,6 +230,10 @@ class TestRecall:
                      if f["extension"][0]["valueReference"] == {"reference": f"DetectedIssue/{issues[0]['id']}"}]
             assert len(flags) == 1 and flags[0]["status"] == "active"
         assert await _search(center, "Flag?subject=Patient/pat-0001") == []
+        # Each health center reads the Flag on the patient it used a recalled pack on, and only that one.
+        assert len(await _search(xikou, "Flag?subject=Patient/pat-0002")) == 1
+        assert await _search(xikou, "Flag?subject=Patient/pat-0003") == []
+        assert len(await _search(shimen, "Flag?subject=Patient/pat-0003")) == 1
 
         # Recorded again (an amended reading), the failure opens no second recall.
         amended = {**failed, "status": "amended"}

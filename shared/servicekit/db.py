@@ -4,8 +4,12 @@ SQLite allows one writer at a time; a transaction that reads then writes under t
 deferred BEGIN fails with `database is locked` when another writer got in between. Write
 transactions therefore start with `BEGIN IMMEDIATE` (they queue on the busy timeout instead),
 and reads use a second engine with a plain deferred BEGIN so they never wait for writers (WAL).
+Within one process the writers also queue, first come first served, on an asyncio lock before
+they BEGIN: SQLite's busy handler polls with growing sleeps, so under load some writers would
+otherwise wait seconds while newcomers slip in ahead of them.
 """
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -52,6 +56,7 @@ class Database:
         self.pool_size = pool_size
         self._write: AsyncEngine | None = None
         self._read: AsyncEngine | None = None
+        self._writers = asyncio.Lock() if is_sqlite(url) else None
 
     @property
     def dialect(self) -> str:
@@ -90,5 +95,18 @@ class Database:
     async def transaction(self, *, write: bool) -> AsyncIterator[AsyncConnection]:
         """The request's one transaction: commit on success, roll back on any error."""
         engine = self.engine if write else (self._read or self.engine)
-        async with engine.begin() as conn:
-            yield conn
+        if not write or self._writers is None:
+            async with engine.begin() as conn:
+                yield conn
+            return
+        try:
+            await asyncio.wait_for(self._writers.acquire(), SQLITE_BUSY_TIMEOUT_MS / 1000)
+        except TimeoutError:
+            from fhirkit.errors import UpstreamUnavailable
+
+            raise UpstreamUnavailable("The database is busy; retry shortly") from None
+        try:
+            async with engine.begin() as conn:
+                yield conn
+        finally:
+            self._writers.release()

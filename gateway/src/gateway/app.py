@@ -37,6 +37,7 @@ from gateway.auth import Authenticated, AuthSettings, authenticate, build_auth_r
 from gateway.break_glass import break_glass
 from gateway.capabilities import merge_capabilities
 from gateway.platform import DEFINITION as PLATFORM_DEFINITION
+from gateway.rate_limit import RateLimiter
 from servicekit.app import ServiceDefinition, create_service_app
 from servicekit.identity import IDENTITY_HEADER, sign_identity
 from servicekit.observability import Metrics, RequestContextMiddleware, request_id_var
@@ -401,6 +402,7 @@ def create_gateway_app(
     app = FastAPI(title="County medical alliance FHIR gateway", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.gateway = gateway
     app.state.audit = audit
+    app.state.rate_limiter = RateLimiter(settings.rate_limit_per_second, settings.rate_limit_burst)
     app.state.apps = apps
     app.state.settings = settings
     app.state.auth_settings = auth_settings
@@ -417,6 +419,7 @@ def create_gateway_app(
     async def fhir(request: Request, path: str = "") -> Response:
         check_format(request.query_params.get("_format"), request.headers.get("accept"))
         auth = await authenticate(request, engine=platform_db.read_engine, settings=auth_settings)
+        app.state.rate_limiter.check(auth.identity.client_id)
         auth = break_glass(request, auth)
         segments = [s for s in path.split("/") if s]
         try:

@@ -17,6 +17,7 @@ Logs never carry patient identifiers; the AuditEvents do, which is why they are 
 
 import asyncio
 import base64
+import dataclasses
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -76,12 +77,16 @@ class AuditTrail:
         batch_size: int = 200,
     ) -> None:
         self.database = database
-        self.store = store
+        # The audit's own writes announce nothing (no outbox events): no service reacts to them,
+        # and an event per request would double the writer's work.
+        self.store = dataclasses.replace(store, hooks={})
         self.custodians_of = custodians_of
         self.flush_seconds = flush_seconds
         self.batch_size = batch_size
-        self.queue: asyncio.Queue[AccessNote] = asyncio.Queue()
+        self.queue: asyncio.Queue[AccessNote | None] = asyncio.Queue()  # None: stop after what is queued
         self._task: asyncio.Task[None] | None = None
+        self._in_flight = 0
+        self._stopping = False
 
     def note(self, note: AccessNote) -> None:
         self.queue.put_nowait(note)
@@ -90,36 +95,56 @@ class AuditTrail:
         self._task = asyncio.create_task(self._run(), name="audit-writer")
 
     async def stop(self) -> None:
+        """Write everything noted, then end the writer. It is not cancelled: a batch cut off in
+        the middle of its transaction would leave notes unwritten."""
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            self.queue.put_nowait(None)
+            await self._task
         await self.flush()
 
     async def flush(self) -> None:
-        """Write everything noted so far (tests call this before reading the audit)."""
-        while not self.queue.empty():
-            batch = [self.queue.get_nowait() for _ in range(min(self.batch_size, self.queue.qsize()))]
+        """Write everything noted so far, including a batch the writer is holding (tests call this
+        before reading the audit)."""
+        while self._in_flight:
+            await asyncio.sleep(0.005)
+        while batch := self._take(self.batch_size):
             await self._write(batch)
 
+    def _take(self, count: int) -> list[AccessNote]:
+        batch: list[AccessNote] = []
+        while len(batch) < count and not self.queue.empty():
+            note = self.queue.get_nowait()
+            if note is None:
+                self._stopping = True
+                break
+            batch.append(note)
+        return batch
+
     async def _run(self) -> None:
-        while True:
+        while not self._stopping:
             first = await self.queue.get()
-            await asyncio.sleep(self.flush_seconds)
-            batch = [first] + [self.queue.get_nowait() for _ in range(min(self.batch_size - 1, self.queue.qsize()))]
+            if first is None:
+                return
+            self._in_flight += 1
             try:
-                await self._write(batch)
-            except Exception:  # the writer must outlive a bad batch; the notes go back for another try
-                log.exception("audit batch of %d failed; retrying", len(batch))
-                for item in batch:
-                    self.queue.put_nowait(item)
-                await asyncio.sleep(1.0)
+                await asyncio.sleep(self.flush_seconds)
+                await self._write_or_retry([first, *self._take(self.batch_size - 1)])
+            finally:
+                self._in_flight -= 1
+
+    async def _write_or_retry(self, batch: list[AccessNote]) -> None:
+        try:
+            await self._write(batch)
+        except Exception:  # the writer must outlive a bad batch; the notes go back for another try
+            log.exception("audit batch of %d failed; retrying", len(batch))
+            for item in batch:
+                self.queue.put_nowait(item)
+            await asyncio.sleep(1.0)
 
     async def _write(self, batch: list[AccessNote]) -> None:
         events = [await self._event(note) for note in batch]
         async with self.database.transaction(write=True) as conn:
-            repo = Repository(conn, self.store)
-            for event in events:
-                await repo.create(event, trusted=True)
+            await Repository(conn, self.store).create_records(events)
 
     async def _event(self, note: AccessNote) -> dict[str, Any]:
         patients = sorted(note.patients | patients_in(note))[:MAX_PATIENTS]

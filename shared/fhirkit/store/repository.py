@@ -302,6 +302,35 @@ class Repository:
         self._require_type(resource_type)
         return await self.search_matches(resource_type, criteria)
 
+    async def create_records(self, bodies: Sequence[dict[str, Any]]) -> None:
+        """Store many resources the server wrote itself (audit records) in a few statements: no
+        validation, reference checks or hooks, one multi-row insert per table for the batch."""
+        if not bodies:
+            return
+        now = self._now()
+        rows = []
+        for body in bodies:
+            self._require_type(body["resourceType"])
+            body = {**body, "id": self.config.new_id(body["resourceType"])}
+            rows.append((body, {
+                "resource_type": body["resourceType"], "resource_id": body["id"], "version_id": 1,
+                "last_updated": now, "deleted": False, "owner": self.owner, "content": _content(body, 1, now),
+            }))
+        inserted = await self.conn.execute(
+            insert(resource).returning(resource.c.rid, sort_by_parameter_order=True), [values for _, values in rows]
+        )
+        rids = [row[0] for row in inserted]
+        await self.conn.execute(
+            insert(resource_history), [{"rid": rid, "method": "POST", **values} for rid, (_, values) in zip(rids, rows)]
+        )
+        by_kind: dict[str, list[dict[str, Any]]] = {}
+        for rid, (body, _) in zip(rids, rows):
+            for kind, index in indexing.index_rows(body).items():
+                by_kind.setdefault(kind, []).extend({"rid": rid, **row} for row in index)
+        for kind, index in by_kind.items():
+            if index:
+                await self.conn.execute(insert(INDEX_TABLES[kind]), index)
+
     async def _insert(self, body: dict[str, Any], resource_id: str, method: str, *, trusted: bool = False) -> WriteOutcome:
         resource_type = body["resourceType"]
         resources.check_id(resource_id)

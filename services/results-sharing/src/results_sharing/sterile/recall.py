@@ -16,8 +16,10 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
+from fhirkit.access import grant_access
 from fhirkit.errors import UnprocessableEntity
 from fhirkit.search.values import format_instant
+from results_sharing.access import RESULTS_SCOPE
 from results_sharing.sterile import codes, links, queries
 from results_sharing.sterile.rules import read_local, start_of
 
@@ -158,10 +160,13 @@ def _inputs(item: str, references: list[str]) -> list[dict[str, Any]]:
 
 async def _create_flags(repo: Any, issue: dict[str, Any], exposure: Exposure) -> None:
     packs_of: dict[str, list[str]] = defaultdict(list)
+    sites_of: dict[str, set[str]] = defaultdict(set)
     for pack_id, uses in exposure.used.items():
         for use in uses:
             if use.patient:
                 packs_of[use.patient].append(pack_id)
+                if use.organization:
+                    sites_of[use.patient].add(use.organization)
     now = format_instant(repo.config.clock())
     for patient, packs in sorted(packs_of.items()):
         flag = {
@@ -175,4 +180,13 @@ async def _create_flags(repo: Any, issue: dict[str, Any], exposure: Exposure) ->
             "period": {"start": now},
             "author": {"reference": exposure.authority},
         }
-        await repo.create(flag)
+        created = (await repo.create(flag)).stored
+        await _show_flag_to_sites(repo, created.resource_id, patient, sites_of[patient] - {exposure.authority})
+
+
+async def _show_flag_to_sites(repo: Any, flag_id: str, patient: str, sites: set[str]) -> None:
+    """The health centers that used the packs on the patient read the Flag the center raised."""
+    for site in sorted(sites):
+        await grant_access(repo.conn, grantee=site, patient=patient, scope=RESULTS_SCOPE,
+                           source=f"recall#{site}", reason="sterilization recall", expires_at=None,
+                           now=repo.config.clock(), target=("Flag", flag_id))
