@@ -1,5 +1,6 @@
 """Helpers shared by the cross-service tests: settings, PostgreSQL databases, an API client."""
 
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -12,6 +13,7 @@ import psycopg
 from servicekit.settings import SERVICES, AllianceSettings
 
 FHIR_JSON = "application/fhir+json"
+TOKEN_REUSE_SECONDS = 120
 
 
 def system_settings(data_dir: Path, database_urls: dict[str, str] | None = None, **extra: Any) -> AllianceSettings:
@@ -45,18 +47,25 @@ def postgres_databases(base_url: str, prefix: str) -> Iterator[dict[str, str]]:
                 conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+# The test client may do everything, reading the audit trail included; tests of refusals name
+# narrower scopes.
+FULL_SCOPE = "system/*.cruds alliance/audit"
+
+
 class Api:
     """A FHIR client for tests: tokens per organization, JSON in and out."""
 
     def __init__(self, system: Any, client: httpx.AsyncClient) -> None:
         self.system = system
         self.client = client
-        self._tokens: dict[tuple[str, str, str], str] = {}
+        self._tokens: dict[tuple[str, str, str], tuple[float, str]] = {}
 
-    async def token(self, organization: str = "Organization/test-org", scope: str = "system/*.cruds",
+    async def token(self, organization: str = "Organization/test-org", scope: str = FULL_SCOPE,
                     level: str = "county") -> str:
         key = (organization, scope, level)
-        if key not in self._tokens:
+        cached = self._tokens.get(key)
+        # Tokens live 5 minutes and a test session is longer: take a fresh one well before expiry.
+        if cached is None or time.monotonic() - cached[0] > TOKEN_REUSE_SECONDS:
             from gateway.auth import create_client
 
             engine = self.system.state.apps["platform"].state.database.engine
@@ -70,16 +79,16 @@ class Api:
                 auth=(client_id, registered.client_secret or ""),
             )
             assert response.status_code == 200, response.text
-            self._tokens[key] = response.json()["access_token"]
-        return self._tokens[key]
+            self._tokens[key] = (time.monotonic(), response.json()["access_token"])
+        return self._tokens[key][1]
 
-    async def headers(self, organization: str = "Organization/test-org", scope: str = "system/*.cruds",
+    async def headers(self, organization: str = "Organization/test-org", scope: str = FULL_SCOPE,
                       level: str = "county", **extra: str) -> dict[str, str]:
         token = await self.token(organization, scope, level)
         return {"Authorization": f"Bearer {token}", "Content-Type": FHIR_JSON, **extra}
 
     async def request(self, method: str, path: str, body: Any = None, *, organization: str = "Organization/test-org",
-                      scope: str = "system/*.cruds", level: str = "county", headers: dict[str, str] | None = None,
+                      scope: str = FULL_SCOPE, level: str = "county", headers: dict[str, str] | None = None,
                       **kwargs: Any) -> httpx.Response:
         all_headers = await self.headers(organization, scope, level)
         all_headers.update(headers or {})

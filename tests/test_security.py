@@ -6,6 +6,7 @@ is party to one Encounter only. Every test asks, as B, a question whose answer w
 records if one path forgot the predicate.
 """
 
+import base64
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -221,6 +222,67 @@ class TestAudit:
         others = await _as(api, world.b, "GET", "AuditEvent", params={"agent": world.a})
         assert _ids(others) == set()  # A's audit trail is A's
 
+    async def test_only_auditors_read_the_audit_trail(self, api: Any, world: World) -> None:
+        plain = await api.request("GET", "AuditEvent", organization=world.a, scope="system/*.cruds")
+        assert plain.status_code == 403 and outcome_code(plain) == "forbidden"
+        assert (await _as(api, world.a, "GET", "AuditEvent", params={"agent": world.a})).status_code == 200
+
+    async def test_the_trail_is_append_only(self, api: Any, world: World) -> None:
+        record = {"resourceType": "AuditEvent", "type": {"system": "http://dicom.nema.org/resources/ontology/DCM",
+                  "code": "110110", "display": "Patient Record"}, "recorded": "2026-11-23T08:00:00+08:00",
+                  "agent": [{"who": {"reference": world.a}, "requestor": True}],
+                  "source": {"observer": {"display": "乡镇卫生院HIS"}}}
+        sent = await _as(api, world.a, "POST", "AuditEvent", record)  # another system's record (IHE ATNA)
+        assert sent.status_code == 201, sent.text
+        stored = sent.json()
+        changed = await _as(api, world.a, "PUT", f"AuditEvent/{stored['id']}", {**stored, "outcome": "8"})
+        assert changed.status_code == 403
+        deleted = await _as(api, world.a, "DELETE", f"AuditEvent/{stored['id']}")
+        assert deleted.status_code == 403
+        assert (await _as(api, world.a, "GET", f"AuditEvent/{stored['id']}")).json()["meta"]["versionId"] == "1"
+
+    async def test_a_search_leaves_one_event_per_patient_it_returned(self, api: Any, world: World) -> None:
+        second = (await _as(api, world.a, "POST", "Patient", {"resourceType": "Patient"})).json()
+        await _as(api, world.a, "POST", "Condition", {"resourceType": "Condition",
+                                                      "subject": {"reference": f"Patient/{second['id']}"}})
+        marker = f"audit-{uuid.uuid4().hex[:8]}"
+        found = await _as(api, world.a, "GET", "Condition", params={"_count": "50", "_tag:not": marker})
+        patients = {e["resource"]["subject"]["reference"] for e in found.json()["entry"]}
+        assert {world.patient, f"Patient/{second['id']}"} <= patients
+        await api.system.state.audit.flush()
+        for patient in (world.patient, f"Patient/{second['id']}"):
+            events = await _as(api, world.a, "GET", "AuditEvent", params={"entity": patient, "subtype": "search-type"})
+            mine = [e["resource"] for e in events.json()["entry"]
+                    if marker in base64.b64decode(next(x["query"] for x in e["resource"]["entity"] if "query" in x)).decode()]
+            assert len(mine) == 1
+            assert [x["what"] for x in mine[0]["entity"] if "what" in x] == [{"reference": patient}]
+
+    async def test_the_hash_chain_finds_a_changed_record(self, api: Any, world: World) -> None:
+        from sqlalchemy import select, update
+
+        from fhirkit.store.tables import resource_history
+        from gateway import audit_chain
+
+        await _as(api, world.a, "GET", world.patient)
+        await api.system.state.audit.flush()
+        database = api.system.state.apps["platform"].state.database
+        async with database.transaction(write=False) as conn:
+            intact = await audit_chain.verify(conn)
+        assert intact.broken_at is None and intact.checked > 0
+        async with database.transaction(write=True) as conn:
+            row = (await conn.execute(select(audit_chain.audit_chain).order_by(audit_chain.audit_chain.c.seq)
+                                      .limit(1))).first()
+            where = (resource_history.c.resource_type == "AuditEvent") & (resource_history.c.resource_id == row.audit_id)
+            original = (await conn.execute(select(resource_history.c.content).where(where))).scalar_one()
+            await conn.execute(update(resource_history).where(where).values(content=original.replace(b'"0"', b'"8"')))
+        try:
+            async with database.transaction(write=False) as conn:
+                broken = await audit_chain.verify(conn)
+            assert broken.broken_at == row.seq and "changed" in (broken.problem or "")
+        finally:
+            async with database.transaction(write=True) as conn:
+                await conn.execute(update(resource_history).where(where).values(content=original))
+
 
 class TestRateLimits:
     async def test_a_client_over_its_limit_gets_429_with_retry_after(self, api: Any, world: World) -> None:
@@ -235,3 +297,21 @@ class TestRateLimits:
         assert [r.status_code for r in answers] == [200, 200, 429]
         assert answers[2].headers["retry-after"] == "2"
         assert outcome_code(answers[2]) == "throttled"
+
+
+class TestRefusalsAreAudited:
+    async def test_a_failed_authentication_leaves_an_audit_event(self, api: Any, world: World) -> None:
+        from sqlalchemy import select
+
+        from fhirkit.store.tables import resource
+
+        bad = await api.client.get(f"/fhir/{world.patient}", headers={"Authorization": "Bearer not-a-token"})
+        assert bad.status_code == 401
+        await api.system.state.audit.flush()
+        database = api.system.state.apps["platform"].state.database
+        async with database.transaction(write=False) as conn:
+            rows = await conn.execute(select(resource.c.content).where(resource.c.resource_type == "AuditEvent"))
+            contents = [row[0] for row in rows]
+        refused = [c for c in contents if b'"unauthenticated"' in c and b"HTTP 401" in c]
+        assert refused, "a failed authentication left no AuditEvent"
+        assert b"not-a-token" not in refused[-1]  # the audit keeps no credentials

@@ -63,6 +63,25 @@ def loads(raw: bytes | str) -> Any:
     return value
 
 
+def refuse_nul(raw: bytes, value: Any) -> None:
+    """Refuse a request body holding U+0000 in a string or a key: FHIR strings may not contain it
+    and PostgreSQL text cannot store it. A raw NUL byte is already invalid JSON, so only bodies
+    with the escape `\\u0000` need the walk."""
+    if b"\\u0000" not in raw:
+        return
+    stack: list[Any] = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                raise InvalidRequest("The body contains the character U+0000 (NUL), which FHIR does not allow")
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+
+
 def _parse_int(text: str) -> int | FhirDecimal:
     number = int(text)
     # Python ints are unbounded; keep huge ones as decimals so orjson-free dumping still works.

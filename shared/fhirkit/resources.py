@@ -36,7 +36,8 @@ def is_resource_type(name: str) -> bool:
 
 
 def check_id(resource_id: str) -> str:
-    if not ID_PATTERN.match(resource_id):
+    # `.` and `..` fit the spec's id pattern, but as a path segment they mean something else.
+    if not ID_PATTERN.match(resource_id) or resource_id in (".", ".."):
         raise InvalidRequest(
             f"'{resource_id[:80]}' is not a valid FHIR id (1-64 of A-Z a-z 0-9 - .)", expression=["id"]
         )

@@ -5,6 +5,7 @@ plumbing is here, so the four services differ only in their domain code.
 """
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -76,6 +77,9 @@ def create_service_app(
     clock: Callable[[], int] | None = None,
 ) -> FastAPI:
     secret = settings.secret("internal_secret")
+    if definition.task_grants is not None:
+        grants = dataclasses.replace(definition.task_grants, recent_days=settings.relationship_days_after_close)
+        definition = dataclasses.replace(definition, task_grants=grants)
     database = Database(settings.database_url(definition.name))
     urls = {name: settings.service_url(name) for name in topology.OWNED_TYPES}
     peers = Peers(definition.name, secret, urls, transports, cache_seconds=settings.reference_cache_seconds)
@@ -127,7 +131,7 @@ def create_service_app(
             await peers.close()
             await database.stop()
 
-    app = FastAPI(title=definition.title, lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = FastAPI(title=definition.title, lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.database = database
     app.state.peers = peers
     app.state.events = events

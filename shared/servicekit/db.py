@@ -30,7 +30,8 @@ def sync_url(url: str) -> str:
 
 
 def _sqlite_engine(url: str, begin: str) -> AsyncEngine:
-    engine = create_async_engine(url, pool_size=8, max_overflow=8)
+    # hide_parameters: errors and logs never show the bound values (patient data, identifiers).
+    engine = create_async_engine(url, pool_size=8, max_overflow=8, hide_parameters=True)
 
     @event.listens_for(engine.sync_engine, "connect")
     def on_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -69,7 +70,9 @@ class Database:
             self._write = _sqlite_engine(self.url, "BEGIN IMMEDIATE")
             self._read = _sqlite_engine(self.url, "BEGIN")
         else:
-            self._write = create_async_engine(self.url, pool_size=self.pool_size, max_overflow=self.pool_size, pool_pre_ping=True)
+            self._write = create_async_engine(
+                self.url, pool_size=self.pool_size, max_overflow=self.pool_size, pool_pre_ping=True, hide_parameters=True
+            )
             self._read = self._write
 
     async def stop(self) -> None:

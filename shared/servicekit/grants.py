@@ -19,7 +19,7 @@ from servicekit.events import Event
 
 OPEN = frozenset({"draft", "requested", "received", "accepted", "ready", "in-progress", "on-hold"})
 ACCEPTED = frozenset({"accepted", "in-progress", "on-hold", "completed"})
-RECENT_DAYS = 30
+RECENT_DAYS = 30  # the default of ALLIANCE_RELATIONSHIP_DAYS_AFTER_CLOSE
 
 
 @dataclass(frozen=True)

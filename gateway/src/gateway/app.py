@@ -6,6 +6,7 @@ signed internal header. In the embedded mode every service runs in this process 
 in-process ASGI transport; in distributed mode the same code reaches them over HTTP.
 """
 
+import re
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from fastapi import FastAPI, Request
 from starlette.responses import Response
 
 from fhirkit import jsonio
+from fhirkit.api.bundles import MAX_ENTRIES as MAX_BUNDLE_ENTRIES
 from fhirkit.api.handlers import install_exception_handlers
 from fhirkit.api.responses import FHIR_JSON, check_format
 from fhirkit.api.router import read_body
@@ -27,6 +29,7 @@ from fhirkit.errors import (
     Forbidden,
     InvalidRequest,
     NotSupported,
+    PayloadTooLarge,
     UpstreamTimeout,
     UpstreamUnavailable,
 )
@@ -34,6 +37,7 @@ from fhirkit.search.values import now_micros
 from gateway import merged_search, routing
 from gateway.audit import AccessNote, AuditTrail
 from gateway.auth import Authenticated, AuthSettings, authenticate, build_auth_router
+from gateway.auth.router import AUDITOR_ROLE
 from gateway.break_glass import break_glass
 from gateway.capabilities import merge_capabilities
 from gateway.platform import DEFINITION as PLATFORM_DEFINITION
@@ -48,6 +52,10 @@ FORWARDED_REQUEST_HEADERS = ("content-type", "prefer", "if-match", "if-none-exis
 FORWARDED_RESPONSE_HEADERS = ("etag", "location", "last-modified", "content-location", "www-authenticate", "retry-after")
 # `$name` at the base → the owning service, and the type whose search scope the caller needs.
 PLATFORM_INTERNAL_PATH = "/internal/platform"
+# What a decoded path segment may be: a type, an id, a version, `_history`/`_search`, `$operation`.
+# Anything else (`..`, an encoded `/` or `%`, NUL, spaces) would change meaning when the path is
+# forwarded (the HTTP client resolves `..`; the service decodes `%` again), so it stops here.
+PATH_SEGMENT = re.compile(r"[A-Za-z0-9_$.\-]+")
 SYSTEM_OPERATIONS: dict[str, tuple[str, str]] = {
     "referral-statistics": ("referral", "Task"),
     "telemedicine-statistics": ("telemedicine", "Task"),
@@ -96,7 +104,9 @@ class Gateway:
         headers: dict[str, str] | None = None,
         content: bytes = b"",
     ) -> Upstream:
-        outgoing = dict(headers or {})
+        # Byte for byte as received: Starlette decodes header values as latin-1, and httpx would
+        # refuse to encode a non-ASCII str (a UTF-8 `If-None-Exist`) as ASCII.
+        outgoing: dict[str, str | bytes] = {k: v.encode("latin-1", "replace") for k, v in (headers or {}).items()}
         outgoing[IDENTITY_HEADER] = sign_identity(identity, self.secret, request_id=request_id_var.get())
         outgoing["x-request-id"] = request_id_var.get()
         outgoing["x-forwarded-base"] = self.settings.base_url
@@ -143,12 +153,23 @@ def _forward_headers(request: Request) -> dict[str, str]:
 
 
 def _require(auth: Authenticated, resource_type: str, interaction: str) -> None:
+    if resource_type == "AuditEvent":
+        _require_auditor(auth, interaction)
     if not auth.scopes.permits(resource_type, interaction):
         names = {"c": "create", "r": "read", "u": "update", "d": "delete", "s": "search"}
         raise Forbidden(
             f"The token's scopes do not allow {names.get(interaction, interaction)} on {resource_type}",
             details={"text": " ".join(auth.identity.scopes)[:200]},
         )
+
+
+def _require_auditor(auth: Authenticated, interaction: str) -> None:
+    """The audit trail is append-only (other systems may add their records, IHE ATNA style; the
+    platform refuses to change one) and read by auditors alone."""
+    if interaction == "d":
+        raise Forbidden("The audit trail is append-only: AuditEvents are never deleted")
+    if interaction in ("r", "s") and AUDITOR_ROLE not in auth.identity.roles:
+        raise Forbidden("Reading the audit trail needs an auditor's client (scope alliance/audit)")
 
 
 class FhirDispatcher:
@@ -265,6 +286,11 @@ class FhirDispatcher:
         bundle = _json_object(body)
         if bundle.get("resourceType") != "Bundle" or bundle.get("type") not in ("batch", "transaction"):
             raise InvalidRequest("POST to the base takes a batch or transaction Bundle")
+        entries = bundle.get("entry") or []
+        # Checked here too: a batch spanning services is split below, entry by entry, and each
+        # piece would pass the service's own check.
+        if isinstance(entries, list) and len(entries) > MAX_BUNDLE_ENTRIES:
+            raise PayloadTooLarge(f"A Bundle may carry at most {MAX_BUNDLE_ENTRIES} entries, not {len(entries)}")
         services = self._entry_services(auth, bundle)
         distinct = set(services)
         if len(distinct) <= 1:
@@ -318,15 +344,18 @@ class FhirDispatcher:
 
 
 def access_note(
-    request: Request, auth: Authenticated, segments: list[str], status: int, body: bytes = b"",
+    request: Request, auth: Authenticated | None, segments: list[str], status: int, body: bytes = b"",
     *, diagnostics: str | None = None,
 ) -> AccessNote:
-    identity = auth.identity
+    """What the audit records of a request; `auth` None: the caller could not be authenticated."""
+    identity = auth.identity if auth is not None else None
     return AccessNote(
-        method=request.method, segments=segments, query=request.url.query, status=status,
-        client_id=identity.client_id, organization=identity.organization, recorded=now_micros(),
+        method=request.method, segments=segments, query=request.url.query if identity else "", status=status,
+        client_id=identity.client_id if identity else "unauthenticated",
+        organization=identity.organization if identity else "", recorded=now_micros(),
         request_id=request_id_var.get(), address=request.client.host if request.client else None,
-        break_glass=identity.break_glass, body=body if request.method == "GET" else b"", diagnostics=diagnostics,
+        break_glass=identity.break_glass if identity else None, body=body if request.method == "GET" else b"",
+        diagnostics=diagnostics,
     )
 
 
@@ -399,7 +428,8 @@ def create_gateway_app(
                 for client in clients.values():
                     await client.aclose()
 
-    app = FastAPI(title="County medical alliance FHIR gateway", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = FastAPI(title="County medical alliance FHIR gateway", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None)
     app.state.gateway = gateway
     app.state.audit = audit
     app.state.rate_limiter = RateLimiter(settings.rate_limit_per_second, settings.rate_limit_burst)
@@ -418,10 +448,21 @@ def create_gateway_app(
     @app.api_route("/fhir/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False)
     async def fhir(request: Request, path: str = "") -> Response:
         check_format(request.query_params.get("_format"), request.headers.get("accept"))
-        auth = await authenticate(request, engine=platform_db.read_engine, settings=auth_settings)
-        app.state.rate_limiter.check(auth.identity.client_id)
-        auth = break_glass(request, auth)
+        try:
+            auth = await authenticate(request, engine=platform_db.read_engine, settings=auth_settings)
+        except FhirError as exc:  # a failed authentication is a security event too
+            audit.note(access_note(request, None, [], exc.status_code, diagnostics=exc.diagnostics))
+            raise
+        try:
+            app.state.rate_limiter.check(auth.identity.client_id)
+            auth = break_glass(request, auth)
+        except FhirError as exc:
+            audit.note(access_note(request, auth, [], exc.status_code, diagnostics=exc.diagnostics))
+            raise
         segments = [s for s in path.split("/") if s]
+        for segment in segments:  # refused before the audit note, which would carry the segment
+            if segment in (".", "..") or not PATH_SEGMENT.fullmatch(segment):
+                raise InvalidRequest(f"'{segment[:80]}' is not a valid segment of a FHIR path")
         try:
             body = await read_body(request) if request.method in ("POST", "PUT", "PATCH") else b""
             upstream = await dispatcher.dispatch(

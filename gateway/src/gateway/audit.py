@@ -26,6 +26,7 @@ from typing import Any
 from fhirkit import jsonio
 from fhirkit.search.values import format_instant
 from fhirkit.store.repository import Repository, StoreConfig
+from gateway import audit_chain
 from servicekit.db import Database
 
 log = logging.getLogger("alliance.audit")
@@ -135,21 +136,35 @@ class AuditTrail:
     async def _write_or_retry(self, batch: list[AccessNote]) -> None:
         try:
             await self._write(batch)
-        except Exception:  # the writer must outlive a bad batch; the notes go back for another try
-            log.exception("audit batch of %d failed; retrying", len(batch))
-            for item in batch:
-                self.queue.put_nowait(item)
-            await asyncio.sleep(1.0)
+            return
+        except Exception:  # the writer must outlive a bad batch
+            log.exception("audit batch of %d failed; writing its notes one by one", len(batch))
+        for note in batch:  # one bad note (unstorable text) must not hold back the others
+            for attempt in range(3):
+                try:
+                    await self._write([note])
+                    break
+                except Exception:
+                    await asyncio.sleep(0.5 * (attempt + 1))
+            else:
+                log.error("an audit note of request %s could not be stored", note.request_id)
 
     async def _write(self, batch: list[AccessNote]) -> None:
-        events = [await self._event(note) for note in batch]
+        events = [event for note in batch for event in await self._events(note)]
         async with self.database.transaction(write=True) as conn:
-            await Repository(conn, self.store).create_records(events)
+            stored = await Repository(conn, self.store).create_records(events)
+            await audit_chain.append(conn, stored)
 
-    async def _event(self, note: AccessNote) -> dict[str, Any]:
+    async def _events(self, note: AccessNote) -> list[dict[str, Any]]:
+        """One AuditEvent per patient a search (or history, operation, bundle) touched, so that a
+        patient's audit lists every query that returned their data; one for anything else."""
         patients = sorted(note.patients | patients_in(note))[:MAX_PATIENTS]
-        custodians = await self._custodians(patients) if note.break_glass else []
-        return audit_event(note, patients, custodians)
+        groups = [[p] for p in patients] if len(patients) > 1 else [patients]
+        events = []
+        for group in groups:
+            custodians = await self._custodians(group) if note.break_glass else []
+            events.append(audit_event(note, group, custodians))
+        return events
 
     async def _custodians(self, patients: list[str]) -> list[str]:
         found: list[str] = []
@@ -204,7 +219,8 @@ def _client_agent(note: AccessNote) -> dict[str, Any]:
     agent: dict[str, Any] = {
         "type": {"coding": [{"system": "http://dicom.nema.org/resources/ontology/DCM", "code": "110153",
                              "display": "Source Role ID"}]},
-        "who": {"reference": note.organization, "identifier": {"system": CLIENT_SYSTEM, "value": note.client_id}},
+        "who": {**({"reference": note.organization} if note.organization else {}),
+                "identifier": {"system": CLIENT_SYSTEM, "value": note.client_id}},
         "requestor": True,
     }
     if note.address:

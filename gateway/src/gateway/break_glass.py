@@ -28,7 +28,7 @@ def break_glass(request: Request, auth: Authenticated) -> Authenticated:
     if request.method != "GET":
         raise Forbidden("Break-the-glass opens reads only; writes follow the normal rules")
     reason = _decoded(raw).strip()
-    if not MIN_REASON_CHARS <= len(reason) <= MAX_REASON_CHARS:
+    if any(ord(c) < 32 for c in reason) or not MIN_REASON_CHARS <= len(reason) <= MAX_REASON_CHARS:
         raise InvalidRequest(f"{HEADER} must state the reason in {MIN_REASON_CHARS} to {MAX_REASON_CHARS} characters")
     return Authenticated(dataclasses.replace(auth.identity, break_glass=reason), auth.scopes)
 
@@ -37,4 +37,7 @@ def _decoded(raw: str) -> str:
     """Headers travel as Latin-1; a Chinese reason is sent percent-encoded (UTF-8)."""
     from urllib.parse import unquote
 
-    return unquote(raw, encoding="utf-8", errors="strict") if "%" in raw else raw
+    try:
+        return unquote(raw, encoding="utf-8", errors="strict") if "%" in raw else raw
+    except UnicodeDecodeError:
+        raise InvalidRequest(f"{HEADER} must be UTF-8 (percent-encoded)") from None

@@ -26,6 +26,8 @@ app.add_typer(client_app, name="client")
 app.add_typer(demo_app, name="demo")
 catalog_app = typer.Typer(no_args_is_help=True, help="The recognition catalog (互认项目目录)")
 app.add_typer(catalog_app, name="catalog")
+audit_app = typer.Typer(no_args_is_help=True, help="The audit trail (AuditEvent)")
+app.add_typer(audit_app, name="audit")
 
 SERVE_TARGETS = ("all", "gateway", "directory", "referral", "results-sharing", "telemedicine")
 DEMO_DIRECTORY = Path(__file__).resolve().parents[3] / "services/directory/src/directory/demo/alliance.yaml"
@@ -153,6 +155,30 @@ def catalog_load(file: Annotated[Path, typer.Argument(exists=True, dir_okay=Fals
     except RecognitionLoadError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
+
+
+@audit_app.command("verify")
+def audit_verify() -> None:
+    """Recompute the audit trail's hash chain; exit 1 at the first AuditEvent changed, removed or
+    reordered since it was written (docs/security.md)."""
+    verdict = asyncio.run(_verify_audit(_settings()))
+    if verdict.broken_at is not None:
+        typer.echo(f"BROKEN at link {verdict.broken_at} after {verdict.checked} good links: {verdict.problem}", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"ok: {verdict.checked} AuditEvents, chain intact")
+
+
+async def _verify_audit(settings: AllianceSettings) -> Any:
+    from gateway import audit_chain
+    from servicekit.db import Database
+
+    database = Database(settings.database_url("platform"))
+    await database.start()
+    try:
+        async with database.transaction(write=False) as conn:
+            return await audit_chain.verify(conn)
+    finally:
+        await database.stop()
 
 
 @client_app.command("create")

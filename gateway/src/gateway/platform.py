@@ -6,7 +6,7 @@ which also holds the registered API clients."""
 from pathlib import Path
 
 from fhirkit.access import AccessPolicy
-from gateway import subscriptions
+from gateway import audit_chain, subscriptions
 from servicekit import topology
 from servicekit.app import ServiceDefinition
 from servicekit.migrations import Lineage
@@ -23,7 +23,7 @@ DEFINITION = ServiceDefinition(
         public_types=frozenset({"SubscriptionTopic"}),
         parties={"Consent": ("organization", "actor"), "AuditEvent": ("agent", "entity")},
     ),
-    hooks=subscriptions.HOOKS,
+    hooks={**subscriptions.HOOKS, "AuditEvent": audit_chain.AuditEventHooks()},
     operations=subscriptions.OPERATIONS,
     on_startup=[subscriptions.start_hub],
     background=[subscriptions.run_delivery],

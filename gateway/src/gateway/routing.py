@@ -54,8 +54,9 @@ def service_for_resource(resource: dict[str, Any]) -> str:
             return "results-sharing"
         return "referral"
     if resource_type == "Provenance":
-        targets = resource.get("target") or []
-        reference = targets[0].get("reference") if targets and isinstance(targets[0], dict) else None
+        targets = resource.get("target")
+        first = targets[0] if isinstance(targets, list) and targets else None
+        reference = first.get("reference") if isinstance(first, dict) else None
         return provenance_owner(reference)
     return candidates[0]
 

@@ -22,8 +22,8 @@ from fhirkit.errors import (
     UnprocessableEntity,
     UnsupportedMediaType,
 )
-from fhirkit.search.request import SearchRequest, parse_search
-from fhirkit.search.values import date_range, format_instant
+from fhirkit.search.request import SearchRequest, parse_count, parse_search
+from fhirkit.search.values import date_range, format_instant, natural
 from fhirkit.store.repository import Repository, StoredResource, WriteOutcome
 
 JSON_PATCH = "application/json-patch+json"
@@ -54,9 +54,10 @@ def parse_if_match(value: str | None) -> int | None:
     text = value.strip()
     text = text.removeprefix("W/")
     text = text.strip('"')
-    if not text.isdigit():
+    version = natural(text)
+    if version is None:
         raise InvalidRequest(f"If-Match '{value[:40]}' is not a version ETag such as W/\"3\"")
-    return int(text)
+    return version
 
 
 async def read(repo: Repository, resource_type: str, resource_id: str, options: RequestOptions) -> Result:
@@ -246,16 +247,14 @@ async def history(
         raise InvalidRequest(f"Unsupported history parameter(s): {', '.join(sorted(unknown))[:120]}")
     count = 50
     if "_count" in values:
-        if not values["_count"].isdigit():
-            raise InvalidRequest(f"_count must be a non-negative integer, not '{values['_count'][:20]}'")
-        count = min(int(values["_count"]), 1000)
+        count = parse_count(values["_count"])
     since = None
     if "_since" in values:
         bounds = date_range(values["_since"])
         if bounds is None:
             raise InvalidRequest(f"_since '{values['_since'][:40]}' is not a valid instant")
         since = bounds[0]
-    cursor = int(values["_cursor"]) if values.get("_cursor", "").isdigit() else None
+    cursor = natural(values.get("_cursor", ""))
     versions, next_cursor = await repo.history(resource_type, resource_id, count=count, since=since, cursor=cursor)
     entries = [_history_entry(v, options.base) for v in versions]
     links = _links(options.base, self_path, params, str(next_cursor) if next_cursor else None, None)
@@ -310,7 +309,9 @@ def split_criteria(url_query: str) -> str:
 def load_body(raw: bytes) -> Any:
     if not raw.strip():
         raise InvalidRequest("The request has no body")
-    return jsonio.loads(raw)
+    value = jsonio.loads(raw)
+    jsonio.refuse_nul(raw, value)
+    return value
 
 
 __all__ = [

@@ -25,6 +25,7 @@ from fhirkit.errors import (
     UnknownResourceType,
     UnsupportedMediaType,
 )
+from fhirkit.search.request import refuse_nul
 from fhirkit.store.repository import Repository, StoreConfig
 
 MAX_BODY_BYTES = 16 * 1024 * 1024
@@ -371,7 +372,9 @@ def _form_parameters(raw: bytes, content_type: str) -> list[tuple[str, str]]:
 
 
 def _query(request: Request) -> list[tuple[str, str]]:
-    return list(request.query_params.multi_items())
+    params = list(request.query_params.multi_items())
+    refuse_nul(params)  # operations read these too, not only searches
+    return params
 
 
 def _criteria(request: Request) -> str:

@@ -12,7 +12,7 @@ from typing import Any
 from fhirkit.errors import InvalidRequest, NotSupported, UnknownSearchParameter
 from fhirkit.resources import is_resource_type
 from fhirkit.search import definitions
-from fhirkit.search.values import date_range, decimal_range
+from fhirkit.search.values import date_range, decimal_range, natural
 
 PREFIXES = ("eq", "ne", "gt", "lt", "ge", "le", "sa", "eb", "ap")
 RESULT_PARAMETERS = {
@@ -126,6 +126,7 @@ def parse_search(
     resource_type: str, params: list[tuple[str, str]], *, lenient: bool = False
 ) -> SearchRequest:
     request = SearchRequest(resource_type=resource_type)
+    refuse_nul(params)
     for name, value in params:
         if name.partition(":")[0] in ("_include", "_revinclude"):
             include = _include(resource_type, name, value)
@@ -141,6 +142,13 @@ def parse_search(
                 raise
             request.lenient_dropped.append(name)
     return request
+
+
+def refuse_nul(params: list[tuple[str, str]]) -> None:
+    """U+0000 in a parameter name or value can match nothing, and PostgreSQL text refuses it."""
+    for name, value in params:
+        if "\x00" in name or "\x00" in value:
+            raise InvalidRequest(f"The parameter '{name.replace(chr(0), '')[:64]}' contains U+0000 (NUL)")
 
 
 def parse_filter(resource_type: str, name: str, value: str, depth: int = 0) -> Filter | HasFilter:
@@ -294,7 +302,7 @@ def _range(kind: str, name: str, raw: str) -> RangeValue:
 
 def _apply_result_parameter(request: SearchRequest, name: str, value: str, lenient: bool) -> None:
     if name == "_count":
-        request.count = _count(value)
+        request.count = parse_count(value)
     elif name == "_sort":
         request.sort = [_sort_key(request.resource_type, key) for key in value.split(",") if key]
     elif name == "_total":
@@ -313,10 +321,12 @@ def _apply_result_parameter(request: SearchRequest, name: str, value: str, lenie
         request.cursor = value
 
 
-def _count(value: str) -> int:
-    if not value.isdigit():
+def parse_count(value: str) -> int:
+    """`_count`: ASCII digits, clamped to MAX_COUNT (however many digits are sent)."""
+    if not (value.isascii() and value.isdigit()):
         raise InvalidRequest(f"_count must be a non-negative integer, not '{value[:20]}'")
-    return min(int(value), MAX_COUNT)
+    number = natural(value)
+    return MAX_COUNT if number is None else min(number, MAX_COUNT)
 
 
 def _sort_key(resource_type: str, key: str) -> SortKey:

@@ -23,6 +23,21 @@ MIN_TIME = -(2**62)
 MAX_TIME = 2**62
 
 
+def natural(text: str, limit: int = 2**63 - 1) -> int | None:
+    """A non-negative integer written in ASCII digits that fits a BIGINT, else None.
+
+    `str.isdigit()` alone lets through `²` (which `int()` refuses) and digit strings too long to
+    convert or to store; every count, cursor and version number from a client goes through here.
+    """
+    if not (text.isascii() and text.isdigit()):
+        return None
+    digits = text.lstrip("0") or "0"
+    if len(digits) > len(str(limit)):
+        return None
+    number = int(digits)
+    return number if number <= limit else None
+
+
 def now_micros() -> int:
     return time.time_ns() // 1000
 

@@ -29,7 +29,7 @@ from fhirkit.errors import (
     VersionConflict,
 )
 from fhirkit.search.request import Filter, HasFilter, Include, SearchRequest, parse_search
-from fhirkit.search.values import format_instant, now_micros
+from fhirkit.search.values import format_instant, natural, now_micros
 from fhirkit.store import indexing, query
 from fhirkit.store.hooks import NoForeignTypes, NoHooks, ReferenceResolver, ResourceHooks, WriteContext
 from fhirkit.store.tables import INDEX_TABLES, reference_index, resource, resource_history
@@ -209,7 +209,8 @@ class Repository:
 
     async def vread(self, resource_type: str, resource_id: str, version_id: str) -> StoredResource:
         self._require_type(resource_type)
-        if not version_id.isdigit():
+        version = natural(version_id)
+        if version is None:
             raise ResourceNotFound(f"{resource_type}/{resource_id} has no version '{version_id[:20]}'")
         current = await self._current(resource_type, resource_id)
         if current is None:
@@ -218,7 +219,7 @@ class Repository:
         stmt = select(resource_history).where(
             resource_history.c.resource_type == resource_type,
             resource_history.c.resource_id == resource_id,
-            resource_history.c.version_id == int(version_id),
+            resource_history.c.version_id == version,
         )
         row = (await self.conn.execute(stmt)).first()
         if row is None:
@@ -302,11 +303,12 @@ class Repository:
         self._require_type(resource_type)
         return await self.search_matches(resource_type, criteria)
 
-    async def create_records(self, bodies: Sequence[dict[str, Any]]) -> None:
+    async def create_records(self, bodies: Sequence[dict[str, Any]]) -> list[tuple[str, bytes]]:
         """Store many resources the server wrote itself (audit records) in a few statements: no
-        validation, reference checks or hooks, one multi-row insert per table for the batch."""
+        validation, reference checks or hooks, one multi-row insert per table for the batch.
+        Returns each one's id and stored bytes, in order."""
         if not bodies:
-            return
+            return []
         now = self._now()
         rows = []
         for body in bodies:
@@ -330,6 +332,7 @@ class Repository:
         for kind, index in by_kind.items():
             if index:
                 await self.conn.execute(insert(INDEX_TABLES[kind]), index)
+        return [(values["resource_id"], values["content"]) for _, values in rows]
 
     async def _insert(self, body: dict[str, Any], resource_id: str, method: str, *, trusted: bool = False) -> WriteOutcome:
         resource_type = body["resourceType"]

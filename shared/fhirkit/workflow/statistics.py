@@ -35,6 +35,8 @@ def period_of(call: OperationCall, operation: str) -> tuple[str, int, int]:
 def organization_scope(call: OperationCall, what: str) -> str | None:
     """The organization the figures are about (None: the whole alliance), if the caller may see them."""
     requested = call.parameter("organization")
+    if isinstance(requested, dict):  # given as a valueReference
+        requested = requested.get("reference")
     own = getattr(call.caller, "organization", None)
     operations_staff = getattr(call.caller, "level", None) == "county" or "system" in getattr(call.caller, "roles", ())
     if requested is None:

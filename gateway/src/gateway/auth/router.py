@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from fhirkit.errors import Unauthorized
 from gateway.auth.clients import RegisteredClient, burn_secret_check, get_client, verify_secret
-from gateway.auth.scopes import BREAK_GLASS_SCOPE, InvalidScope, ScopeSet
+from gateway.auth.scopes import ROLE_SCOPES, InvalidScope, ScopeSet
 from gateway.auth.tokens import (
     ASSERTION_TYPE,
     DEFAULT_TOKEN_TTL_SECONDS,
@@ -33,7 +33,8 @@ from servicekit.identity import CallerIdentity
 
 DISCOVERY_PATH = "/fhir/.well-known/smart-configuration"
 TOKEN_PATH = "/auth/token"
-BREAK_GLASS_ROLE = "break-glass"  # the identity role a break-the-glass scope gives
+BREAK_GLASS_ROLE = ROLE_SCOPES["alliance/break-glass"]
+AUDITOR_ROLE = ROLE_SCOPES["alliance/audit"]
 MAX_FORM_BYTES = 16 * 1024
 MIN_SIGNING_KEY_BYTES = 32
 SCOPES_SUPPORTED = ("system/*.cruds", "system/*.rs", "system/*.read", "system/*.write", "system/*.*")
@@ -315,6 +316,6 @@ async def authenticate(request: Request, *, engine: AsyncEngine, settings: AuthS
         organization=status.organization,
         scopes=scopes.strings(),
         level=status.level,
-        roles=(BREAK_GLASS_ROLE,) if BREAK_GLASS_SCOPE in scopes.extras else (),
+        roles=tuple(role for scope, role in ROLE_SCOPES.items() if scope in scopes.extras),
     )
     return Authenticated(identity, scopes)

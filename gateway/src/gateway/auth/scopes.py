@@ -15,8 +15,12 @@ INTERACTION_ORDER = "cruds"
 # Registered to the clients whose users may read outside the normal access rules in an emergency,
 # with a stated reason (docs/security.md); a role, not a resource permission.
 BREAK_GLASS_SCOPE = "alliance/break-glass"
+# Registered to the auditors' clients: only they read the audit trail (AuditEvent).
+AUDIT_SCOPE = "alliance/audit"
 # Scopes with no bearing on resource permissions; accepted so that a client asking for them is not refused.
-NON_RESOURCE_SCOPES = frozenset({"openid", "fhirUser", "offline_access", BREAK_GLASS_SCOPE})
+NON_RESOURCE_SCOPES = frozenset({"openid", "fhirUser", "offline_access", BREAK_GLASS_SCOPE, AUDIT_SCOPE})
+# The identity roles such scopes give.
+ROLE_SCOPES = {BREAK_GLASS_SCOPE: "break-glass", AUDIT_SCOPE: "auditor"}
 
 _V1_TO_V2 = {"read": "rs", "write": "cud", "*": "cruds"}
 _V2_TO_V1 = {v: k for k, v in _V1_TO_V2.items()}

@@ -22,9 +22,10 @@ from sqlalchemy import delete, insert, or_, select
 from fhirkit import jsonio
 from fhirkit.api.interactions import Result
 from fhirkit.api.router import OperationCall
-from fhirkit.errors import BusinessRuleViolation, Forbidden, InvalidRequest
+from fhirkit.errors import BusinessRuleViolation, InvalidRequest
 from fhirkit.search.values import date_range, format_instant
 from fhirkit.store.hooks import WriteContext
+from fhirkit.workflow.statistics import organization_scope
 from results_sharing import catalog, db
 from results_sharing.vocabulary import (
     DECISION_INPUT,
@@ -180,7 +181,7 @@ async def recognition_statistics(call: OperationCall) -> Result:
     if not isinstance(period, str):
         raise InvalidRequest("$recognition-statistics needs period=YYYY, YYYY-MM, YYYY-MM-DD or start/end")
     low, high = _period(period)
-    organization = _organization(call)
+    organization = organization_scope(call, "recognition")
     d = db.decision.c
     stmt = select(db.decision).where(d.authored >= low, d.authored <= high)
     if organization:
@@ -235,19 +236,3 @@ def _period(text: str) -> tuple[int, int]:
     if low is None or high is None:
         raise InvalidRequest(f"period '{text[:40]}' is not a date or date range")
     return low[0], high[1]
-
-
-def _organization(call: OperationCall) -> str | None:
-    requested = call.parameter("organization")
-    if isinstance(requested, dict):
-        requested = requested.get("reference")
-    own = getattr(call.caller, "organization", None)
-    operations_staff = getattr(call.caller, "level", None) == "county" or "system" in getattr(call.caller, "roles", ())
-    if requested is None:
-        return None if operations_staff else own
-    if not isinstance(requested, str) or not requested.startswith("Organization/"):
-        raise InvalidRequest("organization must be an Organization reference")
-    if requested != own and not operations_staff:
-        raise Forbidden("An organization sees its own recognition statistics; alliance-wide figures are for "
-                        "operations staff")
-    return requested
