@@ -681,3 +681,34 @@ class TestAccess:
         flagged = [e["resource"] for e in audit.json().get("entry", []) if "purposeOfEvent" in e["resource"]]
         assert flagged and flagged[0]["purposeOfEvent"][0]["coding"][0]["code"] == "BTG", audit.text
         assert flagged[0]["purposeOfEvent"][0]["text"] == "patient unconscious in emergency"
+
+
+def opt_out(patient: str, status: str = "active") -> dict[str, Any]:
+    """The patient refuses the alliance's sharing of their records (全部拒绝共享)."""
+    return {"resourceType": "Consent", "status": status,
+            "scope": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentscope",
+                                  "code": "patient-privacy"}]},
+            "category": [{"coding": [{"system": "http://loinc.org", "code": "59284-0"}]}],
+            "patient": {"reference": patient}, "dateTime": "2026-11-23T09:00:00+08:00",
+            "organization": [{"reference": TOWNSHIP}],
+            "policyRule": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode",
+                                       "code": "OPTOUT"}]},
+            "provision": {"type": "deny"}}
+
+
+class TestOptOut:
+    async def test_an_opt_out_closes_every_grant_and_withdrawing_it_reopens_them(self, api: Any) -> None:
+        patient = "Patient/pat-0136"
+        result = await lab_result(api, patient)
+        await check(api, patient, POTASSIUM)
+        assert await read_as(api, TOWNSHIP, result) == 200
+        consent = await api.post("Consent", opt_out(patient), organization=TOWNSHIP, level="township")
+        assert consent.status_code == 201, consent.text
+        hidden = await eventually(lambda: api.get(result, organization=TOWNSHIP, level="township"), 404)
+        assert hidden.status_code == 404
+        assert await read_as(api, LAB, result, level="center") == 200  # the producer keeps its own
+        withdrawn = {**consent.json(), "status": "inactive"}
+        assert (await api.put(f"Consent/{withdrawn['id']}", withdrawn, organization=TOWNSHIP,
+                              level="township")).status_code == 200
+        seen = await eventually(lambda: api.get(result, organization=TOWNSHIP, level="township"))
+        assert seen.status_code == 200

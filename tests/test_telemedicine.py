@@ -3,6 +3,7 @@
 one-booking-per-slot guarantee, deadlines, the worklist, statistics and conversion to a referral."""
 
 import asyncio
+import dataclasses
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -263,6 +264,24 @@ class TestInvitation:
         assert response.status_code == 422 and "teleconsultation" in diagnostics(response)
         wrong_owner = tracking_task(request, alliance, alliance.province, "teleconsultation")
         assert (await alliance.township.call("POST", "Task", wrong_owner)).status_code == 422
+
+
+class TestOptOut:
+    async def test_a_patient_who_opted_out_of_sharing_cannot_be_sent_for_teleconsultation(
+        self, alliance: Alliance
+    ) -> None:
+        created = await alliance.township.call("POST", "Patient", {"resourceType": "Patient", "name": [{"family": "郑"}]})
+        mine = dataclasses.replace(alliance, patient=f"Patient/{created.json()['id']}")
+        supporting = [await consent(mine), await record_summary(mine)]
+        allowed = await mine.township.call("POST", "ServiceRequest", invitation(mine, "teleconsultation", mine.county,
+                                                                                 supporting))
+        assert allowed.status_code == 201, allowed.text
+        denial = await consent(mine, policyRule={"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode",
+                                                             "code": "OPTOUT"}]}, provision={"type": "deny"})
+        refused = await mine.township.call("POST", "ServiceRequest", invitation(mine, "teleconsultation", mine.county,
+                                                                                supporting))
+        assert refused.status_code == 422  # at once: the platform is asked, not a copy
+        assert denial in diagnostics(refused) and "opted out" in diagnostics(refused)
 
 
 class TestWorkflow:

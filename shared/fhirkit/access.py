@@ -21,7 +21,7 @@ from sqlalchemy.sql.expression import FromClause
 
 from fhirkit.errors import Forbidden
 from fhirkit.search.values import now_micros
-from fhirkit.store.tables import access_grant, reference_index, token_index
+from fhirkit.store.tables import access_grant, access_opt_out, reference_index, token_index
 
 Clause = ColumnElement[bool]
 SYSTEM_ROLE = "system"
@@ -138,6 +138,8 @@ class AccessPolicy:
                 or_(grant.c.expires_at.is_(None), grant.c.expires_at > now),
                 or_(grant.c.target_id.is_(None),
                     and_(grant.c.target_type == target.c.resource_type, grant.c.target_id == target.c.resource_id)),
+                # A patient who opted out of sharing is opened by no grant (ownership still holds).
+                ~exists(select(access_opt_out.c.consent_id).where(access_opt_out.c.patient_id == grant.c.patient_id)),
             )
         ))
 
@@ -230,3 +232,21 @@ async def revoke_access(conn: AsyncConnection, *, source: str, now: int | None =
         .where(access_grant.c.source == source, or_(access_grant.c.expires_at.is_(None), access_grant.c.expires_at > ended))
         .values(expires_at=ended)
     )
+
+
+async def record_opt_out(conn: AsyncConnection, *, consent_id: str, patient: str | None, now: int) -> None:
+    """Keep this service's copy of one Consent's opt-out: `patient` while the Consent is an
+    active deny, None when it is not (any more)."""
+    await conn.execute(access_opt_out.delete().where(access_opt_out.c.consent_id == consent_id))
+    if patient is not None:
+        patient_id = patient.split("/", 1)[1] if patient.startswith("Patient/") else patient
+        await conn.execute(insert(access_opt_out).values(consent_id=consent_id, patient_id=patient_id, recorded_at=now))
+
+
+async def opted_out(conn: AsyncConnection, patient: str) -> str | None:
+    """The Consent by which the patient opted out of sharing, if any."""
+    patient_id = patient.split("/", 1)[1] if patient.startswith("Patient/") else patient
+    row = (await conn.execute(
+        select(access_opt_out.c.consent_id).where(access_opt_out.c.patient_id == patient_id).limit(1)
+    )).first()
+    return f"Consent/{row[0]}" if row else None

@@ -23,6 +23,7 @@ from fhirkit.errors import Unauthorized
 from fhirkit.store.hooks import ResourceHooks
 from fhirkit.store.repository import StoreConfig
 from servicekit import topology
+from servicekit.consent import apply_consent_event
 from servicekit.db import Database
 from servicekit.events import EVENTS_LINEAGE, EventOptions, ServiceEvents, shared_bus
 from servicekit.grants import TaskGrants, apply_task_grants, task_event_handler
@@ -47,6 +48,8 @@ class ServiceDefinition:
     access: AccessPolicy = field(default_factory=AccessPolicy)
     # Grants this service records from referral / teleconsultation Tasks (servicekit.grants).
     task_grants: TaskGrants | None = None
+    # Whether this service keeps the patients' opt-outs of sharing (servicekit.consent).
+    honours_opt_out: bool = False
     extra_routers: list[Any] = field(default_factory=list)
     on_startup: list[Callable[[FastAPI], Any]] = field(default_factory=list)
     # Long-running jobs (schedulers): started after start-up, cancelled before shutdown.
@@ -119,6 +122,8 @@ def create_service_app(
         for hook in definition.on_startup:
             await hook(app)
         await _subscribe_task_grants(definition, events)
+        if definition.honours_opt_out:
+            await events.subscribe(f"{definition.name}-opt-outs", "platform.Consent.*", apply_consent_event)
         await events.start()  # after on_startup, where the service subscribes its consumers
         jobs = [asyncio.create_task(job(app), name=f"{definition.name}:{job.__name__}") for job in definition.background]
         try:

@@ -54,11 +54,12 @@ class Peers:
                 return True
         return False
 
-    async def read(self, resource_type: str, resource_id: str) -> dict[str, Any] | None:
-        """The current content of a resource another service holds (None: absent), cached briefly."""
+    async def read(self, resource_type: str, resource_id: str, *, fresh: bool = False) -> dict[str, Any] | None:
+        """The current content of a resource another service holds (None: absent), cached briefly;
+        `fresh` for what must never be stale (a Consent that may just have been withdrawn)."""
         key = (resource_type, resource_id)
         cached = self._read_cache.get(key)
-        if cached is not None and time.monotonic() - cached[0] < self.cache_seconds:
+        if not fresh and cached is not None and time.monotonic() - cached[0] < self.cache_seconds:
             return cached[1]
         content = None
         for service in self._candidates(resource_type, resource_id):

@@ -161,3 +161,14 @@ access_grant = Table(
     Index(None, "grantee", "patient_id", "scope"),
     Index(None, "source"),
 )
+
+# Patients who opted out of sharing (an active deny Consent at the platform): grants do not open
+# their data, whatever the relationship (fhirkit.access). One row per Consent.
+access_opt_out = Table(
+    "fhir_access_opt_out",
+    STORE_METADATA,
+    Column("consent_id", String(64), primary_key=True),
+    Column("patient_id", String(64), nullable=False),
+    Column("recorded_at", BigInteger, nullable=False),
+    Index(None, "patient_id"),
+)

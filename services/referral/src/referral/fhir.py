@@ -26,6 +26,7 @@ DEFINITION = ServiceDefinition(
         Operation("referral-statistics", statistics.referral_statistics, system=True, methods=("GET", "POST"),
                   writes=False, definition=f"{OPERATION_BASE}/referral-statistics"),
     ],
+    honours_opt_out=True,
     lineages=[LINEAGE],
     access=access.POLICY,
     task_grants=access.GRANTS,

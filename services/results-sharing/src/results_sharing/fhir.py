@@ -36,6 +36,7 @@ DEFINITION = ServiceDefinition(
                   writes=False, definition=f"{OPERATION_BASE}/recognition-statistics"),
     ],
     on_startup=[sterile.publish_code_systems, load.publish_code_systems],
+    honours_opt_out=True,
     lineages=[LINEAGE],
     access=access.POLICY,
     task_grants=access.GRANTS,

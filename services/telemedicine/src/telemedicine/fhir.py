@@ -44,6 +44,7 @@ DEFINITION = ServiceDefinition(
         Operation("telemedicine-worklist", statistics.telemedicine_worklist, system=True, methods=("GET", "POST"),
                   writes=False, definition=f"{OPERATION_BASE}/telemedicine-worklist"),
     ],
+    honours_opt_out=True,
     lineages=[LINEAGE],
     access=access.POLICY,
     on_startup=[scheduler.check_configuration],

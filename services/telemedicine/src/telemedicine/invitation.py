@@ -21,6 +21,7 @@ from fhirkit.errors import BusinessRuleViolation
 from fhirkit.search.values import date_range
 from fhirkit.store.hooks import WriteContext
 from fhirkit.workflow.machine import reference_of
+from servicekit.consent import opting_out_patient
 from servicekit.tiers import organization_of, place, same_alliance
 from telemedicine.vocabulary import (
     CATEGORY_SYSTEM,
@@ -129,11 +130,12 @@ def wanted_grade(request: dict[str, Any]) -> int | None:
 async def check_consent(repo: Any, request: dict[str, Any], now_micros: int) -> None:
     """The referenced Consent (held by the platform) must be active, the patient's, in force now,
     a permit, and given to the inviting organization when it names one."""
+    await _refuse_opted_out(repo, reference_of(request.get("subject")) or "")
     reference = supporting(request, ("Consent",))[0]
     if not reference.startswith("Consent/"):
         raise BusinessRuleViolation("The consent is a Consent held by the alliance platform (Consent/id)",
                                     expression=["ServiceRequest.supportingInfo"])
-    consent = await repo.config.references.read("Consent", reference.split("/", 1)[1])
+    consent = await repo.config.references.read("Consent", reference.split("/", 1)[1], fresh=True)
     if consent is None:
         raise BusinessRuleViolation(f"{reference} does not exist", expression=["ServiceRequest.supportingInfo"])
     problem = _consent_problem(consent, request, now_micros)
@@ -146,6 +148,17 @@ async def check_consent(repo: Any, request: dict[str, Any], now_micros: int) -> 
     if problem:
         raise BusinessRuleViolation(f"{reference} is no active consent for this request: {problem}",
                                     expression=["ServiceRequest.supportingInfo"])
+
+
+async def _refuse_opted_out(repo: Any, patient: str) -> None:
+    """Asked of the platform at each invitation, never from a copy: an opt-out written a moment ago
+    already stops the next invitation."""
+    consents = await repo.config.references.search("Consent", [("patient", patient), ("status", "active")])
+    for consent in consents:
+        if opting_out_patient(consent) is not None:
+            raise BusinessRuleViolation(
+                f"The patient opted out of the alliance's sharing (Consent/{consent.get('id')}): their records "
+                "cannot be sent for a teleconsultation", expression=["ServiceRequest.subject"])
 
 
 def _consent_problem(consent: dict[str, Any], request: dict[str, Any], now_micros: int) -> str | None:
