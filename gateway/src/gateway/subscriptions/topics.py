@@ -84,6 +84,8 @@ class Topic:
 
 def _values(item: Any, kind: FilterKind) -> list[str]:
     if kind == "reference":
+        if isinstance(item, dict) and isinstance(item.get("actor"), dict):
+            item = item["actor"]  # an Appointment participant: its actor is the party
         reference = item.get("reference") if isinstance(item, dict) else None
         return [relative_reference(reference)] if isinstance(reference, str) else []
     if isinstance(item, str):  # a code element (status, priority)
@@ -125,6 +127,10 @@ def _is_recall_task(resource: dict[str, Any]) -> bool:
     return "recall" in _task_code(resource)
 
 
+def _is_scheduled_request(resource: dict[str, Any]) -> bool:
+    return bool(resource.get("basedOn"))
+
+
 def _always(resource: dict[str, Any]) -> bool:
     return True
 
@@ -137,12 +143,17 @@ def _token(name: str, description: str, **elements: str) -> TopicFilter:
     return TopicFilter(name, "token", description, dict(elements))
 
 
+# On an Appointment every participant is a party: a consultation's two organizations and its patient.
 _TASK_FILTERS = (
-    _reference("owner", "The organization the Task is addressed to (Task.owner)", Task="owner"),
-    _reference("requester", "The requesting organization or practitioner role (Task.requester)", Task="requester"),
-    _reference("patient", "The patient (Task.for)", Task="for"),
+    _reference("owner", "The organization the Task is addressed to (Task.owner; an Appointment's participants)",
+               Task="owner", Appointment="participant"),
+    _reference("requester", "The requesting organization or practitioner role (Task.requester; an Appointment's "
+               "participants)", Task="requester", Appointment="participant"),
+    _reference("patient", "The patient (Task.for; an Appointment's participants)", Task="for",
+               Appointment="participant"),
 )
-_TASK_STATUS = _token("status", "The Task's status, e.g. accepted", Task="status")
+_TASK_STATUS = _token("status", "The Task's status, e.g. accepted (an Appointment's: booked, cancelled)",
+                      Task="status", Appointment="status")
 _TASK_CODE_FILTER = _token("code", "The Task's code, e.g. teleconsultation or remote-diagnosis", Task="code")
 _REFERRAL_TASK = "Task.code.coding.where(system='" + TASK_CODE + "' and code='referral').exists()"
 _TELECONSULT_TASK = (
@@ -191,9 +202,12 @@ TOPICS: tuple[Topic, ...] = (
     Topic(
         "teleconsult-status",
         "Teleconsultation changed (远程会诊状态变化)",
-        "A telemedicine Task changed after its creation: accepted, scheduled, reported, cancelled…",
+        "A telemedicine Task changed after its creation (accepted, reported, cancelled…), or the session of a "
+        "telemedicine request was booked, moved or cancelled (its Appointment).",
         (Trigger("telemedicine", "Task", CHANGES, "A telemedicine Task is updated", _TELECONSULT_TASK,
-                 _is_teleconsult_task),),
+                 _is_teleconsult_task),
+         Trigger("telemedicine", "Appointment", WRITES, "The session of a telemedicine request is booked, moved or "
+                 "cancelled", "Appointment.basedOn.exists()", _is_scheduled_request)),
         (*_TASK_FILTERS, _TASK_CODE_FILTER, _TASK_STATUS),
     ),
     Topic(
