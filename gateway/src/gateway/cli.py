@@ -170,15 +170,46 @@ def audit_verify() -> None:
 
 async def _verify_audit(settings: AllianceSettings) -> Any:
     from gateway import audit_chain
+
+    async with _platform_database(settings) as database, database.transaction(write=False) as conn:
+        return await audit_chain.verify(conn)
+
+
+@asynccontextmanager
+async def _platform_database(settings: AllianceSettings) -> AsyncIterator[Any]:
     from servicekit.db import Database
 
     database = Database(settings.database_url("platform"))
     await database.start()
     try:
-        async with database.transaction(write=False) as conn:
-            return await audit_chain.verify(conn)
+        yield database
     finally:
         await database.stop()
+
+
+@client_app.command("disable")
+def client_disable(client_id: Annotated[str, typer.Argument(help="The client to disable")]) -> None:
+    """Disable an API client: new tokens are refused and issued ones stop working within seconds."""
+    _set_client_enabled(client_id, False)
+
+
+@client_app.command("enable")
+def client_enable(client_id: Annotated[str, typer.Argument(help="The client to enable again")]) -> None:
+    """Enable a disabled API client again."""
+    _set_client_enabled(client_id, True)
+
+
+def _set_client_enabled(client_id: str, enabled: bool) -> None:
+    from gateway.auth import set_enabled
+
+    async def change() -> bool:
+        async with _platform_database(_settings()) as database:
+            return await set_enabled(database.engine, client_id, enabled)
+
+    if not asyncio.run(change()):
+        typer.echo(f"error: no client '{client_id}'", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"{client_id}: {'enabled' if enabled else 'disabled'}")
 
 
 @client_app.command("create")
