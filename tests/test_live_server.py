@@ -1,5 +1,9 @@
 """The embedded system as a real process, driven by a real FHIR client library (fhirpy)."""
 
+import json
+import os
+import shutil
+import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -146,3 +150,53 @@ def test_smart_fhirclient_reads_searches_and_creates(server: dict[str, str]) -> 
     assert created["resourceType"] == "Patient"
     read_back = Patient.read(created["id"], smart.server)
     assert read_back.name[0].family == "赵" and read_back.birthDate.isostring == "1977-07-07"
+
+
+FHIR_KIT_CLIENT = Path(__file__).parent / "clients" / "fhir-kit-client"
+
+
+def test_fhir_kit_client_drives_the_server_unchanged(server: dict[str, str]) -> None:
+    """fhir-kit-client (npm), the R4 client of Node HIS integrations, pinned in its package-lock.json."""
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if node is None or npm is None:
+        pytest.skip("node and npm are not on PATH: tests/clients/fhir-kit-client needs them")
+    # npm's download cache stays inside the folder (git-ignored), like node_modules.
+    npm_env = {**os.environ, "npm_config_cache": str(FHIR_KIT_CLIENT / ".npm-cache")}
+    install = subprocess.run(
+        [npm, "ci", "--no-audit", "--no-fund", "--loglevel=error"],
+        cwd=FHIR_KIT_CLIENT,
+        env=npm_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert install.returncode == 0, f"npm ci failed:\n{install.stdout}\n{install.stderr}"
+    env = {**os.environ, "FHIR_BASE_URL": f"{server['url']}/fhir", "FHIR_TOKEN": server["token"]}
+    run = subprocess.run(
+        [node, "check.mjs"], cwd=FHIR_KIT_CLIENT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert run.stdout.strip(), f"check.mjs printed nothing (exit {run.returncode}):\n{run.stderr}"
+    result = json.loads(run.stdout)
+    steps = result["steps"]
+    failed = {name: step for name, step in steps.items() if not step["ok"]}
+    assert not failed, json.dumps(failed, ensure_ascii=False, indent=2)
+    assert result["ok"] and run.returncode == 0, run.stderr
+
+    assert steps["capabilityStatement"]["fhirVersion"] == "4.0.1"
+    paging = steps["searchAndNextPage"]
+    assert len(paging["firstPage"]) == len(paging["secondPage"]) == 2
+    assert not set(paging["firstPage"]) & set(paging["secondPage"])
+    assert paging["previousPage"] == paging["firstPage"]  # prevPage follows the `previous` link back
+    patient_id = steps["create"]["id"]
+    assert steps["create"]["versionId"] == "1"
+    assert steps["read"]["id"] == patient_id
+    assert (steps["update"]["versionId"], steps["update"]["birthDate"]) == ("2", "1990-03-05")
+    assert (steps["vread"]["versionId"], steps["vread"]["birthDate"]) == ("1", "1990-03-04")
+    found = steps["searchByIdentifierAndName"]
+    assert found["byIdentifier"] == found["byName"] == found["postSearch"] == [patient_id]
+    assert (steps["jsonPatch"]["gender"], steps["jsonPatch"]["versionId"]) == ("other", "3")
+    assert steps["history"]["versions"] == ["3", "2", "1"]
+    assert (steps["readUnknownId"]["status"], steps["readUnknownId"]["code"]) == (404, "not-found")
+    assert [status[:3] for status in steps["batch"]["statuses"]] == ["201", "200", "404"]
+    assert steps["batch"]["notFoundCode"] == "not-found"
+    assert (steps["deleteThenGone"]["status"], steps["deleteThenGone"]["code"]) == (410, "deleted")

@@ -197,9 +197,11 @@ await step('batch', async () => {
   expect(statuses[0].startsWith('201'), `POST entry ${statuses[0]}`);
   expect(statuses[1].startsWith('200'), `GET search entry ${statuses[1]}`);
   expect(statuses[2].startsWith('404'), `GET unknown entry ${statuses[2]}`);
+  const outcome = result.entry[2].response.outcome;
+  expect(outcome?.resourceType === 'OperationOutcome', 'the 404 entry has no OperationOutcome');
   const searchset = result.entry[1].resource;
   expect(searchset?.type === 'searchset' && ids(searchset).includes(created?.id), 'search entry misses the Patient');
-  return { statuses, location: result.entry[0].response.location };
+  return { statuses, location: result.entry[0].response.location, notFoundCode: outcome.issue?.[0]?.code };
 });
 
 if (created?.id) {
