@@ -151,6 +151,12 @@ class TooManyRequests(FhirError):
     status_code, issue_code = 429, "throttled"
 
 
+class QueryTooCostly(FhirError):
+    """The database gave up on a query after the configured time (PostgreSQL statement_timeout)."""
+
+    status_code, issue_code = 422, "too-costly"
+
+
 class UpstreamUnavailable(FhirError):
     status_code, issue_code = 503, "transient"
 

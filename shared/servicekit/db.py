@@ -52,9 +52,11 @@ def _sqlite_engine(url: str, begin: str) -> AsyncEngine:
 
 
 class Database:
-    def __init__(self, url: str, *, pool_size: int = 10) -> None:
+    def __init__(self, url: str, *, pool_size: int = 10, statement_timeout_seconds: float = 0) -> None:
         self.url = url
         self.pool_size = pool_size
+        # PostgreSQL cancels a statement running longer (0: no limit); SQLite has no such limit.
+        self.statement_timeout_ms = int(statement_timeout_seconds * 1000)
         self._write: AsyncEngine | None = None
         self._read: AsyncEngine | None = None
         self._writers = asyncio.Lock() if is_sqlite(url) else None
@@ -70,8 +72,10 @@ class Database:
             self._write = _sqlite_engine(self.url, "BEGIN IMMEDIATE")
             self._read = _sqlite_engine(self.url, "BEGIN")
         else:
+            options = {"options": f"-c statement_timeout={self.statement_timeout_ms}"} if self.statement_timeout_ms else {}
             self._write = create_async_engine(
-                self.url, pool_size=self.pool_size, max_overflow=self.pool_size, pool_pre_ping=True, hide_parameters=True
+                self.url, pool_size=self.pool_size, max_overflow=self.pool_size, pool_pre_ping=True, hide_parameters=True,
+                connect_args=options,
             )
             self._read = self._write
 

@@ -48,6 +48,8 @@ class AllianceSettings(BaseSettings):
     recognition_grant_hours: float = Field(default=24.0, gt=0, le=24 * 30)
     # How long the parties of a completed referral or consultation keep reading the patient's data.
     relationship_days_after_close: int = Field(default=30, ge=0, le=3650)
+    # PostgreSQL cancels a query running longer than this (0: no limit); the client gets 422 too-costly.
+    query_timeout_seconds: float = Field(default=30.0, ge=0)
     # Requests per second an API client may send on average (0: no limit), and at once.
     rate_limit_per_second: float = Field(default=200.0, ge=0)
     rate_limit_burst: int = Field(default=1000, ge=1)

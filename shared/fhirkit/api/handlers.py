@@ -4,15 +4,23 @@ import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from fhirkit.api.responses import FHIR_JSON, outcome_bytes
-from fhirkit.errors import FhirError
+from fhirkit.errors import FhirError, QueryTooCostly
 
 log = logging.getLogger("fhirkit")
 
 _HTTP_ISSUE_CODES = {404: "not-found", 405: "not-supported", 401: "login", 403: "forbidden", 413: "too-costly"}
+QUERY_CANCELED = "57014"  # PostgreSQL: statement_timeout reached
+
+
+def safe_path(path: str) -> str:
+    """The request path with its ids blanked, for logs: logs carry no patient identifiers."""
+    kept = [s if s[:1].isupper() or s.startswith(("$", "_")) or s == "fhir" else ":id" for s in path.split("/") if s]
+    return "/" + "/".join(kept)
 
 
 def error_response(exc: FhirError) -> Response:
@@ -39,9 +47,17 @@ def install_exception_handlers(app: FastAPI) -> None:
         body = outcome_bytes("error", code, str(exc.detail))
         return Response(body, status_code=exc.status_code, media_type=FHIR_JSON, headers=exc.headers)
 
+    @app.exception_handler(DBAPIError)
+    async def database_error(request: Request, exc: DBAPIError) -> Response:
+        if getattr(exc.orig, "sqlstate", None) == QUERY_CANCELED:
+            return error_response(QueryTooCostly(
+                "The query took longer than the server allows (ALLIANCE_QUERY_TIMEOUT_SECONDS); narrow it: "
+                "fewer parameters with wide matches, a smaller _count, fewer _include/_revinclude"))
+        return await unexpected(request, exc)
+
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> Response:
         # A bug, not a client error: log the trace, never send it.
-        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        log.exception("unexpected error on %s %s", request.method, safe_path(request.url.path))
         body = outcome_bytes("fatal", "exception", "Internal error; it has been logged")
         return Response(body, status_code=500, media_type=FHIR_JSON)
