@@ -712,3 +712,23 @@ class TestOptOut:
                               level="township")).status_code == 200
         seen = await eventually(lambda: api.get(result, organization=TOWNSHIP, level="township"))
         assert seen.status_code == 200
+
+
+class TestDemo:
+    async def test_the_demo_results_are_recognizable_right_after_loading(self, api: Any, system: Any) -> None:
+        from results_sharing.load import DEMO_LAB, load_demo_results
+        from servicekit.identity import CallerIdentity
+
+        lab = CallerIdentity("alliance-demo-loader", DEMO_LAB, ("system/*.cruds",), "center")
+
+        async def send(body: bytes) -> tuple[int, bytes]:
+            upstream = await system.state.gateway.send("results-sharing", "POST", "/fhir", identity=lab,
+                                                       headers={"content-type": "application/fhir+json"}, content=body)
+            return upstream.status, upstream.content
+
+        for _ in range(2):  # loading twice updates the same results
+            await load_demo_results(send)
+        answer = await check(api, "Patient/pat-0011", POTASSIUM)
+        assert value(answer["parameter"], "recognizable") is True
+        candidates = [c for c in answer["parameter"] if c["name"] == "candidate"]
+        assert len(candidates) == 1 and value(candidates[0]["part"], "producer")["reference"] == DEMO_LAB

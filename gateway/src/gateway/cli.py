@@ -128,16 +128,20 @@ def directory_load(file: Annotated[Path, typer.Argument(exists=True, dir_okay=Fa
         raise typer.Exit(1) from None
 
 
-async def _load_results_sharing(load: Any, settings: AllianceSettings) -> str:
-    """Run a results-sharing loader (`results_sharing.load`) against the service, through the gateway."""
+async def _load_results_sharing(load: Any, settings: AllianceSettings, *, as_organization: str | None = None) -> str:
+    """Run a results-sharing loader (`results_sharing.load`) against the service, through the
+    gateway: as the server itself, or as the organization that produces what it loads."""
+    from servicekit.identity import CallerIdentity
     from servicekit.peers import SYSTEM_IDENTITY
 
+    identity = SYSTEM_IDENTITY if as_organization is None else CallerIdentity(
+        client_id="alliance-demo-loader", organization=as_organization, scopes=("system/*.cruds",), level="center")
     async with _system(settings) as gateway_app:
         gateway = gateway_app.state.gateway
 
         async def send(body: bytes) -> tuple[int, bytes]:
             upstream = await gateway.send(
-                "results-sharing", "POST", "/fhir", identity=SYSTEM_IDENTITY,
+                "results-sharing", "POST", "/fhir", identity=identity,
                 headers={"content-type": "application/fhir+json"}, content=body,
             )
             return upstream.status, upstream.content
@@ -255,9 +259,10 @@ def demo_load() -> None:
     """Load the demo alliance and write one API client per organization to data/demo-clients.json."""
     settings = _settings()
     typer.echo(asyncio.run(_load_directory(DEMO_DIRECTORY, settings)))
-    from results_sharing.load import load_demo
+    from results_sharing.load import DEMO_LAB, load_demo, load_demo_results
 
     typer.echo(asyncio.run(_load_results_sharing(load_demo, settings)))
+    typer.echo(asyncio.run(_load_results_sharing(load_demo_results, settings, as_organization=DEMO_LAB)))
     path = asyncio.run(_demo_clients(settings))
     typer.echo(f"demo clients written to {path}")
 

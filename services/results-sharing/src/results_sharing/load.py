@@ -7,8 +7,9 @@ file twice writes nothing new and every check of the API applies. The catalog fi
 docs/results-sharing.md.
 """
 
+import uuid
 from collections.abc import Awaitable, Callable
-from datetime import date
+from datetime import date, timedelta
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
@@ -21,9 +22,11 @@ from fhirkit.errors import VersionConflict
 from fhirkit.store.repository import Repository
 from results_sharing import catalog
 from results_sharing.vocabulary import (
+    LOINC,
     QUALITY_EVALUATION,
     RECOGNITION_ITEM,
     RECOGNITION_SCOPE,
+    V2_0074,
     fixed_code_systems,
 )
 
@@ -182,3 +185,72 @@ async def _transaction(send: Send, resources: list[dict[str, Any]], source: str)
             reason = body.decode("utf-8", "replace")[:500]
         raise RecognitionLoadError(f"{source}: refused ({status}): {reason}")
 
+
+
+# --- demo results: a few recent lab results, so that a recognition check finds something --------
+
+DEMO_LAB = "Organization/qingxi-lab-center"
+DEMO_RESULT_PATIENTS = ("pat-0011", "pat-0012", "pat-0013")
+DEMO_REPORT_NUMBERS = "http://county-alliance.org/fhir/sid/report-number"
+# (LOINC, display, value, UCUM unit, reference range)
+DEMO_LAB_ITEMS = (
+    ("2823-3", "血清钾", 4.1, "mmol/L", (3.5, 5.3)),
+    ("2951-2", "血清钠", 140, "mmol/L", (137, 147)),
+)
+
+
+def demo_results(today: date) -> list[dict[str, Any]]:
+    """Each demo patient's electrolyte panel from the county lab center, taken two days ago."""
+    taken = f"{(today - timedelta(days=2)).isoformat()}T09:00:00+08:00"
+    resources: list[dict[str, Any]] = []
+    for patient in DEMO_RESULT_PATIENTS:
+        observations = [_demo_observation(patient, taken, *item) for item in DEMO_LAB_ITEMS]
+        report = {
+            "resourceType": "DiagnosticReport", "identifier": [_demo_number(f"{patient}-panel")], "status": "final",
+            "category": [{"coding": [{"system": V2_0074, "code": "CH"}]}],
+            "code": {"coding": [{"system": LOINC, "code": "24326-1", "display": "Electrolytes panel"}], "text": "电解质"},
+            "subject": {"reference": f"Patient/{patient}"}, "effectiveDateTime": taken, "issued": taken,
+            "performer": [{"reference": DEMO_LAB}],
+            "result": [{"reference": f"urn:uuid:{_demo_uuid(o)}"} for o in observations],
+        }
+        resources += [*observations, report]
+    return resources
+
+
+def _demo_observation(patient: str, taken: str, loinc: str, display: str, value: float, unit: str,
+                      normal: tuple[float, float]) -> dict[str, Any]:
+    def quantity(amount: float) -> dict[str, Any]:
+        return {"value": amount, "unit": unit, "system": "http://unitsofmeasure.org", "code": unit}
+
+    return {
+        "resourceType": "Observation", "identifier": [_demo_number(f"{patient}-{loinc}")], "status": "final",
+        "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category",
+                                  "code": "laboratory"}]}],
+        "code": {"coding": [{"system": LOINC, "code": loinc, "display": display}], "text": display},
+        "subject": {"reference": f"Patient/{patient}"}, "effectiveDateTime": taken,
+        "performer": [{"reference": DEMO_LAB}], "valueQuantity": quantity(value),
+        "referenceRange": [{"low": quantity(normal[0]), "high": quantity(normal[1])}],
+    }
+
+
+def _demo_number(value: str) -> dict[str, str]:
+    return {"system": DEMO_REPORT_NUMBERS, "value": f"DEMO-{value}"}
+
+
+def _demo_uuid(resource: dict[str, Any]) -> str:
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, resource["identifier"][0]["value"]))
+
+
+async def load_demo_results(send: Send, today: date | None = None) -> str:
+    """Posted as the lab center (the producer posts its results); re-loading updates, never duplicates."""
+    resources = demo_results(today or date.today())
+    bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"fullUrl": f"urn:uuid:{_demo_uuid(r)}", "resource": r,
+         "request": {"method": "PUT", "url": f"{r['resourceType']}?identifier={DEMO_REPORT_NUMBERS}|"
+                                              f"{r['identifier'][0]['value']}"}}
+        for r in resources
+    ]}
+    status, body = await send(jsonio.dumps(bundle))
+    if status != 200:
+        raise RecognitionLoadError(f"demo results refused ({status}): {body.decode('utf-8', 'replace')[:500]}")
+    return f"{len(resources)} demo results from {DEMO_LAB} for {', '.join(DEMO_RESULT_PATIENTS)}"
