@@ -148,11 +148,23 @@ async def take_lease(conn: AsyncConnection, subscription_id: str, now: int, unti
     return result.first() is not None
 
 
-async def release_lease(conn: AsyncConnection, subscription_id: str) -> None:
-    await conn.execute(
-        update(subscription_state).where(subscription_state.c.subscription_id == subscription_id)
-        .values(lease_until=None)
+async def renew_lease(conn: AsyncConnection, subscription_id: str, held: int, until: int) -> bool:
+    """Extend a lease this worker still holds (`held` is the expiry it set); False if it lost it."""
+    result = await conn.execute(
+        update(subscription_state)
+        .where(subscription_state.c.subscription_id == subscription_id, subscription_state.c.lease_until == held)
+        .values(lease_until=until)
+        .returning(subscription_state.c.subscription_id)
     )
+    return result.first() is not None
+
+
+async def release_lease(conn: AsyncConnection, subscription_id: str, held: int | None = None) -> None:
+    """Give the lease up; with `held`, only if it is still this worker's."""
+    conditions = [subscription_state.c.subscription_id == subscription_id]
+    if held is not None:
+        conditions.append(subscription_state.c.lease_until == held)
+    await conn.execute(update(subscription_state).where(*conditions).values(lease_until=None))
 
 
 async def first_pending(conn: AsyncConnection, subscription_id: str) -> Any:

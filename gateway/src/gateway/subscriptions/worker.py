@@ -33,7 +33,10 @@ from servicekit.peers import SYSTEM_IDENTITY
 
 log = logging.getLogger("alliance.subscriptions")
 
-LEASE_SECONDS = 600  # longer than one step (a few sends of at most 60 s each)
+# A lease is short and renewed while its step runs, so that a worker killed mid-delivery (no
+# release) holds up its subscriptions for seconds, not for the length of a whole step.
+LEASE_SECONDS = 10
+LEASE_RENEW_SECONDS = 3
 MAX_BATCHES_PER_STEP = 20  # then let the other subscriptions have a turn
 PRUNE_EVERY_SECONDS = 600
 MICROS = 1_000_000
@@ -87,16 +90,45 @@ class Deliveries:
 
     async def _serve(self, subscription_id: str) -> None:
         now = now_micros()
+        held = now + LEASE_SECONDS * MICROS
         async with self.hub.database.transaction(write=True) as conn:
-            if not await queue.take_lease(conn, subscription_id, now, now + LEASE_SECONDS * MICROS):
+            if not await queue.take_lease(conn, subscription_id, now, held):
                 return  # another worker (replica) has it
+        step = asyncio.create_task(self._step(subscription_id))
         try:
-            await self._step(subscription_id)
+            while not step.done():
+                await asyncio.wait({step}, timeout=LEASE_RENEW_SECONDS)
+                if step.done():
+                    break
+                renewed = await self._renew_lease(subscription_id, held)
+                if renewed is None:
+                    log.warning("Subscription/%s: lease lost mid-step; stopping this step", subscription_id)
+                    step.cancel()
+                    break
+                held = renewed
+            await step
+        except asyncio.CancelledError:
+            if not step.done():  # the worker is stopping
+                raise
         except Exception:
             log.exception("delivery for Subscription/%s failed unexpectedly; retrying later", subscription_id)
         finally:
+            if not step.done():
+                step.cancel()
+                await asyncio.gather(step, return_exceptions=True)
             async with self.hub.database.transaction(write=True) as conn:
-                await queue.release_lease(conn, subscription_id)
+                await queue.release_lease(conn, subscription_id, held)
+
+    async def _renew_lease(self, subscription_id: str, held: int) -> int | None:
+        """The new expiry, or None when the lease is no longer this worker's. A failed renewal
+        (database busy) keeps the old expiry: the next round tries again."""
+        until = now_micros() + LEASE_SECONDS * MICROS
+        try:
+            async with self.hub.database.transaction(write=True) as conn:
+                return until if await queue.renew_lease(conn, subscription_id, held, until) else None
+        except Exception:
+            log.exception("could not renew the lease of Subscription/%s", subscription_id)
+            return held
 
     async def _load(self, subscription_id: str) -> queue.SubscriptionState | None:
         async with self.hub.database.transaction(write=False) as conn:
