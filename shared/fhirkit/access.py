@@ -63,11 +63,7 @@ class AccessPolicy:
             clauses.append(target.c.resource_type.in_(sorted(self.public_types)))
         if self.grant_scopes:
             clauses.append(self._granted(organization, target, now if now is not None else now_micros()))
-        if self.extra is not None:
-            extra = self.extra(caller, target)
-            if extra is not None:
-                clauses.append(extra)
-        return or_(*clauses)
+        return or_(*clauses, *self._extra_clauses(caller, target))
 
     def modifiable(self, caller: Any, target: FromClause) -> Clause | None:
         """What `caller` may change: its own resources and those naming it as a party (the
@@ -77,11 +73,11 @@ class AccessPolicy:
             return None
         organization = _organization_of(caller)
         clauses = [target.c.owner == organization, *self._party_clauses(organization, target, chains=False)]
-        if self.extra is not None:
-            extra = self.extra(caller, target)
-            if extra is not None:
-                clauses.append(extra)
-        return or_(*clauses)
+        return or_(*clauses, *self._extra_clauses(caller, target))
+
+    def _extra_clauses(self, caller: Any, target: FromClause) -> list[Clause]:
+        extra = self.extra(caller, target) if self.extra is not None else None
+        return [extra] if extra is not None else []
 
     def _party_clauses(self, organization: str, target: FromClause, *, chains: bool = True) -> list[Clause]:
         if not self.parties:
@@ -152,6 +148,11 @@ def _organization_of(caller: Any) -> str:
     return organization
 
 
+def _patient_id(patient: str) -> str:
+    """`Patient/x` or `x` → `x`: grants and opt-outs are kept by the patient's id."""
+    return patient.split("/", 1)[1] if patient.startswith("Patient/") else patient
+
+
 def _names_party(target: FromClause, parties: Mapping[str, tuple[str, ...]], org_id: str) -> Clause:
     ref = reference_index.alias()
     return exists(
@@ -196,7 +197,7 @@ async def grant_access(
     a source granting again replaces its earlier grant's expiry (the relationship's latest state).
     `target` (type, id) narrows the grant to one resource of the patient."""
     target_type, target_id = target if target is not None else (None, None)
-    patient_id = patient.split("/", 1)[1] if patient.startswith("Patient/") else patient
+    patient_id = _patient_id(patient)
     created = now if now is not None else now_micros()
     existing = (
         await conn.execute(
@@ -239,14 +240,6 @@ async def record_opt_out(conn: AsyncConnection, *, consent_id: str, patient: str
     active deny, None when it is not (any more)."""
     await conn.execute(access_opt_out.delete().where(access_opt_out.c.consent_id == consent_id))
     if patient is not None:
-        patient_id = patient.split("/", 1)[1] if patient.startswith("Patient/") else patient
-        await conn.execute(insert(access_opt_out).values(consent_id=consent_id, patient_id=patient_id, recorded_at=now))
+        await conn.execute(insert(access_opt_out).values(consent_id=consent_id, patient_id=_patient_id(patient),
+                                                         recorded_at=now))
 
-
-async def opted_out(conn: AsyncConnection, patient: str) -> str | None:
-    """The Consent by which the patient opted out of sharing, if any."""
-    patient_id = patient.split("/", 1)[1] if patient.startswith("Patient/") else patient
-    row = (await conn.execute(
-        select(access_opt_out.c.consent_id).where(access_opt_out.c.patient_id == patient_id).limit(1)
-    )).first()
-    return f"Consent/{row[0]}" if row else None

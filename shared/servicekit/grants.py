@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from fhirkit import jsonio
 from fhirkit.access import DAY_MICROS, grant_access, revoke_access
+from fhirkit.workflow.machine import reference_of
 from servicekit.events import Event
 
 OPEN = frozenset({"draft", "requested", "received", "accepted", "ready", "in-progress", "on-hold"})
@@ -35,8 +36,8 @@ class TaskGrants:
 
 
 def _reference(value: Any, prefix: str) -> str | None:
-    reference = value.get("reference") if isinstance(value, dict) else None
-    return reference if isinstance(reference, str) and reference.startswith(prefix) else None
+    reference = reference_of(value)
+    return reference if reference is not None and reference.startswith(prefix) else None
 
 
 async def apply_task_grants(conn: AsyncConnection, task: dict[str, Any], rule: TaskGrants, now: int) -> None:

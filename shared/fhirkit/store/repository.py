@@ -232,11 +232,8 @@ class Repository:
     # --- writes -----------------------------------------------------------------------------
 
     async def create(
-        self, body: dict[str, Any], *, if_none_exist: str | None = None, resource_id: str | None = None,
-        trusted: bool = False,
+        self, body: dict[str, Any], *, if_none_exist: str | None = None, resource_id: str | None = None
     ) -> WriteOutcome:
-        """`trusted`: the server wrote this body itself (an audit record), so it is stored without
-        model validation or reference checks; never for anything a client sent."""
         resource_type = body["resourceType"]
         self._require_type(resource_type)
         if if_none_exist:
@@ -247,7 +244,7 @@ class Repository:
             if existing:
                 return WriteOutcome(existing[0], created=False, changed=False)
         new_id = resource_id or self.config.new_id(resource_type)
-        return await self._insert(body, new_id, "POST", trusted=trusted)
+        return await self._insert(body, new_id, "POST")
 
     async def update(
         self, resource_type: str, resource_id: str, body: dict[str, Any], *, if_match: int | None = None
@@ -334,14 +331,14 @@ class Repository:
                 await self.conn.execute(insert(INDEX_TABLES[kind]), index)
         return [(values["resource_id"], values["content"]) for _, values in rows]
 
-    async def _insert(self, body: dict[str, Any], resource_id: str, method: str, *, trusted: bool = False) -> WriteOutcome:
+    async def _insert(self, body: dict[str, Any], resource_id: str, method: str) -> WriteOutcome:
         resource_type = body["resourceType"]
         resources.check_id(resource_id)
         body = {**body, "id": resource_id}
         context = WriteContext(
             "create" if method == "POST" else "update", resource_type, resource_id, None, self.in_transaction
         )
-        await self._prepare(body, context, trusted=trusted)
+        await self._prepare(body, context)
         now = self._now()
         content = _content(body, 1, now)
         values = {
@@ -386,14 +383,11 @@ class Repository:
         await self.config.hooks_for(current.resource_type).after_write(self, body, context)
         return WriteOutcome(stored, created=current.deleted)
 
-    async def _prepare(self, body: dict[str, Any], context: WriteContext, *, trusted: bool = False) -> None:
-        if not trusted:
-            resources.validate(body)
-        if trusted or not self.config.check_references:
-            pass
-        elif self.deferred_references is not None:
+    async def _prepare(self, body: dict[str, Any], context: WriteContext) -> None:
+        resources.validate(body)
+        if self.config.check_references and self.deferred_references is not None:
             self.deferred_references.append(body)
-        else:
+        elif self.config.check_references:
             await self.check_references(body)
         await self.config.hooks_for(context.resource_type).before_write(self, body, context)
 
