@@ -4,6 +4,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PORT ?= 8080
 export PORT
+# Options of the benchmark suite, e.g. BENCH_ARGS="--database sqlite" (see bench/README.md).
+BENCH_ARGS ?=
 
 .PHONY: run test test-postgres bench lint install clean
 
@@ -32,7 +34,7 @@ test-postgres: install
 
 ## Benchmarks (never part of the tests); see bench/README.md.
 bench: install
-	$(PY) -m bench
+	$(PY) -m bench $(BENCH_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check shared services gateway tests bench scripts

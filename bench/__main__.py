@@ -1,117 +1,352 @@
-"""In-process micro-benchmark: the engine's read and create paths against floors measured in the
-same run (a bare ASGI app returning the same stored bytes; fhir.resources validation alone).
+"""Load-generator benchmark suite (issue 10): the real system as separate processes, wrk on loopback.
 
-Run with `make bench` (or `python -m bench --seconds 5`). Prints a table and writes JSON to
-bench/results/. The ratios are what matter: absolute numbers drift between runs on shared machines.
+    python -m bench [--database postgresql|sqlite] [--observations 5000[,100000,…]] [--seconds 5]
+                    [--workers N] [--skip-distributed]
+
+Starts `alliance serve` (embedded: one process with every service, N uvicorn workers) on fresh
+databases, loads the demo alliance, patients and lab Observations through the HTTP API (bundles
+of 100, several connections: the transaction figure), and drives each scenario with wrk. Floors
+(bench/floor.py) run under uvicorn with the same workers and the same wrk settings in the same
+run. Then, on PostgreSQL, the distributed mode: each service its own process behind the gateway,
+for the gateway hop. Prints a table and the targets, writes bench/results/bench-*.json. See
+bench/README.md. Never run as a test.
 """
 
 import argparse
 import asyncio
-import json
 import os
 import platform
-import statistics
+import shutil
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+import uuid
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
-from starlette.applications import Starlette
-from starlette.responses import Response
-from starlette.routing import Route
 
-PATIENT = {
-    "resourceType": "Patient",
-    "identifier": [{"system": "http://county-alliance.org/fhir/sid/mrn/bench", "value": "B-0001"}],
-    "name": [{"use": "official", "family": "王", "given": ["建国"], "text": "王建国"}],
-    "telecom": [{"system": "phone", "value": "13800000000"}],
-    "gender": "male",
-    "birthDate": "1960-01-01",
-    "address": [{"text": "浙江省衢州市青溪县城关镇人民路1号", "city": "衢州市", "district": "青溪县"}],
-}
+from bench import data, report, system, wrk
+from bench.floor import prepare_storage
+
+POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432"
+READ_SAMPLE = 200  # observations the read scenario (and its floors) draw from
+TOWNSHIP = "demo-thc-xikou"  # asks $recognition-check for its patients
 
 
-async def measure(label: str, call: Callable[[], Awaitable[Any]], seconds: float, concurrency: int) -> dict[str, Any]:
-    latencies: list[float] = []
-    deadline = time.perf_counter() + seconds
-
-    async def worker() -> None:
-        while time.perf_counter() < deadline:
-            started = time.perf_counter()
-            await call()
-            latencies.append(time.perf_counter() - started)
-
-    started = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    elapsed = time.perf_counter() - started
-    latencies.sort()
-
-    def pct(p: float) -> float:
-        return round(latencies[min(len(latencies) - 1, int(len(latencies) * p))] * 1000, 3)
-
-    return {"name": label, "requests": len(latencies), "rps": round(len(latencies) / elapsed, 1),
-            "p50_ms": pct(0.50), "p95_ms": pct(0.95), "p99_ms": pct(0.99),
-            "mean_ms": round(statistics.fmean(latencies) * 1000, 3)}
-
-
-async def run(seconds: float, concurrency: int) -> list[dict[str, Any]]:
-    from fhir.resources.R4B import get_fhir_model_class
-
-    from gateway.app import create_gateway_app, service_definitions
-    from servicekit.migrations import upgrade
-    from tests.support import Api, system_settings
-
-    with tempfile.TemporaryDirectory() as data:
-        settings = system_settings(Path(data), rate_limit_per_second=0)  # measure the server, not the limiter
-        for name, definition in service_definitions().items():
-            upgrade(settings.database_url(name), definition.all_lineages)
-        app = create_gateway_app(settings)
-        async with app.router.lifespan_context(app):
-            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://bench") as client:
-                api = Api(app, client)
-                created = await api.post("Patient", PATIENT)
-                stored = created.content
-                path = f"Patient/{created.json()['id']}"
-                headers = await api.headers()
-                bare = Starlette(routes=[Route("/fhir/Patient/x", lambda r: Response(stored, media_type="application/fhir+json"))])
-                async with httpx.AsyncClient(transport=httpx.ASGITransport(app=bare), base_url="http://bare") as floor:
-                    read_floor = await measure("read floor: bare ASGI app, same bytes",
-                                               lambda: floor.get("/fhir/Patient/x"), seconds, concurrency)
-                read = await measure("read by id through the gateway",
-                                     lambda: client.get(f"/fhir/{path}", headers=headers), seconds, concurrency)
-                model = get_fhir_model_class("Patient")
-
-                async def validate_only() -> None:
-                    model.model_validate(json.loads(json.dumps(PATIENT)))
-
-                write_floor = await measure("create floor: fhir.resources validation only", validate_only, seconds, 1)
-                create = await measure("create through the gateway (validate, store, index)",
-                                       lambda: client.post("/fhir/Patient", json=PATIENT, headers=headers),
-                                       seconds, concurrency)
-    read["ratio_to_floor"] = round(read["rps"] / read_floor["rps"], 3)
-    create["ratio_to_floor"] = round(create["rps"] / write_floor["rps"], 3)
-    return [read_floor, read, write_floor, create]
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--database", choices=("postgresql", "sqlite"), default="postgresql")
+    parser.add_argument("--postgres-url", default=os.environ.get("BENCH_POSTGRES_URL", POSTGRES),
+                        help="server where fresh databases are created (and dropped afterwards)")
+    parser.add_argument("--observations", default="5000",
+                        help="stored Observations, comma-separated sizes loaded incrementally")
+    parser.add_argument("--per-patient", type=int, default=20, help="Observations per patient (patients grow with the store)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="uvicorn workers, system and floors")
+    parser.add_argument("--seconds", type=float, default=5.0, help="duration of each measured wrk run")
+    parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured wrk run before each figure (0: none)")
+    parser.add_argument("--threads", type=int, default=1, help="wrk threads")
+    parser.add_argument("--read-connections", type=int, default=32)
+    parser.add_argument("--connections", type=int, default=16, help="create, search and $recognition-check")
+    parser.add_argument("--loaders", type=int, default=4, help="concurrent loader connections")
+    parser.add_argument("--skip-distributed", action="store_true")
+    args = parser.parse_args()
+    args.sizes = sorted(int(s.replace("_", "")) for s in args.observations.split(","))
+    return args
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--seconds", type=float, default=3.0)
-    parser.add_argument("--concurrency", type=int, default=8)
-    args = parser.parse_args()
-    results = asyncio.run(run(args.seconds, args.concurrency))
-    print(f"{'figure':58} {'req/s':>9} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'ratio':>6}")
-    for row in results:
-        print(f"{row['name']:58} {row['rps']:>9} {row['p50_ms']:>8} {row['p95_ms']:>8} {row['p99_ms']:>8} "
-              f"{row.get('ratio_to_floor', ''):>6}")
-    out = Path(__file__).parent / "results"
-    out.mkdir(exist_ok=True)
-    report = {"cpu_count": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version(),
-              "database": "sqlite", "concurrency": args.concurrency, "seconds": args.seconds, "results": results}
-    target = out / f"micro-{time.strftime('%Y%m%dT%H%M%S')}.json"
-    target.write_text(json.dumps(report, indent=2, ensure_ascii=False))
-    print(f"written {target}")
+    args = parse_args()
+    wrk.ensure_wrk()
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    logs = report.RESULTS / f"logs-{stamp}"
+    logs.mkdir(parents=True, exist_ok=True)
+    postgres = args.postgres_url if args.database == "postgresql" else None
+    result = _report_header(args, postgres)
+    try:
+        with ExitStack() as stack:
+            embedded(args, postgres, logs, stack, result)
+        if postgres and not args.skip_distributed:
+            with ExitStack() as stack:
+                result["distributed"] = distributed(args, postgres, logs, stack)
+    finally:
+        result["targets"] = report.evaluate(result)
+        report.print_table(result)
+        report.print_targets(result["targets"])
+        print(f"\nwritten {report.write(result)} (server logs in {logs})")
+
+
+def _report_header(args: argparse.Namespace, postgres: str | None) -> dict[str, Any]:
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        "machine": {"cpu_count": os.cpu_count(), "cpu_model": system.cpu_model(), "arch": platform.machine(),
+                    "python": platform.python_version()},
+        "database": args.database, "database_version": system.database_version(postgres),
+        "workers": args.workers, "seconds": args.seconds, "warmup": args.warmup, "wrk_threads": args.threads,
+        "sizes": args.sizes, "per_patient": args.per_patient, "loaders": args.loaders,
+        "rows": [], "loads": [], "memory": {},
+    }
+
+
+# --- the embedded system ------------------------------------------------------------------------
+
+def embedded(args: argparse.Namespace, postgres: str | None, logs: Path, stack: ExitStack,
+             result: dict[str, Any]) -> None:
+    run = uuid.uuid4().hex[:8]
+    data_dir = Path(tempfile.mkdtemp(prefix="bench-data-"))
+    stack.callback(shutil.rmtree, data_dir, True)
+    urls = _databases(postgres, f"bench_{run}", [*system.DATABASES, "floor"], stack)
+    floor_url = urls.pop("floor", None) or f"sqlite+aiosqlite:///{data_dir / 'floor.db'}"
+    env = system.environment(data_dir, urls)
+    _timed("migrate", lambda: system.run_cli(env, "migrate"))
+    _timed("demo load", lambda: system.run_cli(env, "demo", "load"))
+    server = system.serve(env, "all", system.free_port(), args.workers, logs)
+    stack.callback(system.stop, server)
+    tokens = system.Tokens(server.url, data_dir)
+    dataset = data.Dataset(run, data.lab_items())
+    for size in args.sizes:
+        result["loads"].append(load_to(args, server.url, tokens, dataset, size))
+        result["rows"] += [search(args, server.url, tokens, dataset), check(args, server.url, tokens, dataset)]
+    result["memory"]["embedded"] = _memory(server, {"stored_observations": dataset.observations})
+    stored = _stored_bytes(server.url, tokens, dataset.observation_ids[:READ_SAMPLE])
+    read_row = read(args, server.url, tokens, stored, dataset.observations)
+    create_row = create(args, server.url, tokens, dataset)
+    system.stop(server)  # the floors get the machine to themselves
+    floors = measure_floors(args, env, logs, stored, floor_url, dataset, run)
+    result["rows"] = [*floors.values(), *_with_floors(result["rows"], read_row, create_row, floors)]
+
+
+def _databases(postgres: str | None, prefix: str, names: list[str], stack: ExitStack) -> dict[str, str]:
+    if postgres is None:
+        return {}
+    db_names = {name: f"{prefix}_{name.replace('-', '_')}" for name in names}
+    urls = stack.enter_context(system.postgres_databases(postgres, list(db_names.values())))
+    return {name: urls[db] for name, db in db_names.items()}
+
+
+def _timed(label: str, action: Any) -> Any:
+    began = time.perf_counter()
+    value = action()
+    print(f"{label}: {time.perf_counter() - began:.1f} s", flush=True)
+    return value
+
+
+def load_to(args: argparse.Namespace, base: str, tokens: system.Tokens, dataset: data.Dataset,
+            size: int) -> dict[str, Any]:
+    """Patients for the new Observations first, then the Observations, spread over the new
+    patients only: every patient ends up with about --per-patient results at every size."""
+    count = size - dataset.observations
+    new_patients = max(1, count // args.per_patient)
+    print(f"loading {new_patients:,} patients and {count:,} observations (to {size:,})", flush=True)
+    patients = asyncio.run(data.add_patients(base, tokens, dataset, new_patients, args.loaders))
+    fresh = dataset.patients[-new_patients:]
+    observations = asyncio.run(data.add_observations(base, tokens, dataset, count, fresh, args.loaders))
+    load = {"stored": size, "bundle": data.BUNDLE, "patients": patients.summary(args.loaders),
+            "observations": observations.summary(args.loaders)}
+    print(f"  {load['observations']['resources_per_s']} observations/s, {load['patients']['resources_per_s']} "
+          f"patients/s, {observations.failed_bundles + patients.failed_bundles} failed bundles", flush=True)
+    return load
+
+
+def measure(args: argparse.Namespace, key: str, name: str, base: str, load: wrk.Load, connections: int,
+            stored: int | None) -> dict[str, Any]:
+    if args.warmup > 0:
+        wrk.run(base, load, connections=connections, seconds=args.warmup, threads=args.threads)
+    row = wrk.run(base, load, connections=connections, seconds=args.seconds, threads=args.threads)
+    row.update(key=key, name=name, stored=stored)
+    print(report.row_line(row), flush=True)
+    return row
+
+
+def _bearer(tokens: system.Tokens, client_id: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {tokens.get(client_id)}", "Content-Type": "application/fhir+json"}
+
+
+def search(args: argparse.Namespace, base: str, tokens: system.Tokens, dataset: data.Dataset) -> dict[str, Any]:
+    """Observation?patient=…&code=… for (patient, code) pairs sampled from what was loaded, so
+    every search finds at least one result; as the lab center, which may read its results."""
+    paths = [f"/fhir/Observation?patient=Patient/{p}&code={quote(data.LOINC + '|' + c, safe='/:')}"
+             for p, c in dataset.pairs]
+    load = wrk.Load("GET", paths, _bearer(tokens, data.LAB))
+    return measure(args, "search", "search Observation?patient&code", base, load, args.connections,
+                   dataset.observations)
+
+
+def check(args: argparse.Namespace, base: str, tokens: system.Tokens, dataset: data.Dataset) -> dict[str, Any]:
+    """$recognition-check by a township health center, for the same sampled pairs."""
+    paths = [f"/fhir/$recognition-check?patient=Patient/{p}&code={quote(data.LOINC + '|' + c, safe='/:')}"
+             for p, c in dataset.pairs]
+    load = wrk.Load("GET", paths, _bearer(tokens, TOWNSHIP))
+    return measure(args, "recognition", "$recognition-check", base, load, args.connections, dataset.observations)
+
+
+def _stored_bytes(base: str, tokens: system.Tokens, ids: list[str]) -> dict[str, str]:
+    """The exact bytes the gateway serves for each sampled Observation (the read floor's answers)."""
+    stored = {}
+    with httpx.Client(headers=_bearer(tokens, data.LAB), timeout=30) as http:
+        for resource_id in ids:
+            response = http.get(f"{base}/fhir/Observation/{resource_id}")
+            response.raise_for_status()
+            stored[resource_id] = response.content.decode("utf-8")
+    return stored
+
+
+def read(args: argparse.Namespace, base: str, tokens: system.Tokens, stored: dict[str, str],
+         size: int) -> dict[str, Any]:
+    load = wrk.Load("GET", [f"/fhir/Observation/{i}" for i in stored], _bearer(tokens, data.LAB))
+    return measure(args, "read", "read Observation by id (gateway)", base, load, args.read_connections, size)
+
+
+def create_load(headers: dict[str, str], dataset: data.Dataset) -> wrk.Load:
+    from datetime import UTC, datetime, timedelta
+
+    taken = datetime.now(UTC) + timedelta(hours=7)
+    return wrk.Load("POST", ["/fhir/Observation"], headers, data.observation_template(dataset.run, taken),
+                    patients=dataset.patients[-5000:], codes=[code for code, _ in dataset.items])
+
+
+def create(args: argparse.Namespace, base: str, tokens: system.Tokens, dataset: data.Dataset) -> dict[str, Any]:
+    load = create_load(_bearer(tokens, data.LAB), dataset)
+    return measure(args, "create", "create Observation (gateway)", base, load, args.connections,
+                   dataset.observations)
+
+
+# --- floors -------------------------------------------------------------------------------------
+
+def measure_floors(args: argparse.Namespace, env: dict[str, str], logs: Path, stored: dict[str, str],
+                   database_url: str, dataset: data.Dataset, run: str) -> dict[str, dict[str, Any]]:
+    work = Path(tempfile.mkdtemp(prefix="bench-floor-"))
+    try:
+        spec = work / "floor.json"
+        spec.write_text(_json({"resources": stored, "database_url": database_url}), encoding="utf-8")
+        prepare_storage(database_url, stored)
+        paths = [f"/fhir/Observation/{i}" for i in stored]
+        reads = wrk.Load("GET", paths, {"Content-Type": "application/fhir+json"})
+        writes = create_load({"Content-Type": "application/fhir+json"}, dataset)
+        plan = [("floor-read", "read", "floor: bare app, stored bytes", reads, args.read_connections),
+                ("floor-create", "create", "floor: fhir.resources validation", writes, args.connections),
+                ("floor-storage-read", "storage", "floor: storage select by id", reads, args.read_connections),
+                ("floor-storage-insert", "storage", "floor: storage insert", writes, args.connections)]
+        floors = {}
+        for key, mode, name, load, connections in plan:
+            with _floor_server(args, env, logs, mode, spec) as base:
+                floors[key] = measure(args, key, name, base, load, connections, None)
+        return floors
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+@contextmanager
+def _floor_server(args: argparse.Namespace, env: dict[str, str], logs: Path, mode: str, spec: Path) -> Iterator[str]:
+    """The floor app under uvicorn, as many workers as the system had."""
+    port = system.free_port()
+    command = [system.UVICORN, "--factory", "bench.floor:create_app", "--host", "127.0.0.1", "--port", str(port),
+               "--workers", str(args.workers), "--no-access-log", "--log-level", "warning"]
+    server = system.start(f"floor-{mode}", command, {**env, "BENCH_FLOOR_MODE": mode, "BENCH_FLOOR_DATA": str(spec)},
+                          port, logs)
+    try:
+        yield server.url
+    finally:
+        system.stop(server)
+
+
+def _with_floors(rows: list[dict[str, Any]], read_row: dict[str, Any], create_row: dict[str, Any],
+                 floors: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each figure next to its floor: reads to the bare-bytes floor, creates to validation alone,
+    searches and checks to one select by primary key (the least a query of the store costs)."""
+    pairs = [(read_row, "floor-read"), (create_row, "floor-create")]
+    pairs += [(row, "floor-storage-read") for row in rows]
+    extra = [({**read_row, "key": "read-vs-storage"}, "floor-storage-read"),
+             ({**create_row, "key": "create-vs-storage"}, "floor-storage-insert")]
+    out = []
+    for row, floor_key in [*pairs[:2], *extra, *pairs[2:]]:
+        floor = floors[floor_key]
+        out.append({**row, "floor": floor["name"], "floor_rps": floor["rps"],
+                    "ratio": round(row["rps"] / floor["rps"], 3) if floor["rps"] else None})
+    return out
+
+
+def _json(value: Any) -> str:
+    import json
+
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _memory(server: system.Server, context: dict[str, Any]) -> dict[str, Any]:
+    rss = server.rss_kb()
+    processes = [{"pid": pid, "role": _role(server, pid, len(rss)), "rss_mb": round(kb / 1024, 1)}
+                 for pid, kb in rss.items()]
+    return {**context, "processes": processes}
+
+
+def _role(server: system.Server, pid: int, count: int) -> str:
+    try:
+        command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        command = ""
+    if "resource_tracker" in command:
+        return "resource tracker"
+    if pid == server.process.pid and count > 1:
+        return f"{server.name} supervisor"
+    return f"{server.name} worker"
+
+
+# --- distributed mode ---------------------------------------------------------------------------
+
+def distributed(args: argparse.Namespace, postgres: str, logs: Path, stack: ExitStack) -> dict[str, Any]:
+    """Each service its own process on its own database, the gateway in front (as
+    tests/test_distributed.py starts them): read by id through the gateway and directly at the
+    results-sharing service with a signed identity; the difference at p50 is the gateway hop."""
+    print("distributed mode: starting the services and the gateway", flush=True)
+    run = uuid.uuid4().hex[:8]
+    data_dir = Path(tempfile.mkdtemp(prefix="bench-dist-"))
+    stack.callback(shutil.rmtree, data_dir, True)
+    urls = _databases(postgres, f"bench_{run}", list(system.DATABASES), stack)
+    ports = {name: system.free_port() for name in (*system.SERVICES, "gateway")}
+    env = system.environment(
+        data_dir, urls, ALLIANCE_PLATFORM_URL=f"http://127.0.0.1:{ports['gateway']}/internal/platform",
+        **{f"ALLIANCE_{s.upper().replace('-', '_')}_URL": f"http://127.0.0.1:{ports[s]}" for s in system.SERVICES})
+    system.run_cli(env, "migrate")
+    servers = {}
+    for name in (*system.SERVICES, "gateway"):
+        servers[name] = system.serve(env, name, ports[name], 1, logs)
+        stack.callback(system.stop, servers[name])
+    _timed("demo load (distributed)", lambda: system.run_cli(env, "demo", "load"))
+    tokens = system.Tokens(servers["gateway"].url, data_dir)
+    dataset = data.Dataset(run, data.lab_items())
+    asyncio.run(data.add_patients(servers["gateway"].url, tokens, dataset, 100, 2))
+    asyncio.run(data.add_observations(servers["gateway"].url, tokens, dataset, 1000, dataset.patients, 2))
+    rows = _hop_rows(args, servers, tokens, dataset)
+    memory = {name: _memory(server, {})["processes"] for name, server in servers.items()}
+    by_key = {(r["key"], r["connections"]): r for r in rows}
+    loaded = args.read_connections
+    return {"rows": rows, "memory": memory, "hop": {
+        "p50_ms": round(by_key["gateway", 1]["p50_ms"] - by_key["direct", 1]["p50_ms"], 2),
+        "p50_ms_loaded": round(by_key["gateway", loaded]["p50_ms"] - by_key["direct", loaded]["p50_ms"], 2),
+        "loaded_connections": loaded}}
+
+
+def _hop_rows(args: argparse.Namespace, servers: dict[str, system.Server], tokens: system.Tokens,
+              dataset: data.Dataset) -> list[dict[str, Any]]:
+    from servicekit.identity import IDENTITY_HEADER, CallerIdentity, sign_identity
+
+    identity = CallerIdentity(client_id=data.LAB, organization=data.LAB_ORG, scopes=("system/*.cruds",),
+                              level="center")
+    # Signed like the gateway signs it, with the bench's secret; valid for the whole run.
+    signed = sign_identity(identity, system.SECRETS["ALLIANCE_INTERNAL_SECRET"].encode(), ttl_seconds=3600)
+    paths = [f"/fhir/Observation/{i}" for i in dataset.observation_ids[:READ_SAMPLE]]
+    through = wrk.Load("GET", paths, _bearer(tokens, data.LAB))
+    direct = wrk.Load("GET", paths, {IDENTITY_HEADER: signed})
+    rows = []
+    for connections in (1, args.read_connections):
+        rows.append(measure(args, "gateway", "distributed: read via gateway", servers["gateway"].url, through,
+                            connections, dataset.observations))
+        rows.append(measure(args, "direct", "distributed: read at the service", servers["results-sharing"].url,
+                            direct, connections, dataset.observations))
+    return rows
 
 
 if __name__ == "__main__":

@@ -26,6 +26,8 @@ from fhirkit.store.tables import access_grant, access_opt_out, reference_index, 
 Clause = ColumnElement[bool]
 SYSTEM_ROLE = "system"
 DAY_MICROS = 86_400 * 1_000_000
+# The name of the `fhir_resource` alias a search selects from (one shared alias object).
+SEARCH_ALIAS = "r"
 
 
 @dataclass(frozen=True)
@@ -50,19 +52,39 @@ class AccessPolicy:
     # A service's own extra rule (e.g. the county referral desk sees unaddressed referrals).
     extra: Callable[[Any, FromClause], Clause | None] | None = None
 
+    # Built conditions for the base table by caller and second: building one cost more than
+    # running the query it filters (a search by patient and code).
+    _memo: dict[Any, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
+
     def visible(self, caller: Any, target: FromClause, *, now: int | None = None) -> Clause | None:
         """The condition on `target` (a `fhir_resource` alias) keeping what `caller` may read;
-        None when nothing is hidden from it (the services' own system identity, break-the-glass)."""
+        None when nothing is hidden from it (the services' own system identity, break-the-glass).
+        Grants are judged at `now` rounded up to the next second: one expiring within that
+        second is already treated as expired."""
         if SYSTEM_ROLE in getattr(caller, "roles", ()) or getattr(caller, "break_glass", None):
             return None
         organization = _organization_of(caller)
+        moment = -(-(now if now is not None else now_micros()) // 1_000_000) * 1_000_000
+        if target is not _base_table() and getattr(target, "name", None) != SEARCH_ALIAS:
+            return self._visible(caller, organization, target, moment)
+        key = (organization, getattr(caller, "level", None), tuple(getattr(caller, "roles", ())), target)
+        memo = self._memo
+        if memo.get("moment") != moment:  # conditions of an earlier second are never used again
+            memo.clear()
+            memo["moment"] = moment
+        clause = memo.get(key)
+        if clause is None:
+            clause = memo[key] = self._visible(caller, organization, target, moment)
+        return clause
+
+    def _visible(self, caller: Any, organization: str, target: FromClause, now: int) -> Clause:
         clauses = [target.c.owner == organization, *self._party_clauses(organization, target)]
         if self.follows:
             clauses.append(self._follows_clause(organization, target))
         if self.public_types:
             clauses.append(target.c.resource_type.in_(sorted(self.public_types)))
         if self.grant_scopes:
-            clauses.append(self._granted(organization, target, now if now is not None else now_micros()))
+            clauses.append(self._granted(organization, target, now))
         return or_(*clauses, *self._extra_clauses(caller, target))
 
     def modifiable(self, caller: Any, target: FromClause) -> Clause | None:
@@ -172,6 +194,12 @@ def _param_of(index: FromClause, params: Mapping[str, Any]) -> Clause:
         for resource_type, names in sorted(params.items())
     ]
     return or_(*pairs) if pairs else false()
+
+
+def _base_table() -> FromClause:
+    from fhirkit.store.tables import resource
+
+    return resource
 
 
 def _resource_alias() -> FromClause:

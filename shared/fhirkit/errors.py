@@ -152,7 +152,7 @@ class TooManyRequests(FhirError):
 
 
 class QueryTooCostly(FhirError):
-    """The database gave up on a query after the configured time (PostgreSQL statement_timeout)."""
+    """The database gave up on a query after the configured time (ALLIANCE_QUERY_TIMEOUT_SECONDS)."""
 
     status_code, issue_code = 422, "too-costly"
 

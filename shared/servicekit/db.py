@@ -14,8 +14,10 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from sqlalchemy import event
+from sqlalchemy import event, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from servicekit import sqlite_inline
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
@@ -29,17 +31,22 @@ def sync_url(url: str) -> str:
     return url.replace("sqlite+aiosqlite", "sqlite").replace("postgresql+asyncpg", "postgresql+psycopg")
 
 
-def _sqlite_engine(url: str, begin: str) -> AsyncEngine:
+def _sqlite_engine(url: str, begin: str, query_timeout_seconds: float) -> AsyncEngine:
     # hide_parameters: errors and logs never show the bound values (patient data, identifiers).
-    engine = create_async_engine(url, pool_size=8, max_overflow=8, hide_parameters=True)
+    # The connections call sqlite3 on the loop's thread (servicekit.sqlite_inline: no thread hop).
+    path = make_url(url).database or ":memory:"
+    engine = create_async_engine(
+        url, pool_size=8, max_overflow=8, hide_parameters=True,
+        async_creator=sqlite_inline.connector(path, query_timeout_seconds=query_timeout_seconds),
+    )
 
     @event.listens_for(engine.sync_engine, "connect")
     def on_connect(dbapi_connection: Any, _record: Any) -> None:
         dbapi_connection.isolation_level = None  # let SQLAlchemy emit BEGIN itself
         cursor = dbapi_connection.cursor()
-        # The busy timeout first: switching a fresh file to WAL itself needs the lock, and several
-        # first connections at once would otherwise fail with "database is locked".
-        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        # No busy timeout: SQLite would sleep on the event loop's thread; sqlite_inline retries a
+        # busy statement after an asyncio sleep instead (switching to WAL needs the lock too).
+        cursor.execute("PRAGMA busy_timeout=0")
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.close()
@@ -55,7 +62,8 @@ class Database:
     def __init__(self, url: str, *, pool_size: int = 10, statement_timeout_seconds: float = 0) -> None:
         self.url = url
         self.pool_size = pool_size
-        # PostgreSQL cancels a statement running longer (0: no limit); SQLite has no such limit.
+        # A statement running longer is cancelled (0: no limit): PostgreSQL's statement_timeout,
+        # SQLite's progress handler.
         self.statement_timeout_ms = int(statement_timeout_seconds * 1000)
         self._write: AsyncEngine | None = None
         self._read: AsyncEngine | None = None
@@ -69,8 +77,9 @@ class Database:
         if self._write is not None:
             return
         if is_sqlite(self.url):
-            self._write = _sqlite_engine(self.url, "BEGIN IMMEDIATE")
-            self._read = _sqlite_engine(self.url, "BEGIN")
+            limit = self.statement_timeout_ms / 1000
+            self._write = _sqlite_engine(self.url, "BEGIN IMMEDIATE", limit)
+            self._read = _sqlite_engine(self.url, "BEGIN", limit)
         else:
             options = {"options": f"-c statement_timeout={self.statement_timeout_ms}"} if self.statement_timeout_ms else {}
             self._write = create_async_engine(

@@ -48,7 +48,7 @@ class AllianceSettings(BaseSettings):
     recognition_grant_hours: float = Field(default=24.0, gt=0, le=24 * 30)
     # How long the parties of a completed referral or consultation keep reading the patient's data.
     relationship_days_after_close: int = Field(default=30, ge=0, le=3650)
-    # PostgreSQL cancels a query running longer than this (0: no limit); the client gets 422 too-costly.
+    # A query running longer than this is cancelled (0: no limit); the client gets 422 too-costly.
     query_timeout_seconds: float = Field(default=30.0, ge=0)
     # Requests per second an API client may send on average (0: no limit), and at once.
     rate_limit_per_second: float = Field(default=200.0, ge=0)
@@ -64,6 +64,27 @@ class AllianceSettings(BaseSettings):
     events_retry_backoff_seconds: float = Field(default=1.0, gt=0)
     events_retry_backoff_max_seconds: float = Field(default=60.0, gt=0)
     jwks_url_allow_list: list[str] = Field(default_factory=list)
+
+    # An external token issuer (a provincial IdP, Keycloak) whose access tokens the gateway accepts
+    # besides its own (docs/authentication.md). Unset issuer: only the gateway's own tokens.
+    external_issuer: str | None = None  # the exact `iss`
+    external_jwks_url: str | None = None  # the issuer's JWK Set; never taken from a token
+    external_audience: str | None = None  # the expected `aud`; default the public base URL
+    external_organization_claim: str = "org"
+    external_scope_claim: str = "scope"
+    external_client_claim: str = "client_id"  # falls back to `azp`, then `sub`
+    external_level_claim: str = "level"
+    external_jwks_cache_seconds: float = Field(default=300.0, gt=0)
+    # An unknown `kid` refetches the JWK Set at most this often, so a flood of made-up kids cannot
+    # make the gateway hammer the issuer.
+    external_jwks_min_refetch_seconds: float = Field(default=30.0, ge=0)
+
+    # Failed client authentications at /auth/token: this many within the window (0: no limit)
+    # lock the client id, or the source address, out for `auth_lockout_seconds`.
+    auth_failure_window_seconds: int = Field(default=900, gt=0)
+    auth_max_failures_per_client: int = Field(default=5, ge=0)
+    auth_max_failures_per_address: int = Field(default=50, ge=0)
+    auth_lockout_seconds: int = Field(default=900, gt=0)
 
     # Topic-based subscriptions (docs/notifications.md). Rest-hook endpoints must resolve only to
     # addresses inside these networks; the default lets a developer try a receiver on loopback.

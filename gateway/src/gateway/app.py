@@ -44,6 +44,7 @@ from gateway.platform import DEFINITION as PLATFORM_DEFINITION
 from gateway.rate_limit import RateLimiter
 from servicekit.app import ServiceDefinition, create_service_app
 from servicekit.identity import IDENTITY_HEADER, sign_identity
+from servicekit.inprocess import call_asgi
 from servicekit.observability import Metrics, RequestContextMiddleware, request_id_var
 from servicekit.peers import SYSTEM_IDENTITY
 from servicekit.settings import AllianceSettings
@@ -88,9 +89,13 @@ class Upstream:
 
 
 class Gateway:
-    def __init__(self, settings: AllianceSettings, clients: dict[str, httpx.AsyncClient]) -> None:
+    def __init__(
+        self, settings: AllianceSettings, clients: dict[str, httpx.AsyncClient], local_apps: dict[str, Any] | None = None
+    ) -> None:
         self.settings = settings
         self.clients = clients
+        # Services in this process are called directly (servicekit.inprocess), the others over HTTP.
+        self.local_apps = local_apps or {}
         self.secret = settings.secret("internal_secret")
         self._capabilities: bytes | None = None
 
@@ -110,6 +115,11 @@ class Gateway:
         outgoing[IDENTITY_HEADER] = sign_identity(identity, self.secret, request_id=request_id_var.get())
         outgoing["x-request-id"] = request_id_var.get()
         outgoing["x-forwarded-base"] = self.settings.base_url
+        if service in self.local_apps:
+            status, answered, body = await call_asgi(
+                self.local_apps[service], method, path, outgoing, content, host=service
+            )
+            return Upstream(status, {k: v for k, v in answered.items() if k in FORWARDED_RESPONSE_HEADERS}, body)
         try:
             response = await self.clients[service].request(method, path, content=content, headers=outgoing)
         except httpx.TimeoutException:
@@ -402,18 +412,13 @@ def create_gateway_app(
             if not url:
                 raise RuntimeError(f"Distributed mode needs ALLIANCE_{name.upper().replace('-', '_')}_URL")
             clients[name] = httpx.AsyncClient(base_url=url, timeout=30.0, limits=httpx.Limits(max_connections=100))
-    gateway = Gateway(settings, clients)
+    gateway = Gateway(settings, clients, local_apps=apps)
     apps["platform"].state.gateway = gateway  # the subscription hub reads resources as each subscriber
     dispatcher = FhirDispatcher(gateway)
     platform_db = apps["platform"].state.database
     audit = AuditTrail(platform_db, apps["platform"].state.service.store,
                        custodians_of=gateway.patient_custodians)
-    auth_settings = AuthSettings(
-        base_url=settings.base_url,
-        signing_key=settings.secret("token_signing_key"),
-        token_ttl_seconds=settings.access_token_ttl_seconds,
-        jwks_url_allow_list=tuple(settings.jwks_url_allow_list),
-    )
+    auth_settings = AuthSettings.from_settings(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

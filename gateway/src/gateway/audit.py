@@ -12,18 +12,26 @@ hot path pays for a queue append and not for a database write. A note waits at m
   patient's record (managing organization, else the assigners of its record numbers) as
   entities, so that they find the emergency access in their audit view.
 
+Security events go through the same writer: every token request (DICOM 110114 User
+Authentication, subtype Login; success or refusal, the client as claimed, its organization when it
+is registered, the source address, never the secret or the assertion) and every `alliance client`
+command (DICOM 110113 Security Alert for changes, rest/search-type for listing).
+
 Logs never carry patient identifiers; the AuditEvents do, which is why they are access-controlled.
 """
 
 import asyncio
 import base64
 import dataclasses
+import hashlib
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from fhirkit import jsonio
+import orjson
+
 from fhirkit.search.values import format_instant
 from fhirkit.store.repository import Repository, StoreConfig
 from gateway import audit_chain
@@ -84,12 +92,12 @@ class AuditTrail:
         self.custodians_of = custodians_of
         self.flush_seconds = flush_seconds
         self.batch_size = batch_size
-        self.queue: asyncio.Queue[AccessNote | None] = asyncio.Queue()  # None: stop after what is queued
+        self.queue: asyncio.Queue[Note | None] = asyncio.Queue()  # None: stop after what is queued
         self._task: asyncio.Task[None] | None = None
         self._in_flight = 0
         self._stopping = False
 
-    def note(self, note: AccessNote) -> None:
+    def note(self, note: "Note") -> None:
         self.queue.put_nowait(note)
 
     def start(self) -> None:
@@ -111,8 +119,8 @@ class AuditTrail:
         while batch := self._take(self.batch_size):
             await self._write(batch)
 
-    def _take(self, count: int) -> list[AccessNote]:
-        batch: list[AccessNote] = []
+    def _take(self, count: int) -> list["Note"]:
+        batch: list[Note] = []
         while len(batch) < count and not self.queue.empty():
             note = self.queue.get_nowait()
             if note is None:
@@ -133,7 +141,7 @@ class AuditTrail:
             finally:
                 self._in_flight -= 1
 
-    async def _write_or_retry(self, batch: list[AccessNote]) -> None:
+    async def _write_or_retry(self, batch: list["Note"]) -> None:
         try:
             await self._write(batch)
             return
@@ -149,15 +157,17 @@ class AuditTrail:
             else:
                 log.error("an audit note of request %s could not be stored", note.request_id)
 
-    async def _write(self, batch: list[AccessNote]) -> None:
+    async def _write(self, batch: list["Note"]) -> None:
         events = [event for note in batch for event in await self._events(note)]
         async with self.database.transaction(write=True) as conn:
             stored = await Repository(conn, self.store).create_records(events)
             await audit_chain.append(conn, stored)
 
-    async def _events(self, note: AccessNote) -> list[dict[str, Any]]:
+    async def _events(self, note: "Note") -> list[dict[str, Any]]:
         """One AuditEvent per patient a search (or history, operation, bundle) touched, so that a
         patient's audit lists every query that returned their data; one for anything else."""
+        if not isinstance(note, AccessNote):
+            return [note.audit_event()]  # security events carry no patient
         patients = sorted(note.patients | patients_in(note))[:MAX_PATIENTS]
         groups = [[p] for p in patients] if len(patients) > 1 else [patients]
         events = []
@@ -251,8 +261,9 @@ def patients_in(note: AccessNote) -> set[str]:
     if note.status >= 400 or not note.body or len(note.body) > MAX_SCANNED_BYTES:
         return found
     try:
-        content = jsonio.loads(note.body)
-    except Exception:
+        # Our own services' answer: plain orjson, no depth check (that guards client input).
+        content = orjson.loads(note.body)
+    except orjson.JSONDecodeError:
         return found
     if isinstance(content, dict) and content.get("resourceType") == "Bundle":
         for entry in content.get("entry") or []:
@@ -275,3 +286,134 @@ def _patients_of(resource: dict[str, Any]) -> set[str]:
             found.add(reference)
     return found
 
+
+# --- security events: token requests and client management ---------------------------------------
+
+DCM = "http://dicom.nema.org/resources/ontology/DCM"
+USER_AUTHENTICATION = {"system": DCM, "code": "110114", "display": "User Authentication"}
+LOGIN = {"system": DCM, "code": "110122", "display": "Login"}
+SECURITY_ALERT = {"system": DCM, "code": "110113", "display": "Security Alert"}
+SECURITY_ATTRIBUTES_CHANGED = {"system": DCM, "code": "110137", "display": "User Security Attributes Changed"}
+CLIENT_MANAGEMENT = "http://county-alliance.org/fhir/CodeSystem/client-management"
+OPERATOR_SYSTEM = "http://county-alliance.org/fhir/sid/os-user"
+CLIENT_ACTIONS = {"create": "C", "list": "R", "disable": "U", "enable": "U", "rotate-secret": "U", "set-jwks": "U"}
+_PLAIN_CLIENT_ID = re.compile(r"^[A-Za-z0-9._~:\-]{1,140}$")
+_SECURITY_USER_ENTITY = {"system": OBJECT_ROLE, "code": "11", "display": "Security User Entity"}
+_SECURITY_USER_GROUP = {"system": OBJECT_ROLE, "code": "12", "display": "Security User Group"}
+
+
+def recorded_client_id(claimed: str | None) -> str:
+    """A claimed client id is attacker input: recorded as sent when it looks like an id, else by digest."""
+    if not claimed:
+        return "unauthenticated"
+    if _PLAIN_CLIENT_ID.match(claimed):
+        return claimed
+    return "sha256:" + hashlib.sha256(claimed.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+
+def _outcome(status: int) -> str:
+    return "0" if status < 400 else "4" if status < 500 else "8"
+
+
+@dataclass
+class TokenRequestNote:
+    """One request to the token endpoint, as it finished."""
+
+    client_id: str | None  # as claimed; None when the request named none
+    organization: str  # the registered client's, "" when no such client
+    status: int
+    recorded: int
+    auth_method: str | None = None
+    address: str | None = None
+    request_id: str | None = None
+    description: str | None = None  # the OAuth error and its description
+    scope: str | None = None  # what was granted
+
+    def audit_event(self) -> dict[str, Any]:
+        client_id = recorded_client_id(self.client_id)
+        who: dict[str, Any] = {"identifier": {"system": CLIENT_SYSTEM, "value": client_id}}
+        if self.organization:
+            who["reference"] = self.organization
+        agent: dict[str, Any] = {"who": who, "requestor": True}
+        if self.address:
+            agent["network"] = {"address": self.address, "type": "2"}
+        details = [{"type": "grant_type", "valueString": "client_credentials"}]
+        if self.auth_method:
+            details.append({"type": "token_endpoint_auth_method", "valueString": self.auth_method})
+        if self.scope:
+            details.append({"type": "scope", "valueString": self.scope})
+        event: dict[str, Any] = {
+            "resourceType": "AuditEvent",
+            "type": USER_AUTHENTICATION,
+            "subtype": [LOGIN],
+            "action": "E",
+            "recorded": format_instant(self.recorded),
+            "outcome": _outcome(self.status),
+            "agent": [agent],
+            "source": {"observer": {"display": "county alliance gateway"}, "type": [SOURCE_TYPE]},
+            "entity": [{"what": {"identifier": {"system": CLIENT_SYSTEM, "value": client_id}},
+                        "type": {"system": OBJECT_TYPE, "code": "2", "display": "System Object"},
+                        "role": _SECURITY_USER_ENTITY, "detail": details}],
+        }
+        if self.status >= 400:
+            event["outcomeDesc"] = f"HTTP {self.status}" + (f": {self.description[:200]}" if self.description else "")
+        return event
+
+
+@dataclass
+class ClientAdminNote:
+    """One `alliance client …` command: who ran it, on which client, with what outcome."""
+
+    action: str  # a key of CLIENT_ACTIONS
+    client_id: str | None
+    organization: str
+    status: int  # 200 done, 404 no such client, 422 refused
+    recorded: int
+    operator: str  # the OS account that ran the command
+    host: str | None = None
+    description: str | None = None
+    request_id: str | None = None
+
+    def audit_event(self) -> dict[str, Any]:
+        listing = self.action == "list"
+        agent: dict[str, Any] = {
+            "type": {"coding": [{"system": DCM, "code": "110150", "display": "Application"}]},
+            "who": {"identifier": {"system": OPERATOR_SYSTEM, "value": self.operator}},
+            "name": f"alliance client {self.action}",
+            "requestor": True,
+        }
+        if self.host:
+            agent["network"] = {"address": self.host, "type": "1"}
+        event: dict[str, Any] = {
+            "resourceType": "AuditEvent",
+            "type": EVENT_TYPE if listing else SECURITY_ALERT,
+            "subtype": [{"system": INTERACTIONS, "code": "search-type"} if listing else SECURITY_ATTRIBUTES_CHANGED,
+                        {"system": CLIENT_MANAGEMENT, "code": self.action}],
+            "action": CLIENT_ACTIONS.get(self.action, "E"),
+            "recorded": format_instant(self.recorded),
+            "outcome": _outcome(self.status),
+            "agent": [agent],
+            "source": {"observer": {"display": "alliance command"}, "type": [SOURCE_TYPE]},
+            "entity": self._entities(),
+        }
+        if self.status >= 400 and self.description:
+            event["outcomeDesc"] = self.description[:200]
+        if not event["entity"]:
+            del event["entity"]
+        return event
+
+    def _entities(self) -> list[dict[str, Any]]:
+        entities: list[dict[str, Any]] = []
+        if self.client_id:
+            entities.append({"what": {"identifier": {"system": CLIENT_SYSTEM, "value": recorded_client_id(self.client_id)}},
+                             "type": {"system": OBJECT_TYPE, "code": "2", "display": "System Object"},
+                             "role": _SECURITY_USER_ENTITY})
+        if self.organization:
+            # Named as an entity so that the organization's auditors see what was done to its clients.
+            entities.append({"what": {"reference": self.organization},
+                             "type": {"system": OBJECT_TYPE, "code": "3", "display": "Organization"},
+                             "role": _SECURITY_USER_GROUP})
+        return entities
+
+
+Note = AccessNote | TokenRequestNote | ClientAdminNote

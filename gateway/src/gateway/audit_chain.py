@@ -3,8 +3,12 @@
 Each AuditEvent the gateway writes gets a link: the SHA-256 of its stored bytes, and the chain
 hash `SHA-256(previous chain hash ‖ content hash)`. Changing, removing or reordering any stored
 AuditEvent breaks every later link, which `alliance audit verify` reports with the first broken
-sequence number. Links are appended in the audit writer's transaction, under a lock (PostgreSQL
-advisory lock; SQLite has one writer), so concurrent gateway replicas extend one chain.
+sequence number. Links are appended in the audit writer's transaction, after taking a lock that
+every appender takes before reading the last link, so concurrent writers (several worker
+processes, each batching its own notes, and gateway replicas) extend one chain, never fork it:
+on PostgreSQL a transaction-scoped advisory lock; on SQLite the write transaction itself, which
+begins with BEGIN IMMEDIATE (servicekit.db) and so holds the database's one write lock, across
+processes, from before its first read.
 """
 
 import hashlib
@@ -41,7 +45,7 @@ async def append(conn: AsyncConnection, records: Sequence[tuple[str, bytes]]) ->
     """Chain the AuditEvents just stored (id, stored bytes), in order, in the caller's transaction."""
     if not records:
         return
-    if conn.dialect.name == "postgresql":
+    if conn.dialect.name == "postgresql":  # SQLite: already the only writer (see above)
         await conn.execute(select(func.pg_advisory_xact_lock(CHAIN_LOCK)))
     last = (await conn.execute(select(audit_chain.c.chain_sha256).order_by(audit_chain.c.seq.desc()).limit(1))).first()
     previous = last[0] if last else GENESIS

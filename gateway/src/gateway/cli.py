@@ -5,11 +5,14 @@ SQLite files by default and on the distributed databases and services when those
 """
 
 import asyncio
+import getpass
 import json
 import os
+import socket
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -43,7 +46,7 @@ def serve(
     service: Annotated[str, typer.Option(help=f"What to serve: {', '.join(SERVE_TARGETS)}")] = "all",
     host: Annotated[str | None, typer.Option(help="Bind address (default ALLIANCE_HOST)")] = None,
     port: Annotated[int | None, typer.Option(help="Port (default ALLIANCE_PORT or PORT)")] = None,
-    workers: Annotated[int, typer.Option(help="Server processes")] = 1,
+    workers: Annotated[int, typer.Option(min=1, help="Server processes (docs/operations.md)")] = 1,
 ) -> None:
     """Serve the whole system (embedded), the gateway alone, or one service (distributed)."""
     import uvicorn
@@ -55,8 +58,10 @@ def serve(
     bind_port = port or int(os.environ.get("PORT") or settings.port)
     if service in ("all", "gateway") and not os.environ.get("ALLIANCE_PUBLIC_BASE_URL"):
         os.environ["ALLIANCE_PUBLIC_BASE_URL"] = f"http://{host or settings.host}:{bind_port}/fhir"
+    if workers > 1:
+        _prepare_workers(settings, workers)
     uvicorn.run(
-        "gateway.main:create_app",
+        "gateway.cli:serve_worker_app" if workers > 1 else "gateway.main:create_app",
         factory=True,
         host=host or settings.host,
         port=bind_port,
@@ -64,6 +69,60 @@ def serve(
         log_config=None,
         access_log=False,
     )
+
+
+def _prepare_workers(settings: AllianceSettings, workers: int) -> None:
+    """What the worker processes must agree on, settled once before they start."""
+    import math
+
+    # Development secrets are generated on first use: N workers generating them at once could
+    # each keep a different key (tokens of one worker refused by the others).
+    if settings.environment != "production":
+        settings.secret("internal_secret")
+        settings.secret("token_signing_key")
+    # Rate limits are counted in each process's memory: each worker enforces its share, so that
+    # the configured numbers stay the whole server's (docs/operations.md).
+    if settings.rate_limit_per_second > 0:
+        os.environ["ALLIANCE_RATE_LIMIT_PER_SECOND"] = repr(settings.rate_limit_per_second / workers)
+        os.environ["ALLIANCE_RATE_LIMIT_BURST"] = str(max(1, math.ceil(settings.rate_limit_burst / workers)))
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    os.environ["ALLIANCE_SERVE_STARTUP_LOCK"] = str((settings.data_dir / ".serve-startup.lock").resolve())
+
+
+def serve_worker_app() -> Any:
+    """One worker of `serve --workers N` (uvicorn factory): the usual app, whose start-up (the
+    services writing their topics and code systems, starting dispatchers) runs one worker at a
+    time, so that workers starting on fresh databases do not race to create the same rows."""
+    from contextlib import AsyncExitStack
+
+    from gateway.main import create_app
+
+    server = create_app()
+    inner = server.router.lifespan_context
+    lock_path = Path(os.environ["ALLIANCE_SERVE_STARTUP_LOCK"])
+
+    @asynccontextmanager
+    async def lifespan(target: Any) -> AsyncIterator[Any]:
+        async with AsyncExitStack() as stack:
+            async with _startup_turn(lock_path):
+                state = await stack.enter_async_context(inner(target))
+            yield state
+
+    server.router.lifespan_context = lifespan
+    return server
+
+
+@asynccontextmanager
+async def _startup_turn(path: Path) -> AsyncIterator[None]:
+    """An exclusive lock on a file, held while one worker starts (released if it dies)."""
+    import fcntl
+
+    with open(path, "a") as handle:
+        await asyncio.to_thread(fcntl.flock, handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 @app.command()
@@ -191,6 +250,81 @@ async def _platform_database(settings: AllianceSettings) -> AsyncIterator[Any]:
         await database.stop()
 
 
+@dataclass
+class _ClientAdmin:
+    """What a client command works with: the platform database and the audit trail."""
+
+    engine: Any
+    audit: Any
+
+    def record(
+        self, action: str, client_id: str | None, organization: str = "", status: int = 200,
+        description: str | None = None,
+    ) -> None:
+        """Every client command leaves an AuditEvent, refused ones too (docs/security.md)."""
+        from fhirkit.search.values import now_micros
+        from gateway.audit import ClientAdminNote
+
+        self.audit.note(ClientAdminNote(
+            action=action, client_id=client_id, organization=organization, status=status, recorded=now_micros(),
+            operator=_operator(), host=socket.gethostname() or None, description=description,
+        ))
+
+
+def _operator() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no name for this uid (containers)
+        return f"uid:{os.getuid()}"
+
+
+@asynccontextmanager
+async def _client_admin(settings: AllianceSettings) -> AsyncIterator[_ClientAdmin]:
+    # The whole system starts so that the audit trail's writer runs; leaving drains it.
+    async with _system(settings) as gateway_app:
+        engine = gateway_app.state.apps["platform"].state.database.engine
+        yield _ClientAdmin(engine, gateway_app.state.audit)
+
+
+def _fail(message: str) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(1)
+
+
+@client_app.command("list")
+def client_list(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table")] = False,
+) -> None:
+    """List the API clients: id, organization, enabled, authentication, created, last token."""
+    rows = asyncio.run(_list_clients(_settings()))
+    if as_json:
+        typer.echo(json.dumps(rows, ensure_ascii=False, indent=2))
+        return
+    header = {"client_id": "CLIENT", "organization": "ORGANIZATION", "enabled": "ENABLED",
+              "auth_methods": "AUTH", "created_at": "CREATED", "last_used_at": "LAST USED"}
+    table = [header] + [{**row, "enabled": "yes" if row["enabled"] else "no",
+                         "auth_methods": ",".join(row["auth_methods"]) or "-",
+                         "created_at": row["created_at"][:19], "last_used_at": (row["last_used_at"] or "-")[:19]}
+                        for row in rows]
+    widths = {key: max(len(str(line[key])) for line in table) for key in header}
+    for line in table:
+        typer.echo("  ".join(str(line[key]).ljust(widths[key]) for key in header).rstrip())
+
+
+async def _list_clients(settings: AllianceSettings) -> list[dict[str, Any]]:
+    from gateway.auth import list_clients
+
+    async with _client_admin(settings) as admin:
+        clients = await list_clients(admin.engine)
+        admin.record("list", None)
+    return [{
+        "client_id": c.client_id, "name": c.name, "organization": c.organization, "level": c.level,
+        "enabled": c.enabled, "auth_methods": list(c.auth_methods), "scope": c.scope,
+        "created_at": c.created_at.isoformat(),
+        "last_used_at": c.last_used_at.isoformat() if c.last_used_at else None,
+    } for c in clients]
+
+
 @client_app.command("disable")
 def client_disable(client_id: Annotated[str, typer.Argument(help="The client to disable")]) -> None:
     """Disable an API client: new tokens are refused and issued ones stop working within seconds."""
@@ -204,16 +338,78 @@ def client_enable(client_id: Annotated[str, typer.Argument(help="The client to e
 
 
 def _set_client_enabled(client_id: str, enabled: bool) -> None:
-    from gateway.auth import set_enabled
+    from gateway.auth import get_client, set_enabled
+
+    action = "enable" if enabled else "disable"
 
     async def change() -> bool:
-        async with _platform_database(_settings()) as database:
-            return await set_enabled(database.engine, client_id, enabled)
+        async with _client_admin(_settings()) as admin:
+            client = await get_client(admin.engine, client_id)
+            if client is None or not await set_enabled(admin.engine, client_id, enabled):
+                admin.record(action, client_id, status=404, description="no such client")
+                return False
+            admin.record(action, client_id, client.organization)
+            return True
 
     if not asyncio.run(change()):
-        typer.echo(f"error: no client '{client_id}'", err=True)
-        raise typer.Exit(1)
+        raise _fail(f"no client '{client_id}'")
     typer.echo(f"{client_id}: {'enabled' if enabled else 'disabled'}")
+
+
+@client_app.command("rotate-secret")
+def client_rotate_secret(client_id: Annotated[str, typer.Argument(help="The client whose secret to replace")]) -> None:
+    """Give a client a new secret (printed only now); the old one stops working at once."""
+    from gateway.auth import get_client, rotate_secret
+
+    async def rotate() -> str:
+        async with _client_admin(_settings()) as admin:
+            client = await get_client(admin.engine, client_id)
+            if client is None:
+                admin.record("rotate-secret", client_id, status=404, description="no such client")
+                raise _fail(f"no client '{client_id}'")
+            try:
+                secret = await rotate_secret(admin.engine, client_id)
+            except ValueError as exc:
+                admin.record("rotate-secret", client_id, client.organization, status=422, description=str(exc))
+                raise _fail(str(exc)) from None
+            admin.record("rotate-secret", client_id, client.organization)
+            assert secret is not None
+            return secret
+
+    secret = asyncio.run(rotate())
+    typer.echo(json.dumps({"client_id": client_id, "client_secret": secret}, indent=2))
+
+
+@client_app.command("set-jwks")
+def client_set_jwks(
+    client_id: Annotated[str, typer.Argument(help="The client whose public keys to replace")],
+    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="JWKS file with the client's public keys")],
+) -> None:
+    """Replace a client's registered JWK Set (private_key_jwt); assertions signed with keys no
+    longer in it are refused from now on."""
+    from gateway.auth import get_client, set_jwks
+
+    try:
+        jwks = json.loads(file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _fail(f"{file} is not JSON: {exc}") from None
+
+    async def replace() -> int:
+        async with _client_admin(_settings()) as admin:
+            client = await get_client(admin.engine, client_id)
+            if client is None:
+                admin.record("set-jwks", client_id, status=404, description="no such client")
+                raise _fail(f"no client '{client_id}'")
+            try:
+                await set_jwks(admin.engine, client_id, jwks)
+            except ValueError as exc:
+                admin.record("set-jwks", client_id, client.organization, status=422, description=str(exc))
+                raise _fail(str(exc)) from None
+            admin.record("set-jwks", client_id, client.organization)
+            return len(jwks["keys"])
+
+    count = asyncio.run(replace())
+    typer.echo(f"{client_id}: {count} public key(s) registered")
 
 
 @client_app.command("create")
@@ -227,7 +423,10 @@ def client_create(
 ) -> None:
     """Register an API client and print its credentials (the secret is shown only now)."""
     keys = json.loads(jwks.read_text()) if jwks else None
-    client = asyncio.run(_create_client(_settings(), org, scope, name or org, level, client_id, keys))
+    try:
+        client = asyncio.run(_create_client(_settings(), org, scope, name or org, level, client_id, keys))
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
     typer.echo(json.dumps(client, ensure_ascii=False, indent=2))
 
 
@@ -237,12 +436,16 @@ async def _create_client(
 ) -> dict[str, Any]:
     from gateway.auth import create_client
 
-    async with _system(settings) as gateway_app:
-        engine = gateway_app.state.apps["platform"].state.database.engine
-        client = await create_client(
-            engine, organization=org, scope=scope, name=name, level=level, jwks=jwks,
-            client_id=client_id, client_secret=secret,
-        )
+    async with _client_admin(settings) as admin:
+        try:
+            client = await create_client(
+                admin.engine, organization=org, scope=scope, name=name, level=level, jwks=jwks,
+                client_id=client_id, client_secret=secret,
+            )
+        except ValueError as exc:
+            admin.record("create", client_id, "", status=422, description=str(exc))
+            raise
+        admin.record("create", client.client_id, client.organization)
     return {
         "client_id": client.client_id,
         "client_secret": client.client_secret,

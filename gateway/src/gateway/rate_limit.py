@@ -2,8 +2,14 @@
 
 Each client may send `rate` requests per second on average and `burst` at once. Over the limit
 the answer is 429 (OperationOutcome `throttled`) with `Retry-After` in whole seconds, so a
-well-behaved HIS backs off instead of retrying at once. The buckets live in memory: with several
-gateway workers each enforces the limit on its share of the traffic (docs/security.md).
+well-behaved HIS backs off instead of retrying at once.
+
+The buckets live in this process's memory (a database row per request would cost a write on the
+hot path, and on SQLite a turn at its one write lock). With several worker processes
+(`alliance serve --workers N`) each enforces its share: `serve` hands every worker the limit
+divided by N, so the configured numbers remain the whole server's. A client whose requests all
+arrive on one keep-alive connection meets one worker's share (docs/operations.md); several
+gateway replicas each enforce the whole limit.
 """
 
 import math

@@ -94,6 +94,12 @@ def _signing_key(alg: str, kid: str) -> SigningKey:
 
 
 @pytest.fixture(scope="session")
+def new_signing_key() -> Callable[[str, str], SigningKey]:
+    """Make a key pair: `new_signing_key("RS384", "kid-1")`."""
+    return _signing_key
+
+
+@pytest.fixture(scope="session")
 def rs384_key() -> SigningKey:
     return _signing_key("RS384", "rsa-1")
 

@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from fhirkit.errors import Unauthorized
 from gateway.auth.clients import RegisteredClient, create_client
 from gateway.auth.tokens import (
+    CLOCK_SKEW_SECONDS,
     JwksFetcher,
     OAuthError,
     _max_age,
@@ -90,6 +91,19 @@ def test_access_token_refused(token: Any, key: bytes, issuer: str) -> None:
     assert caught.value.headers["WWW-Authenticate"].startswith(
         'Bearer realm="alliance", error="invalid_token"'
     )
+
+
+def test_a_verified_token_is_remembered_but_still_expires() -> None:
+    # Accepted for a few more seconds (its expiry plus the allowed clock skew), then refused even
+    # though it was verified before.
+    token = _issue(ttl_seconds=3 - CLOCK_SKEW_SECONDS)
+    claims = verify_access_token(token, KEY, issuer=ISSUER)
+    assert verify_access_token(token, KEY, issuer=ISSUER) is claims  # no second signature check
+    with pytest.raises(Unauthorized):  # remembered for one key and issuer only
+        verify_access_token(token, b"x" * 32, issuer=ISSUER)
+    time.sleep(max(0.0, claims["exp"] + CLOCK_SKEW_SECONDS - time.time()) + 0.1)
+    with pytest.raises(Unauthorized):
+        verify_access_token(token, KEY, issuer=ISSUER)
 
 
 # --- JWKS URL allow-list and caching ---------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Every error leaves as an OperationOutcome, rendered here and nowhere else."""
 
 import logging
+import sqlite3
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -49,7 +50,7 @@ def install_exception_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(DBAPIError)
     async def database_error(request: Request, exc: DBAPIError) -> Response:
-        if getattr(exc.orig, "sqlstate", None) == QUERY_CANCELED:
+        if _cancelled_for_time(exc.orig):
             return error_response(QueryTooCostly(
                 "The query took longer than the server allows (ALLIANCE_QUERY_TIMEOUT_SECONDS); narrow it: "
                 "fewer parameters with wide matches, a smaller _count, fewer _include/_revinclude"))
@@ -61,3 +62,10 @@ def install_exception_handlers(app: FastAPI) -> None:
         log.exception("unexpected error on %s %s", request.method, safe_path(request.url.path))
         body = outcome_bytes("fatal", "exception", "Internal error; it has been logged")
         return Response(body, status_code=500, media_type=FHIR_JSON)
+
+
+def _cancelled_for_time(error: BaseException | None) -> bool:
+    """PostgreSQL's statement_timeout, or SQLite's progress handler (servicekit.sqlite_inline)."""
+    if getattr(error, "sqlstate", None) == QUERY_CANCELED:
+        return True
+    return isinstance(error, sqlite3.OperationalError) and getattr(error, "sqlite_errorcode", None) == sqlite3.SQLITE_INTERRUPT

@@ -20,6 +20,7 @@ class WriteContext:
     previous: dict[str, Any] | None  # the current version before this write, parsed
     in_transaction: bool = False
     if_match: int | None = None  # the version the client said it saw (If-Match), if it said one
+    stored: Any = None  # after the write: the StoredResource written (None before it)
 
 
 class ResourceHooks(Protocol):

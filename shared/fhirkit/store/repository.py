@@ -7,15 +7,15 @@ bytes and never build a model.
 
 import uuid
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from sqlalchemy import ColumnElement, delete, false, func, insert, select, tuple_, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import ColumnElement, bindparam, delete, false, func, insert, select, tuple_, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from fhirkit import jsonio, resources
-from fhirkit.access import AccessPolicy
+from fhirkit.access import SEARCH_ALIAS, AccessPolicy
 from fhirkit.errors import (
     FhirError,
     Forbidden,
@@ -178,20 +178,23 @@ class Repository:
             raise UnknownResourceType(f"Resource type '{resource_type[:64]}' is not served here")
 
     async def _current(self, resource_type: str, resource_id: str, *, for_update: bool = False) -> StoredResource | None:
-        stmt = select(resource).where(
-            resource.c.resource_type == resource_type, resource.c.resource_id == resource_id
-        )
-        if for_update and self._is_postgres:
-            stmt = stmt.with_for_update()
-        row = (await self.conn.execute(stmt)).first()
+        stmt = _CURRENT_FOR_UPDATE if for_update and self._is_postgres else _CURRENT
+        row = (await self.conn.execute(stmt, {"resource_type": resource_type, "resource_id": resource_id})).first()
+        return _stored(row) if row else None
+
+    async def _visible_current(self, resource_type: str, resource_id: str) -> StoredResource | None:
+        """The current version if the caller may see it, in one statement (the hot read path):
+        an invisible resource is None, exactly as a missing one."""
+        clause = self.visibility(resource)
+        stmt = _CURRENT if clause is None else _CURRENT.where(clause)
+        row = (await self.conn.execute(stmt, {"resource_type": resource_type, "resource_id": resource_id})).first()
         return _stored(row) if row else None
 
     async def read(self, resource_type: str, resource_id: str) -> StoredResource:
         self._require_type(resource_type)
-        current = await self._current(resource_type, resource_id)
+        current = await self._visible_current(resource_type, resource_id)
         if current is None:
             raise ResourceNotFound(f"{resource_type}/{resource_id} is not known")
-        await self._require_access(current)
         if current.deleted:
             raise ResourceGone(
                 f"{resource_type}/{resource_id} was deleted",
@@ -293,7 +296,7 @@ class Repository:
         hooks = self.config.hooks_for(resource_type)
         await hooks.before_write(self, None, context)
         stored = await self._write_version(current, None, "DELETE")
-        await hooks.after_write(self, None, context)
+        await hooks.after_write(self, None, replace(context, stored=stored))
         return stored
 
     async def conditional_targets(self, resource_type: str, criteria: str) -> list[StoredResource]:
@@ -350,16 +353,14 @@ class Repository:
             "owner": self.owner,
             "content": content,
         }
-        try:
-            async with self.conn.begin_nested():
-                result = await self.conn.execute(insert(resource).values(**values).returning(resource.c.rid))
-        except IntegrityError:
-            raise VersionConflict(f"{resource_type}/{resource_id} was created concurrently; retry") from None
-        rid = result.scalar_one()
+        # ON CONFLICT DO NOTHING: a concurrent create of the same id answers no row (no savepoint).
+        rid = (await self.conn.execute(_insert_resource(self._is_postgres), values)).scalar_one_or_none()
+        if rid is None:
+            raise VersionConflict(f"{resource_type}/{resource_id} was created concurrently; retry")
         await self._append_history(rid, values, method)
         await self._write_indexes(rid, body)
         stored = StoredResource(resource_type, resource_id, 1, now, False, content, self.owner)
-        await self.config.hooks_for(resource_type).after_write(self, body, context)
+        await self.config.hooks_for(resource_type).after_write(self, body, replace(context, stored=stored))
         return WriteOutcome(stored, created=True)
 
     async def _replace(
@@ -380,7 +381,7 @@ class Repository:
             # result is what is stored already: a re-send writes no new version.
             return WriteOutcome(current, created=False, changed=False)
         stored = await self._write_version(current, body, method)
-        await self.config.hooks_for(current.resource_type).after_write(self, body, context)
+        await self.config.hooks_for(current.resource_type).after_write(self, body, replace(context, stored=stored))
         return WriteOutcome(stored, created=current.deleted)
 
     async def _prepare(self, body: dict[str, Any], context: WriteContext) -> None:
@@ -397,17 +398,10 @@ class Repository:
         version = current.version_id + 1
         now = max(self._now(), current.last_updated + 1)
         content = _content(body, version, now) if body is not None else None
-        stmt = (
-            update(resource)
-            .where(
-                resource.c.resource_type == current.resource_type,
-                resource.c.resource_id == current.resource_id,
-                resource.c.version_id == current.version_id,
-            )
-            .values(version_id=version, last_updated=now, deleted=body is None, content=content)
-            .returning(resource.c.rid)
-        )
-        rid = (await self.conn.execute(stmt)).scalar_one_or_none()
+        rid = (await self.conn.execute(_NEXT_VERSION, {
+            "b_type": current.resource_type, "b_id": current.resource_id, "b_seen": current.version_id,
+            "b_version": version, "b_updated": now, "b_deleted": body is None, "b_content": content,
+        })).scalar_one_or_none()
         if rid is None:
             raise PreconditionFailed(
                 f"{current.resource_type}/{current.resource_id} was changed concurrently "
@@ -431,7 +425,7 @@ class Repository:
         )
 
     async def _append_history(self, rid: int, values: dict[str, Any], method: str) -> None:
-        await self.conn.execute(insert(resource_history).values(rid=rid, method=method, **values))
+        await self.conn.execute(_INSERT_HISTORY, {"rid": rid, "method": method, **values})
 
     async def _write_indexes(self, rid: int, body: dict[str, Any]) -> None:
         for kind, rows in indexing.index_rows(body).items():
@@ -439,8 +433,8 @@ class Repository:
                 await self.conn.execute(insert(INDEX_TABLES[kind]), [{"rid": rid, **row} for row in rows])
 
     async def _clear_indexes(self, rid: int) -> None:
-        for table in INDEX_TABLES.values():
-            await self.conn.execute(delete(table).where(table.c.rid == rid))
+        for statement in _CLEAR_INDEXES:
+            await self.conn.execute(statement, {"rid": rid})
 
     async def _lock(self, key: str) -> None:
         # Conditional creates must not race into duplicates. SQLite writers are already
@@ -522,7 +516,7 @@ class Repository:
         self._require_type(request.resource_type)
         for flt in request.filters:
             self._require_local(flt)
-        target = resource.alias("r")
+        target = _SEARCH_TARGET
         base = query.base_search(target, request, self.visibility)
         total = await self._total(base) if request.total != "none" or request.summary == "count" else None
         if request.summary == "count" or request.count == 0:
@@ -714,6 +708,37 @@ class Repository:
         rows = list(await self.conn.execute(stmt))
         next_cursor = rows[count - 1].hid if len(rows) > count > 0 else None
         return [_stored(row) for row in rows[:count]], next_cursor
+
+
+# Statements of the hot paths, built once (building one per call cost more than running it).
+_CURRENT = select(resource).where(
+    resource.c.resource_type == bindparam("resource_type"), resource.c.resource_id == bindparam("resource_id")
+)
+_CURRENT_FOR_UPDATE = _CURRENT.with_for_update()
+_INSERT_HISTORY = insert(resource_history)
+_SEARCH_TARGET = resource.alias(SEARCH_ALIAS)  # one object, so the access condition on it is reused
+_NEXT_VERSION = (
+    update(resource)
+    .where(
+        resource.c.resource_type == bindparam("b_type"),
+        resource.c.resource_id == bindparam("b_id"),
+        resource.c.version_id == bindparam("b_seen"),
+    )
+    .values(
+        version_id=bindparam("b_version"), last_updated=bindparam("b_updated"),
+        deleted=bindparam("b_deleted"), content=bindparam("b_content"),
+    )
+    .returning(resource.c.rid)
+)
+_CLEAR_INDEXES = [delete(table).where(table.c.rid == bindparam("rid")) for table in INDEX_TABLES.values()]
+_INSERT_RESOURCE = {
+    dialect: module.insert(resource).on_conflict_do_nothing().returning(resource.c.rid)
+    for dialect, module in (("postgresql", postgresql), ("sqlite", sqlite))
+}
+
+
+def _insert_resource(is_postgres: bool) -> Any:
+    return _INSERT_RESOURCE["postgresql" if is_postgres else "sqlite"]
 
 
 def _stored(row: Any) -> StoredResource:

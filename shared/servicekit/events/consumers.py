@@ -161,8 +161,11 @@ class Consumer:
 async def claim(conn: AsyncConnection, consumer: str, event_id: str) -> bool:
     """Record that `consumer` handles `event_id` in this transaction; False if it already has.
 
-    A concurrent duplicate (another replica got a redelivery) waits on the first one's row and
-    then sees the conflict, so a handler never runs twice for one event.
+    A concurrent duplicate (another replica or worker process got the event too) cannot apply it
+    a second time: the row's primary key is (consumer, event id) and it is inserted in the
+    handler's transaction. On PostgreSQL the duplicate's insert waits on the first one's
+    uncommitted row and then sees the conflict; on SQLite write transactions begin with BEGIN
+    IMMEDIATE, so the duplicate's starts after the first committed and finds the row.
     """
     values = {"consumer": consumer, "event_id": event_id, "processed_at": now_micros()}
     # RETURNING, not rowcount: psycopg's async driver reports -1 for an INSERT's rowcount.

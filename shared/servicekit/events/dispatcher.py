@@ -8,8 +8,11 @@ nothing, since the rows are still unpublished.
 
 Two writes of one resource commit in the order of their sequence numbers (the second waits for
 the first's row lock), so publishing in sequence order keeps the order per resource. With
-several processes on one PostgreSQL database only the holder of an advisory lock dispatches;
-SQLite (embedded mode) has a single process.
+several processes on one database (`alliance serve --workers N`, replicas) one of them
+dispatches: on PostgreSQL the holder of a session advisory lock, on SQLite the holder of a lease
+row (`servicekit.events.lease`), renewed while it leads. Two leaders at once (a lease that ran
+out under a stalled leader) would publish some rows twice, which consumers deduplicate by event
+id; it is never a loss.
 
 The dispatcher wakes right after a commit that appended an event (a pool listener sees the
 flag `outbox.PENDING_KEY` when the committed connection is checked in) and polls anyway.
@@ -31,6 +34,7 @@ from servicekit.db import Database
 from servicekit.events.bus import BusUnavailable, EventBus
 from servicekit.events.consumers import prune_inbox
 from servicekit.events.envelope import Event, event_from_row, now_micros
+from servicekit.events.lease import Lease, LeaseLost
 from servicekit.events.outbox import PENDING_KEY
 from servicekit.events.tables import outbox
 from servicekit.events.tasks import stop_task, uninterrupted
@@ -49,6 +53,9 @@ class DispatcherOptions:
     retention_seconds: float = 8 * 86400
     prune_interval: float = 600.0
     retry_pause_max: float = 5.0  # between publish attempts while the bus is unavailable
+    # SQLite leadership: how long a lease lasts unrenewed (a leader that hangs, or dies on
+    # another machine, is replaced after this; one that dies on this machine at once).
+    lease_seconds: float = 15.0
 
 
 class OutboxDispatcher:
@@ -102,6 +109,8 @@ class OutboxDispatcher:
                     await self._lead(still_leader)
             except asyncio.CancelledError:
                 raise
+            except LeaseLost:
+                log.warning("outbox dispatcher %s: lost the lead; standing by", self.service)
             except Exception as exc:  # the database is away: retry, never die
                 self._failures += 1
                 if self._failures == 1 or self._failures % 20 == 0:
@@ -208,11 +217,8 @@ class OutboxDispatcher:
     async def _leadership(self) -> AsyncIterator[Callable[[], Awaitable[None]]]:
         """Yield once this process may dispatch, with a check that it still may."""
         if self.database.dialect != "postgresql":
-            self.is_leader = True
-            try:
-                yield _always
-            finally:
-                self.is_leader = False
+            async with self._lease() as check:
+                yield check
             return
         async with self.database.engine.connect() as conn:
             while not await uninterrupted(self._try_lock(conn)):
@@ -226,6 +232,27 @@ class OutboxDispatcher:
                 self.is_leader = False
                 await uninterrupted(_unlock(conn, self._lock_key()))
 
+    @asynccontextmanager
+    async def _lease(self) -> AsyncIterator[Callable[[], Awaitable[None]]]:
+        """SQLite: lead while holding the lease row, renewed in the background (a publish may
+        wait long on a retrying consumer); another process takes over once it is released, or
+        expired, or its holder died."""
+        lease = Lease(self.database, f"servicekit.events.dispatcher:{self.service}", self.options.lease_seconds)
+        while not await _acquire(lease):
+            await asyncio.sleep(self.options.poll_interval)  # another process dispatches
+        self.is_leader = True
+        log.info("outbox dispatcher %s: leading", self.service)
+        keeper = asyncio.create_task(lease.keep(), name=f"outbox-lease:{self.service}")
+        try:
+            yield lease.check
+        finally:
+            self.is_leader = False
+            await stop_task(keeper)
+            try:
+                await uninterrupted(lease.release())
+            except Exception as exc:  # it expires anyway
+                log.debug("lease release: %s", exc)
+
     def _lock_key(self) -> int:
         return _signed32(zlib.crc32(f"servicekit.events.dispatcher:{self.service}".encode()))
 
@@ -236,8 +263,13 @@ class OutboxDispatcher:
         return acquired
 
 
-async def _always() -> None:
-    return None
+async def _acquire(lease: Lease) -> bool:
+    try:
+        return await uninterrupted(lease.acquire())
+    except asyncio.CancelledError:
+        # Stopped while taking it: it may be ours now, and nobody would release it.
+        await uninterrupted(lease.release())
+        raise
 
 
 async def _ping(conn: AsyncConnection) -> None:

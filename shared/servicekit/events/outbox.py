@@ -9,7 +9,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import insert, select
+from sqlalchemy import bindparam, insert, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from fhirkit import jsonio
@@ -65,21 +65,11 @@ def with_outbox(
 
 
 async def append_resource_event(conn: AsyncConnection, service: str, context: WriteContext) -> Event:
-    # The hook is not handed the stored version, so read it back: the version number, time,
-    # owner and the exact bytes a reader gets (null once deleted), all inside this transaction.
-    stored = (
-        await conn.execute(
-            select(
-                resource_table.c.version_id,
-                resource_table.c.last_updated,
-                resource_table.c.owner,
-                resource_table.c.content,
-            ).where(
-                resource_table.c.resource_type == context.resource_type,
-                resource_table.c.resource_id == context.resource_id,
-            )
-        )
-    ).one()
+    # The version number, time, owner and the exact bytes a reader gets (null once deleted):
+    # what the repository just wrote, or else read back inside this transaction.
+    stored = context.stored or (await conn.execute(_CURRENT_VERSION, {
+        "resource_type": context.resource_type, "resource_id": context.resource_id,
+    })).one()
     event = Event(
         id=new_event_id(),
         seq=0,
@@ -133,8 +123,18 @@ async def emit(
     return await _append(conn, event)
 
 
+# Built once: building statements per write cost more than running them.
+_CURRENT_VERSION = select(
+    resource_table.c.version_id, resource_table.c.last_updated, resource_table.c.owner, resource_table.c.content
+).where(
+    resource_table.c.resource_type == bindparam("resource_type"),
+    resource_table.c.resource_id == bindparam("resource_id"),
+)
+_INSERT_EVENT = insert(outbox).returning(outbox.c.seq)
+
+
 async def _append(conn: AsyncConnection, event: Event) -> Event:
-    result = await conn.execute(insert(outbox).values(**row_values(event)).returning(outbox.c.seq))
+    result = await conn.execute(_INSERT_EVENT, row_values(event))
     conn.info[PENDING_KEY] = True
     return replace(event, seq=result.scalar_one())
 

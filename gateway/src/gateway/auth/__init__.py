@@ -5,11 +5,17 @@ from gateway.auth.clients import (
     RegisteredClient,
     create_client,
     get_client,
+    list_clients,
+    mark_used,
     purge_expired_jtis,
     remember_jti,
+    rotate_secret,
     set_enabled,
+    set_jwks,
     verify_secret,
 )
+from gateway.auth.external import ExternalIssuer, ExternalIssuerConfig
+from gateway.auth.lockout import LockoutPolicy
 from gateway.auth.router import Authenticated, AuthSettings, authenticate, build_auth_router
 from gateway.auth.scopes import InvalidScope, Scope, ScopeSet
 from gateway.auth.tokens import (
@@ -24,8 +30,11 @@ __all__ = [
     "METADATA",
     "AuthSettings",
     "Authenticated",
+    "ExternalIssuer",
+    "ExternalIssuerConfig",
     "InvalidScope",
     "JwksFetcher",
+    "LockoutPolicy",
     "OAuthError",
     "RegisteredClient",
     "Scope",
@@ -35,9 +44,13 @@ __all__ = [
     "create_client",
     "get_client",
     "issue_access_token",
+    "list_clients",
+    "mark_used",
     "purge_expired_jtis",
     "remember_jti",
+    "rotate_secret",
     "set_enabled",
+    "set_jwks",
     "verify_access_token",
     "verify_client_assertion",
     "verify_secret",

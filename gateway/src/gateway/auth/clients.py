@@ -59,6 +59,7 @@ gateway_client = Table(
     Column("jwks_url", Text, nullable=True),
     Column("enabled", Boolean, nullable=False, default=True),
     Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("last_used_at", DateTime(timezone=True), nullable=True),  # the last token issued
 )
 
 gateway_token_jti = Table(
@@ -89,10 +90,16 @@ class RegisteredClient:
     created_at: datetime
     secret_hash: str | None = field(default=None, repr=False)
     client_secret: str | None = field(default=None, repr=False)  # plain text, only from create_client
+    last_used_at: datetime | None = None
 
     @property
     def scopes(self) -> ScopeSet:
         return ScopeSet.parse(self.scope)
+
+    @property
+    def auth_methods(self) -> tuple[str, ...]:
+        methods = ("private_key_jwt",) if self.jwks is not None or self.jwks_url else ()
+        return methods + (("client_secret",) if self.secret_hash is not None else ())
 
 
 def hash_secret(secret: str) -> str:
@@ -150,9 +157,14 @@ def _validate_registration(
         raise ValueError("organization must be a reference like 'Organization/123'")
     if not ScopeSet.parse(scope, strict=True):
         raise ValueError("a client needs at least one resource scope")
-    if jwks is not None and not (isinstance(jwks, dict) and isinstance(jwks.get("keys"), list)):
+    if jwks is not None:
+        _validate_jwks(jwks)
+
+
+def _validate_jwks(jwks: Any) -> None:
+    if not (isinstance(jwks, dict) and isinstance(jwks.get("keys"), list)):
         raise ValueError("jwks must be a JWK Set: {'keys': [...]}")
-    if jwks is not None and any(not isinstance(k, dict) or "d" in k for k in jwks["keys"]):
+    if any(not isinstance(k, dict) or "d" in k for k in jwks["keys"]):
         raise ValueError("jwks must hold public keys only")
 
 
@@ -224,10 +236,62 @@ async def set_enabled(engine: AsyncEngine, client_id: str, enabled: bool) -> boo
     return result.rowcount > 0
 
 
+async def list_clients(engine: AsyncEngine) -> list[RegisteredClient]:
+    async with engine.connect() as conn:
+        rows = await conn.execute(select(gateway_client).order_by(gateway_client.c.created_at, gateway_client.c.client_id))
+        return [_client(row) for row in rows]
+
+
+async def rotate_secret(engine: AsyncEngine, client_id: str) -> str | None:
+    """Replace the client's secret; the new plain secret is returned once, the old one stops working.
+
+    None when there is no such client. A client that authenticates only with keys gets no secret:
+    rotating would add a weaker way in.
+    """
+    client = await get_client(engine, client_id)
+    if client is None:
+        return None
+    if client.secret_hash is None:
+        raise ValueError("the client authenticates with private_key_jwt only; replace its keys with set-jwks")
+    plain = secrets.token_urlsafe(32)
+    secret_hash = await asyncio.to_thread(hash_secret, plain)
+    async with engine.begin() as conn:
+        await conn.execute(
+            update(gateway_client).where(gateway_client.c.client_id == client_id).values(secret_hash=secret_hash)
+        )
+    return plain
+
+
+async def set_jwks(engine: AsyncEngine, client_id: str, jwks: Any) -> bool:
+    """Replace the client's registered JWK Set; False when there is no such client."""
+    _validate_jwks(jwks)
+    if not jwks["keys"]:
+        raise ValueError("jwks must hold at least one key")
+    async with engine.begin() as conn:
+        result = await conn.execute(
+            update(gateway_client)
+            .where(gateway_client.c.client_id == client_id)
+            .values(jwks=orjson.dumps(jwks).decode())
+        )
+    return result.rowcount > 0
+
+
+async def mark_used(engine: AsyncEngine, client_id: str) -> None:
+    """Note that the client was just issued a token (for `alliance client list`)."""
+    async with engine.begin() as conn:
+        await conn.execute(
+            update(gateway_client)
+            .where(gateway_client.c.client_id == client_id)
+            .values(last_used_at=datetime.now(UTC))
+        )
+
+
 async def _fetch(conn: AsyncConnection, client_id: str) -> RegisteredClient | None:
     row = (await conn.execute(select(gateway_client).where(gateway_client.c.client_id == client_id))).first()
-    if row is None:
-        return None
+    return None if row is None else _client(row)
+
+
+def _client(row: Any) -> RegisteredClient:
     return RegisteredClient(
         client_id=row.client_id,
         name=row.name,
@@ -239,6 +303,7 @@ async def _fetch(conn: AsyncConnection, client_id: str) -> RegisteredClient | No
         enabled=bool(row.enabled),
         created_at=_utc(row.created_at),
         secret_hash=row.secret_hash,
+        last_used_at=_utc(row.last_used_at) if row.last_used_at is not None else None,
     )
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from sqlalchemy import delete, insert, select
+from sqlalchemy import bindparam, delete, insert, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from fhirkit.errors import BusinessRuleViolation
@@ -145,11 +145,18 @@ async def _replace_items(conn: AsyncConnection, code_system_id: str, found: list
 
 async def find_item(conn: AsyncConnection, system: str | None, code: str) -> CatalogItem | None:
     """The item in force for a catalog code or a LOINC code (one indexed look-up)."""
-    column = {RECOGNITION_ITEM: db.catalog_item.c.code, LOINC: db.catalog_item.c.loinc}.get(system or "")
-    if column is None:
+    stmt = _ITEM_BY.get(system or "")
+    if stmt is None:
         return None
-    row = (await conn.execute(select(db.catalog_item).where(column == code))).first()
+    row = (await conn.execute(stmt, {"code": code})).first()
     return _from_row(row) if row else None
+
+
+# Built once: every stored result looks its item up.
+_ITEM_BY = {
+    RECOGNITION_ITEM: select(db.catalog_item).where(db.catalog_item.c.code == bindparam("code")),
+    LOINC: select(db.catalog_item).where(db.catalog_item.c.loinc == bindparam("code")),
+}
 
 
 async def find_items(conn: AsyncConnection, codes: set[str]) -> dict[str, CatalogItem]:

@@ -23,7 +23,7 @@
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import and_, delete, false, insert, select, update
+from sqlalchemy import and_, bindparam, delete, false, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from fhirkit.errors import BusinessRuleViolation
@@ -115,6 +115,10 @@ def _acknowledged(body: dict[str, Any]) -> bool:
     return False
 
 
+_FORGET_RESULT = delete(db.result).where(
+    db.result.c.resource_type == bindparam("b_type"), db.result.c.resource_id == bindparam("b_id"))
+
+
 class ResultHooks:
     async def before_write(self, repo: Any, body: dict[str, Any] | None, context: WriteContext) -> None:
         if body is None:
@@ -129,8 +133,7 @@ class ResultHooks:
 
     async def after_write(self, repo: Any, body: dict[str, Any] | None, context: WriteContext) -> None:
         conn = repo.conn
-        await conn.execute(delete(db.result).where(
-            db.result.c.resource_type == context.resource_type, db.result.c.resource_id == context.resource_id))
+        await conn.execute(_FORGET_RESULT, {"b_type": context.resource_type, "b_id": context.resource_id})
         result = shared_result(body) if body is not None else None
         if result is not None and result.indexable:
             critical = result.critical or await _any_result_critical(conn, body or {})
@@ -259,14 +262,18 @@ async def _any_result_critical(conn: AsyncConnection, body: dict[str, Any]) -> b
     return (await conn.execute(stmt)).first() is not None
 
 
-async def _refresh_reports_of(conn: AsyncConnection, observation_id: str) -> None:
-    """A report is critical while one of its results is: follow an Observation's change up."""
-    reports = (select(resource.c.resource_id)
+# The reports listing an Observation among their results (built once: run on every result write).
+_REPORTS_OF = (select(resource.c.resource_id)
                .join(reference_index, reference_index.c.rid == resource.c.rid)
                .where(reference_index.c.resource_type == "DiagnosticReport", reference_index.c.param == "result",
-                      reference_index.c.target_type == "Observation", reference_index.c.target_id == observation_id,
+                      reference_index.c.target_type == "Observation",
+                      reference_index.c.target_id == bindparam("observation_id"),
                       resource.c.deleted == false()))
-    for report_id in (await conn.execute(reports)).scalars():
+
+
+async def _refresh_reports_of(conn: AsyncConnection, observation_id: str) -> None:
+    """A report is critical while one of its results is: follow an Observation's change up."""
+    for report_id in (await conn.execute(_REPORTS_OF, {"observation_id": observation_id})).scalars():
         members = (select(reference_index.c.target_id)
                    .join(resource, resource.c.rid == reference_index.c.rid)
                    .where(resource.c.resource_type == "DiagnosticReport", resource.c.resource_id == report_id,
