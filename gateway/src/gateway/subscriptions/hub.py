@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from fastapi import FastAPI
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from fhirkit.errors import BusinessRuleViolation, Forbidden, UpstreamUnavailable
+from fhirkit.errors import BusinessRuleViolation, Forbidden, UpstreamUnavailable, VersionConflict
 from fhirkit.store.hooks import WriteContext
 from fhirkit.store.repository import Repository, StoreConfig
 from gateway.auth.scopes import ScopeSet
@@ -98,7 +98,10 @@ async def publish_topics(hub: Hub) -> None:
         async with hub.database.transaction(write=True) as conn:
             repo = Repository(conn, hub.store, caller=SYSTEM_IDENTITY)
             for topic in TOPICS:
-                await repo.update("SubscriptionTopic", topic.code, topic_resource(topic))  # unchanged: no-op
+                try:
+                    await repo.update("SubscriptionTopic", topic.code, topic_resource(topic))  # unchanged: no-op
+                except VersionConflict:
+                    pass  # another replica starting at the same moment wrote it
     finally:
         HUB_WRITE.reset(token)
 
