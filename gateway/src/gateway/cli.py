@@ -10,11 +10,11 @@ import json
 import os
 import socket
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import typer
 
@@ -35,6 +35,7 @@ app.add_typer(audit_app, name="audit")
 SERVE_TARGETS = ("all", "gateway", "directory", "referral", "results-sharing", "telemedicine")
 DEMO_DIRECTORY = Path(__file__).resolve().parents[3] / "services/directory/src/directory/demo/alliance.yaml"
 DEMO_SCOPE = "system/*.cruds"
+T = TypeVar("T")
 
 
 def _settings() -> AllianceSettings:
@@ -359,24 +360,10 @@ def _set_client_enabled(client_id: str, enabled: bool) -> None:
 @client_app.command("rotate-secret")
 def client_rotate_secret(client_id: Annotated[str, typer.Argument(help="The client whose secret to replace")]) -> None:
     """Give a client a new secret (printed only now); the old one stops working at once."""
-    from gateway.auth import get_client, rotate_secret
+    from gateway.auth import rotate_secret
 
-    async def rotate() -> str:
-        async with _client_admin(_settings()) as admin:
-            client = await get_client(admin.engine, client_id)
-            if client is None:
-                admin.record("rotate-secret", client_id, status=404, description="no such client")
-                raise _fail(f"no client '{client_id}'")
-            try:
-                secret = await rotate_secret(admin.engine, client_id)
-            except ValueError as exc:
-                admin.record("rotate-secret", client_id, client.organization, status=422, description=str(exc))
-                raise _fail(str(exc)) from None
-            admin.record("rotate-secret", client_id, client.organization)
-            assert secret is not None
-            return secret
-
-    secret = asyncio.run(rotate())
+    secret = asyncio.run(_change_client("rotate-secret", client_id, lambda engine: rotate_secret(engine, client_id)))
+    assert secret is not None
     typer.echo(json.dumps({"client_id": client_id, "client_secret": secret}, indent=2))
 
 
@@ -387,29 +374,32 @@ def client_set_jwks(
 ) -> None:
     """Replace a client's registered JWK Set (private_key_jwt); assertions signed with keys no
     longer in it are refused from now on."""
-    from gateway.auth import get_client, set_jwks
+    from gateway.auth import set_jwks
 
     try:
         jwks = json.loads(file.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise _fail(f"{file} is not JSON: {exc}") from None
+    asyncio.run(_change_client("set-jwks", client_id, lambda engine: set_jwks(engine, client_id, jwks)))
+    typer.echo(f"{client_id}: {len(jwks['keys'])} public key(s) registered")
 
-    async def replace() -> int:
-        async with _client_admin(_settings()) as admin:
-            client = await get_client(admin.engine, client_id)
-            if client is None:
-                admin.record("set-jwks", client_id, status=404, description="no such client")
-                raise _fail(f"no client '{client_id}'")
-            try:
-                await set_jwks(admin.engine, client_id, jwks)
-            except ValueError as exc:
-                admin.record("set-jwks", client_id, client.organization, status=422, description=str(exc))
-                raise _fail(str(exc)) from None
-            admin.record("set-jwks", client_id, client.organization)
-            return len(jwks["keys"])
 
-    count = asyncio.run(replace())
-    typer.echo(f"{client_id}: {count} public key(s) registered")
+async def _change_client(action: str, client_id: str, change: Callable[[Any], Awaitable[T]]) -> T:
+    """Apply `change` to an existing client; the outcome (done, no such client, refused) is audited."""
+    from gateway.auth import get_client
+
+    async with _client_admin(_settings()) as admin:
+        client = await get_client(admin.engine, client_id)
+        if client is None:
+            admin.record(action, client_id, status=404, description="no such client")
+            raise _fail(f"no client '{client_id}'")
+        try:
+            result = await change(admin.engine)
+        except ValueError as exc:
+            admin.record(action, client_id, client.organization, status=422, description=str(exc))
+            raise _fail(str(exc)) from None
+        admin.record(action, client_id, client.organization)
+        return result
 
 
 @client_app.command("create")
