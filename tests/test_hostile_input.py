@@ -4,9 +4,9 @@ values refused or handled cleanly, and a property-based fuzz of the FHIR endpoin
 surrogates in bodies, invalid ids, odd queries, bodies, patches and bundles) are not repeated.
 
 The fuzz uses hypothesis with `derandomize=True` and no example database, so every run (and CI)
-sends the same requests; its data belongs to its own organization. There is no schemathesis run:
-the FHIR routes are not in the OpenAPI document (`include_in_schema=False`), so it would have
-nothing to test; the fuzz below generates FHIR requests directly instead.
+sends the same requests; its data belongs to its own organization. The spec-driven fuzz
+(schemathesis over docs/openapi.yaml) is tests/test_openapi_fuzz.py; this one generates FHIR
+requests directly, with FHIR-shaped bodies and parameters the description cannot express.
 """
 
 import asyncio
