@@ -565,8 +565,34 @@ class TestInbox:
         entries = inbox.json()["entry"]
         matches = [e["resource"] for e in entries if e["search"]["mode"] == "match"]
         assert [t["priority"] for t in matches] == ["stat", "urgent", "routine"]
-        included = {e["resource"]["resourceType"] for e in entries if e["search"]["mode"] == "include"}
-        assert "ServiceRequest" in included
+        included = [e for e in entries if e["search"]["mode"] == "include"]
+        assert "ServiceRequest" in {e["resource"]["resourceType"] for e in included}
+        # The Patient lives in the directory: the gateway reads it there and includes it once.
+        patients = [e for e in included if e["resource"]["resourceType"] == "Patient"]
+        assert {f"Patient/{e['resource']['id']}" for e in patients} == {t["for"]["reference"] for t in matches}
+        assert len(patients) == len({e["fullUrl"] for e in patients})
+        assert all(e["fullUrl"].endswith(f"/Patient/{e['resource']['id']}") for e in patients)
+        assert not [e for e in entries if e["search"]["mode"] == "outcome"]  # nothing left out
+
+    async def test_the_next_page_keeps_the_foreign_include(self, alliance: Alliance) -> None:
+        for _ in range(2):
+            request = (await alliance.village.call(
+                "POST", "ServiceRequest", referral_request(alliance, alliance.village, alliance.township))).json()
+            task = referral_task(request["id"], alliance, alliance.village, alliance.township)
+            assert (await alliance.village.call("POST", "Task", task)).status_code == 201
+        first = (await alliance.township.call("GET", "Task", params=[
+            ("owner", alliance.township.reference), ("_count", "1"), ("_include", "Task:patient")])).json()
+        following = next(link["url"] for link in first["link"] if link["relation"] == "next")
+        assert "_include=Task%3Apatient" in following
+        second = (await alliance.township.call("GET", following.split("/fhir/", 1)[1])).json()
+        modes = sorted(e["search"]["mode"] for e in second["entry"])
+        assert modes == ["include", "match"]
+
+    async def test_a_foreign_include_with_no_matches_adds_nothing(self, alliance: Alliance) -> None:
+        empty = await alliance.township.call("GET", "Task", params=[
+            ("owner", alliance.township.reference), ("status", "entered-in-error"), ("_include", "Task:patient")])
+        assert empty.status_code == 200, empty.text
+        assert empty.json()["total"] == 0 and not empty.json().get("entry")
 
 
 class TestScheduler:

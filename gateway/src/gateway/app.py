@@ -34,7 +34,7 @@ from fhirkit.errors import (
     UpstreamUnavailable,
 )
 from fhirkit.search.values import now_micros
-from gateway import merged_search, routing
+from gateway import foreign_includes, merged_search, routing
 from gateway.audit import AccessNote, AuditTrail
 from gateway.auth import Authenticated, AuthSettings, authenticate, build_auth_router
 from gateway.auth.router import AUDITOR_ROLE
@@ -214,9 +214,16 @@ class FhirDispatcher:
             _require(auth, resource_type, "s")
             params = _params(query) + (_params(body.decode("utf-8", "replace")) if second == "_search" else [])
             services = routing.services_for_search(resource_type, params)
-            if len(services) > 1 and not _chained(params):
-                return await self._merged(auth, resource_type, list(services), params, headers)
+            merged = len(services) > 1 and not _chained(params)
+            kept, foreign = foreign_includes.split(resource_type, services if merged else services[:1], params)
+            if merged:
+                upstream = await self._merged(auth, resource_type, list(services), kept, headers)
+                return await self._include_foreign(auth, upstream, foreign)
             service = services[0]
+            if foreign:
+                path = f"/fhir/{resource_type}?{urlencode(kept)}"
+                upstream = await self.gateway.send(service, "GET", path, identity=auth.identity, headers=headers)
+                return await self._include_foreign(auth, upstream, foreign)
         elif second == "_history":
             _require(auth, resource_type, "r")
             service = owners[0]
@@ -235,6 +242,20 @@ class FhirDispatcher:
         else:
             raise NotSupported(f"{method} on {resource_type} is not an interaction")
         return await self.gateway.send(service, method, path, identity=auth.identity, headers=headers, content=body)
+
+    async def _include_foreign(
+        self, auth: Authenticated, upstream: Upstream, includes: list[foreign_includes.ForeignInclude]
+    ) -> Upstream:
+        if not includes or upstream.status != 200:
+            return upstream
+
+        async def fetch(owner: str, target_type: str, ids: list[str]) -> tuple[int, bytes]:
+            query = urlencode([("_id", ",".join(ids)), ("_count", str(foreign_includes.MAX_INCLUDED))])
+            answer = await self.gateway.send(owner, "GET", f"/fhir/{target_type}?{query}", identity=auth.identity)
+            return answer.status, answer.content
+
+        content = await foreign_includes.add_included(upstream.content, includes, fetch)
+        return Upstream(upstream.status, upstream.headers, content)
 
     async def _merged(
         self, auth: Authenticated, resource_type: str, services: list[str], params: list[tuple[str, str]],
