@@ -7,8 +7,10 @@ nothing. Data carry a per-test identifier system so tests can share the session'
 
 import asyncio
 import uuid
+from datetime import datetime, timedelta
 from email.utils import parsedate_to_datetime
 from typing import Any
+from urllib.parse import urlencode
 
 import pytest
 
@@ -396,6 +398,28 @@ async def test_instance_history_with_count_and_since(api):
     assert [e["resource"]["meta"]["versionId"] for e in since["entry"]] == ["4", "3"]
 
 
+async def test_history_at_gives_the_versions_current_then(api):
+    system = new_system()
+    pid = location_id(await api.post("Patient", patient(system)))
+    for gender in ("male", "female"):
+        await asyncio.sleep(0.005)
+        await api.put(f"Patient/{pid}", {**patient(system, gender=gender), "id": pid})
+    stamps = [(await api.get(f"Patient/{pid}/_history/{v}")).json()["meta"]["lastUpdated"] for v in (1, 2, 3)]
+    # lastUpdated is shown to the millisecond: one millisecond later, only that version is current.
+    just_after = [(datetime.fromisoformat(t.replace("Z", "+00:00")) + timedelta(milliseconds=1))
+                  .isoformat(timespec="milliseconds") for t in stamps]
+
+    async def versions_at(at: str, path: str = f"Patient/{pid}") -> list[str]:
+        answer = (await api.get(f"{path}/_history?" + urlencode({"_at": at}))).json()
+        return [e["resource"]["meta"]["versionId"] for e in answer.get("entry", []) if e["resource"]["id"] == pid]
+
+    for at, expected in ((just_after[0], ["1"]), (just_after[1], ["2"]), (just_after[2], ["3"]),
+                         ("2999-01-01", ["3"]), ("1999-01-01", []), (stamps[0][:4], ["3", "2", "1"])):
+        assert await versions_at(at) == expected, at
+    assert await versions_at(just_after[1], "Patient") == ["2"]  # type level too
+    assert (await api.get(f"Patient/{pid}/_history?_at=yesterday")).status_code == 400
+
+
 async def test_type_history_with_count_and_since(api):
     system = new_system()
     first = location_id(await api.post("Practitioner", {"resourceType": "Practitioner",
@@ -410,7 +434,7 @@ async def test_type_history_with_count_and_since(api):
     assert seen[:2] == ids[::-1] and seen[2] == first
     page = (await api.get(f"Practitioner/_history?_since={stamp}&_count=1")).json()
     assert len(page["entry"]) == 1 and any(link["relation"] == "next" for link in page["link"])
-    for bad_query in ("_since=yesterday", "_count=ten", "_at=2020", "_sort=_id"):
+    for bad_query in ("_since=yesterday", "_count=ten", "_at=soon", "_sort=_id"):
         bad = await api.get(f"Practitioner/_history?{bad_query}")
         assert bad.status_code == 400 and outcome_code(bad) == "invalid", bad_query
 

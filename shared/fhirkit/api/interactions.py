@@ -241,8 +241,7 @@ async def history(
     self_path: str,
 ) -> Result:
     values = dict(params)
-    # `_at` is not implemented: refused rather than ignored, which would answer a different question.
-    unknown = set(values) - {"_count", "_since", "_cursor", "_format", "_pretty"}
+    unknown = set(values) - {"_count", "_since", "_at", "_cursor", "_format", "_pretty"}
     if unknown and not options.lenient:
         raise InvalidRequest(f"Unsupported history parameter(s): {', '.join(sorted(unknown))[:120]}")
     count = 50
@@ -254,8 +253,15 @@ async def history(
         if bounds is None:
             raise InvalidRequest(f"_since '{values['_since'][:40]}' is not a valid instant")
         since = bounds[0]
+    at = None
+    if "_at" in values:
+        at = date_range(values["_at"])
+        if at is None:
+            raise InvalidRequest(f"_at '{values['_at'][:40]}' is not a valid date, dateTime or instant")
     cursor = natural(values.get("_cursor", ""))
-    versions, next_cursor = await repo.history(resource_type, resource_id, count=count, since=since, cursor=cursor)
+    versions, next_cursor = await repo.history(
+        resource_type, resource_id, count=count, since=since, at=at, cursor=cursor
+    )
     entries = [_history_entry(v, options.base) for v in versions]
     links = _links(options.base, self_path, params, str(next_cursor) if next_cursor else None, None)
     return Result(200, responses.bundle_bytes("history", entries, links=links))

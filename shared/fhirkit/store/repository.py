@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from sqlalchemy import ColumnElement, bindparam, delete, false, func, insert, select, tuple_, update
+from sqlalchemy import ColumnElement, bindparam, delete, exists, false, func, insert, select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -682,8 +682,10 @@ class Repository:
         count: int,
         since: int | None,
         cursor: int | None,
+        at: tuple[int, int] | None = None,
     ) -> tuple[list[StoredResource], int | None]:
-        """Versions newest first; returns the page and the cursor (a history row id) of the next."""
+        """Versions newest first; returns the page and the cursor (a history row id) of the next.
+        `at` (an inclusive range, `_at`) keeps the versions current at some moment of it."""
         if resource_type is not None:
             self._require_type(resource_type)
         stmt = select(resource_history)
@@ -702,12 +704,28 @@ class Repository:
                 stmt = stmt.where(resource_history.c.rid.in_(select(holder.c.rid).where(visible)))
         if since is not None:
             stmt = stmt.where(resource_history.c.last_updated >= since)
+        if at is not None:
+            stmt = stmt.where(*_current_during(*at))
         if cursor is not None:
             stmt = stmt.where(resource_history.c.hid < cursor)
         stmt = stmt.order_by(resource_history.c.hid.desc()).limit(count + 1)
         rows = list(await self.conn.execute(stmt))
         next_cursor = rows[count - 1].hid if len(rows) > count > 0 else None
         return [_stored(row) for row in rows[:count]], next_cursor
+
+
+def _current_during(low: int, high: int) -> list[ColumnElement[bool]]:
+    """A version was current at some moment of [low, high]: written by `high`, and its resource
+    had no later version yet at `low` (versions are written in time order)."""
+    later = resource_history.alias("later")
+    return [
+        resource_history.c.last_updated <= high,
+        ~exists(select(later.c.hid).where(
+            later.c.rid == resource_history.c.rid,
+            later.c.version_id > resource_history.c.version_id,
+            later.c.last_updated <= low,
+        )),
+    ]
 
 
 # Statements of the hot paths, built once (building one per call cost more than running it).
