@@ -588,6 +588,19 @@ class TestInbox:
         modes = sorted(e["search"]["mode"] for e in second["entry"])
         assert modes == ["include", "match"]
 
+    async def test_a_foreign_include_needs_the_scope_to_read_its_type(self, alliance: Alliance) -> None:
+        request = (await alliance.village.call(
+            "POST", "ServiceRequest", referral_request(alliance, alliance.village, alliance.township))).json()
+        task = referral_task(request["id"], alliance, alliance.village, alliance.township)
+        assert (await alliance.village.call("POST", "Task", task)).status_code == 201
+        tasks_only = await alliance.township.call("GET", "Task", params=[
+            ("owner", alliance.township.reference), ("_include", "Task:patient")], scope="system/Task.rs")
+        assert tasks_only.status_code == 200, tasks_only.text
+        entries = tasks_only.json()["entry"]
+        assert not [e for e in entries if e["search"]["mode"] == "include"]
+        warning = [e for e in entries if e["search"]["mode"] == "outcome"]
+        assert warning and "Patient" in warning[0]["resource"]["issue"][0]["diagnostics"]
+
     async def test_a_foreign_include_with_no_matches_adds_nothing(self, alliance: Alliance) -> None:
         empty = await alliance.township.call("GET", "Task", params=[
             ("owner", alliance.township.reference), ("status", "entered-in-error"), ("_include", "Task:patient")])

@@ -250,6 +250,10 @@ class FhirDispatcher:
             return upstream
 
         async def fetch(owner: str, target_type: str, ids: list[str]) -> tuple[int, bytes]:
+            try:
+                _require(auth, target_type, "r")  # an include is no way around the token's scopes
+            except Forbidden:
+                return 403, b""
             query = urlencode([("_id", ",".join(ids)), ("_count", str(foreign_includes.MAX_INCLUDED))])
             answer = await self.gateway.send(owner, "GET", f"/fhir/{target_type}?{query}", identity=auth.identity)
             return answer.status, answer.content

@@ -80,6 +80,9 @@ async def add_included(body: bytes, includes: list[ForeignInclude], fetch: Fetch
 
 async def _read_included(fetch: Fetch, service: str, resource_type: str, ids: list[str], present: set[Any]) -> list[bytes]:
     status, answer = await fetch(service, resource_type, ids)
+    if status == 403:
+        return [outcome_entry_bytes(
+            "warning", "forbidden", f"_include: the token's scopes do not allow reading {resource_type}; not included")]
     if status != 200:
         return [outcome_entry_bytes(
             "warning", "incomplete", f"_include: the {resource_type} resources could not be read ({status})")]
