@@ -1,14 +1,17 @@
 """Real server processes for end-to-end tests: `alliance serve` exactly as an operator runs it."""
 
+import http.server
 import json
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -87,3 +90,61 @@ def token(base: str, client: dict[str, str]) -> str:
     )
     assert response.status_code == 200, response.text
     return str(response.json()["access_token"])
+
+
+def wait_until(what: str, check: Callable[[], Any], timeout: float = 30.0, interval: float = 0.1) -> Any:
+    """Poll `check` until it answers something true; fail naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"{what}: not within {timeout}s (last: {last!r})")
+
+
+class NotificationReceiver:
+    """A subscriber's rest-hook endpoint: a threaded HTTP server on 127.0.0.1 recording every
+    notification bundle it is sent."""
+
+    def __init__(self) -> None:
+        self.bodies: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+        bodies, lock = self.bodies, self._lock
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                with lock:
+                    bodies.append(json.loads(body))
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *_args: Any) -> None:
+                return None
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def statuses(self, kind: str) -> list[dict[str, Any]]:
+        """The SubscriptionStatus of each notification of `kind` (handshake, event-notification…)."""
+        with self._lock:
+            bodies = list(self.bodies)
+        first = [b["entry"][0]["resource"] for b in bodies]
+        return [s for s in first if s["type"] == kind]
+
+    def events(self) -> list[tuple[int, str]]:
+        """(event number, focus) of every event received, duplicates included, in arrival order."""
+        return [(int(e["eventNumber"]), e["focus"]["reference"].split("/fhir/")[-1])
+                for s in self.statuses("event-notification") for e in s.get("notificationEvent", [])]

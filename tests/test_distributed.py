@@ -97,16 +97,7 @@ def test_write_and_read_across_services_through_the_gateway(deployment: dict[str
     base = f"{deployment['url']}/fhir"
     headers = _headers(deployment, "lab_token")  # the county's lab center posts a result
     patient = httpx.get(f"{base}/Patient", params={"_count": 1}, headers=headers).json()["entry"][0]["resource"]
-    observation = {
-        "resourceType": "Observation",
-        "identifier": [{"system": "http://county-alliance.org/fhir/sid/report-number", "value": uuid.uuid4().hex}],
-        "status": "final",
-        "code": {"coding": [{"system": "http://loinc.org", "code": "718-7", "display": "Hemoglobin"}]},
-        "subject": {"reference": f"Patient/{patient['id']}"},
-        "effectiveDateTime": "2026-11-20T09:00:00+08:00",
-        "performer": [{"reference": "Organization/qingxi-lab-center"}],
-        "valueQuantity": {"value": 13.5, "unit": "g/dL", "system": "http://unitsofmeasure.org", "code": "g/dL"},
-    }
+    observation = _lab_result(f"Patient/{patient['id']}")
     created = httpx.post(f"{base}/Observation", json=observation, headers={**headers, "X-Request-ID": "e2e-req-1"})
     assert created.status_code == 201, created.text
     assert created.headers["x-request-id"] == "e2e-req-1"
@@ -156,3 +147,51 @@ def test_writes_reach_the_nats_stream(deployment: dict[str, str]) -> None:
     while _events_in_stream(stream) == 0 and time.monotonic() < deadline:
         time.sleep(0.2)
     assert _events_in_stream(stream) > 0
+
+
+def test_a_subscriber_is_notified_of_a_write_in_another_process_through_nats(deployment: dict[str, str]) -> None:
+    """results-sharing (its own process) writes; the event crosses NATS to the gateway's hub,
+    which notifies the lab center's rest-hook."""
+    base = f"{deployment['url']}/fhir"
+    headers = _headers(deployment, "lab_token")
+    patient = httpx.get(f"{base}/Patient", params={"_count": 1, "_sort": "-_id"}, headers=headers).json()
+    patient_ref = f"Patient/{patient['entry'][0]['resource']['id']}"
+    receiver = live.NotificationReceiver()
+    try:
+        subscription = {
+            "resourceType": "Subscription", "status": "requested", "reason": "分布式通知",
+            "criteria": "http://county-alliance.org/fhir/SubscriptionTopic/result-available",
+            "_criteria": {"extension": [{"url": f"{BACKPORT}/backport-filter-criteria",
+                                         "valueString": f"Observation?patient={patient_ref}"}]},
+            "channel": {"type": "rest-hook", "endpoint": receiver.url, "payload": "application/fhir+json",
+                        "header": ["Authorization: Bearer receiver-token"],
+                        "_payload": {"extension": [{"url": f"{BACKPORT}/backport-payload-content",
+                                                    "valueCode": "id-only"}]}},
+        }
+        created = httpx.post(f"{base}/Subscription", json=subscription, headers=headers)
+        assert created.status_code == 201, created.text
+        live.wait_until("the handshake", lambda: receiver.statuses("handshake"))
+        result = httpx.post(f"{base}/Observation", json=_lab_result(patient_ref), headers=headers)
+        assert result.status_code == 201, result.text
+        events = live.wait_until("the notification", receiver.events)
+        assert events == [(1, f"Observation/{result.json()['id']}")]
+        status = httpx.get(f"{base}/Subscription/{created.json()['id']}/$status", headers=headers).json()
+        assert status["entry"][0]["resource"]["eventsSinceSubscriptionStart"] == "1"
+    finally:
+        receiver.stop()
+
+
+BACKPORT = "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition"
+
+
+def _lab_result(patient_ref: str) -> dict[str, object]:
+    return {
+        "resourceType": "Observation",
+        "identifier": [{"system": "http://county-alliance.org/fhir/sid/report-number", "value": uuid.uuid4().hex}],
+        "status": "final",
+        "code": {"coding": [{"system": "http://loinc.org", "code": "718-7", "display": "Hemoglobin"}]},
+        "subject": {"reference": patient_ref},
+        "effectiveDateTime": "2026-11-21T09:00:00+08:00",
+        "performer": [{"reference": "Organization/qingxi-lab-center"}],
+        "valueQuantity": {"value": 12.9, "unit": "g/dL", "system": "http://unitsofmeasure.org", "code": "g/dL"},
+    }

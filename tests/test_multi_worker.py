@@ -21,16 +21,14 @@ after a clean stop, and at once after its holder died).
 """
 
 import asyncio
-import http.server
 import json
 import os
 import re
 import signal
 import subprocess
-import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -45,6 +43,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
 
 from tests import live
+from tests.live import NotificationReceiver as Receiver
+from tests.live import wait_until
 from tests.support import FULL_SCOPE, postgres_databases, system_settings
 
 WORKERS = 2
@@ -66,62 +66,7 @@ ADMIN = "Organization/mw-admin"
 WAIT = 30.0
 
 
-def wait_until(what: str, check: Callable[[], Any], timeout: float = WAIT, interval: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"{what}: not within {timeout}s (last: {last!r})")
-
-
 # --- a receiver of notifications ---------------------------------------------------------------
-
-
-class Receiver:
-    """A threaded HTTP server on 127.0.0.1 recording every notification bundle."""
-
-    def __init__(self) -> None:
-        self.bodies: list[dict[str, Any]] = []
-        self._lock = threading.Lock()
-        bodies, lock = self.bodies, self._lock
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
-                with lock:
-                    bodies.append(json.loads(body))
-                self.send_response(200)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *_args: Any) -> None:
-                return None
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-    def statuses(self, kind: str) -> list[dict[str, Any]]:
-        with self._lock:
-            bodies = list(self.bodies)
-        first = [b["entry"][0]["resource"] for b in bodies]
-        return [s for s in first if s["type"] == kind]
-
-    def events(self) -> list[tuple[int, str]]:
-        """(event number, focus) of every event received, duplicates included, in arrival order."""
-        return [(int(e["eventNumber"]), e["focus"]["reference"].split("/fhir/")[-1])
-                for s in self.statuses("event-notification") for e in s.get("notificationEvent", [])]
 
 
 # --- the server --------------------------------------------------------------------------------
