@@ -47,21 +47,30 @@ def run_cli(env: dict[str, str], *args: str) -> str:
 
 @contextmanager
 def serve(env: dict[str, str], service: str, port: int) -> Iterator[str]:
-    log = open(Path(env["ALLIANCE_DATA_DIR"]) / f"{service}-{port}.log", "w")
-    process = subprocess.Popen(
-        [ALLIANCE, "serve", "--service", service, "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(url, process)
+    with server_process(env, port, "--service", service) as (url, _process):
         yield url
-    finally:
-        process.terminate()
+
+
+@contextmanager
+def server_process(env: dict[str, str], port: int, *args: str, timeout: float = 60.0) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """`alliance serve --port PORT ARGS…`, its output in the data directory; on the way out
+    SIGTERM (which a `--workers` parent passes to its workers), then SIGKILL if it lingers."""
+    name = "-".join(a.lstrip("-") for a in args) or "all"
+    with open(Path(env["ALLIANCE_DATA_DIR"]) / f"{name}-{port}.log", "w") as log:
+        process = subprocess.Popen(
+            [ALLIANCE, "serve", "--port", str(port), *args], env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+        url = f"http://127.0.0.1:{port}"
         try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        log.close()
+            wait_ready(url, process, timeout=timeout)
+            yield url, process
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
 
 
 def wait_ready(url: str, process: subprocess.Popen[bytes], timeout: float = 60.0) -> None:

@@ -137,23 +137,9 @@ def _migrate(settings: Any) -> None:
 
 @contextmanager
 def _serving(env: dict[str, str], port: int) -> Iterator[tuple[str, int]]:
-    """`alliance serve --workers 2`; on the way out SIGTERM, which the parent passes to its workers."""
-    with open(Path(env["ALLIANCE_DATA_DIR"]) / "serve.log", "w") as log:
-        process = subprocess.Popen(
-            [live.ALLIANCE, "serve", "--workers", str(WORKERS), "--port", str(port)],
-            env=env, stdout=log, stderr=subprocess.STDOUT,
-        )
-        url = f"http://127.0.0.1:{port}"
-        try:
-            live.wait_ready(url, process, timeout=90)
-            yield url, process.pid
-        finally:
-            process.terminate()
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+    """`alliance serve --workers 2`: the URL and the workers' parent's pid."""
+    with live.server_process(env, port, "--workers", str(WORKERS), timeout=90) as (url, process):
+        yield url, process.pid
 
 
 async def _register(platform_url: str, organization: str, level: str, jwks: dict[str, Any] | None = None) -> dict[str, str]:
