@@ -410,8 +410,10 @@ async def test_history_at_gives_the_versions_current_then(api):
                   .isoformat(timespec="milliseconds") for t in stamps]
 
     async def versions_at(at: str, path: str = f"Patient/{pid}") -> list[str]:
-        answer = (await api.get(f"{path}/_history?" + urlencode({"_at": at}))).json()
-        return [e["resource"]["meta"]["versionId"] for e in answer.get("entry", []) if e["resource"]["id"] == pid]
+        answer = (await api.get(f"{path}/_history?" + urlencode({"_at": at, "_count": 1000}))).json()
+        # (a deletion's entry has no resource)
+        return [e["resource"]["meta"]["versionId"] for e in answer.get("entry", [])
+                if e.get("resource", {}).get("id") == pid]
 
     for at, expected in ((just_after[0], ["1"]), (just_after[1], ["2"]), (just_after[2], ["3"]),
                          ("2999-01-01", ["3"]), ("1999-01-01", []), (stamps[0][:4], ["3", "2", "1"])):
