@@ -108,6 +108,28 @@ async def test_shared_types_are_routed_by_content(api) -> None:
     assert [e["resource"]["id"] for e in found.json()["entry"]] == [created.json()["id"]]
 
 
+async def test_a_batch_search_of_a_shared_type_asks_every_owner(api) -> None:
+    subject = {"reference": f"Patient/{(await api.post('Patient', PATIENT)).json()['id']}"}
+    common = {"resourceType": "ServiceRequest", "status": "completed", "intent": "proposal", "subject": subject}
+    remote = await api.post("ServiceRequest", {**common, "category": [{"coding": [{
+        "system": "http://county-alliance.org/fhir/CodeSystem/telemedicine-category", "code": "remote-ecg"}]}]})
+    referral = await api.post("ServiceRequest", {**common, "category": [{"text": "上转"}]})
+    ids = sorted([remote.json()["id"], referral.json()["id"]])
+    assert ids[1].startswith("tm-") and not ids[0].startswith("tm-")  # held by two services
+    batch = {"resourceType": "Bundle", "type": "batch", "entry": [
+        {"request": {"method": "GET", "url": f"ServiceRequest?_id={','.join(ids)}"}},
+        {"request": {"method": "GET", "url": f"ServiceRequest/{ids[1]}"}},
+        {"request": {"method": "GET", "url": "ServiceRequest?_id=no-such-thing"}},
+    ]}
+    answer = await api.post("", batch)
+    assert answer.status_code == 200, answer.text
+    searched, read, empty = answer.json()["entry"]
+    assert sorted(e["resource"]["id"] for e in searched["resource"]["entry"]) == ids
+    assert searched["response"]["status"].startswith("200")
+    assert read["resource"]["id"] == ids[1]
+    assert empty["resource"]["total"] == 0
+
+
 async def test_health_and_metrics(client: httpx.AsyncClient) -> None:
     assert (await client.get("/healthz")).json() == {"status": "ok"}
     ready = await client.get("/readyz")

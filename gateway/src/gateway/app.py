@@ -328,6 +328,10 @@ class FhirDispatcher:
             raise PayloadTooLarge(f"A Bundle may carry at most {MAX_BUNDLE_ENTRIES} entries, not {len(entries)}")
         services = self._entry_services(auth, bundle)
         distinct = set(services)
+        if bundle["type"] == "batch" and MERGED in distinct:
+            return await self._split_batch(auth, bundle, headers)
+        distinct.discard(MERGED)
+        services = [routing.owners_of(_entry_type(bundle, i))[0] if s == MERGED else s for i, s in enumerate(services)]
         if len(distinct) <= 1:
             service = services[0] if services else "referral"
             return await self.gateway.send(service, "POST", path, identity=auth.identity, headers=headers, content=body)
@@ -363,11 +367,18 @@ class FhirDispatcher:
         parts = [p for p in path.split("/") if p]
         if len(parts) > 1:
             return routing.services_for_id(resource_type, parts[1])[0]
-        return routing.services_for_search(resource_type, _params(query))[0]
+        params = _params(query)
+        services = routing.services_for_search(resource_type, params)
+        # A search of a type several services hold is merged across them, as at the type level.
+        return MERGED if len(services) > 1 and not _chained(params) else services[0]
 
     async def _split_batch(self, auth: Authenticated, bundle: dict[str, Any], headers: dict[str, str]) -> Upstream:
         entries = []
         for entry in bundle.get("entry") or []:
+            merged = await self._merged_entry(auth, entry, headers)
+            if merged is not None:
+                entries.append(merged)
+                continue
             single = {"resourceType": "Bundle", "type": "batch", "entry": [entry]}
             upstream = await self._bundle(auth, headers, orjson.dumps(single), "/fhir")
             if upstream.status != 200:
@@ -376,6 +387,29 @@ class FhirDispatcher:
             entries.extend(orjson.loads(upstream.content).get("entry") or [])
         response = {"resourceType": "Bundle", "type": "batch-response", "entry": entries}
         return Upstream(200, {}, orjson.dumps(response))
+
+    async def _merged_entry(
+        self, auth: Authenticated, entry: dict[str, Any], headers: dict[str, str]
+    ) -> dict[str, Any] | None:
+        """A batch's GET search of a shared type, answered as the type-level search would be."""
+        request = entry["request"]
+        url = str(request["url"])
+        path, _, query = url.partition("?")
+        if str(request.get("method", "")).upper() != "GET" or "/" in path.strip("/"):
+            return None
+        if self._service_for_url(url, path.strip("/")) != MERGED:
+            return None
+        upstream = await self._type_level(auth, "GET", [path.strip("/")], query, f"/fhir/{url}", headers, b"")
+        if upstream.status != 200:
+            return {"response": {"status": str(upstream.status), "outcome": orjson.loads(upstream.content)}}
+        return {"resource": orjson.loads(upstream.content), "response": {"status": "200 OK"}}
+
+
+MERGED = "*"  # an entry's "service" when it is a search every owner of its type answers
+
+
+def _entry_type(bundle: dict[str, Any], index: int) -> str:
+    return str(bundle["entry"][index]["request"]["url"]).split("?")[0].split("/")[0]
 
 
 def access_note(
