@@ -19,8 +19,6 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 
 from servicekit import sqlite_inline
 
-SQLITE_BUSY_TIMEOUT_MS = 30_000
-
 
 def is_sqlite(url: str) -> bool:
     return url.startswith("sqlite")
@@ -116,7 +114,8 @@ class Database:
                 yield conn
             return
         try:
-            await asyncio.wait_for(self._writers.acquire(), SQLITE_BUSY_TIMEOUT_MS / 1000)
+            # The same patience as a statement waiting for another process's lock.
+            await asyncio.wait_for(self._writers.acquire(), sqlite_inline.BUSY_WAIT_SECONDS)
         except TimeoutError:
             from fhirkit.errors import UpstreamUnavailable
 
