@@ -17,9 +17,11 @@ from sqlalchemy import text
 from starlette.responses import JSONResponse, Response
 
 from fhirkit.access import AccessPolicy
+from fhirkit.api.dispatch import FhirDispatch, is_fhir_path
 from fhirkit.api.handlers import install_exception_handlers
-from fhirkit.api.router import FhirService, Operation, build_fhir_router
+from fhirkit.api.router import FhirService, Operation
 from fhirkit.errors import Unauthorized
+from fhirkit.search.values import set_local_time_zone
 from fhirkit.store.hooks import ResourceHooks
 from fhirkit.store.repository import StoreConfig
 from servicekit import topology
@@ -50,7 +52,6 @@ class ServiceDefinition:
     task_grants: TaskGrants | None = None
     # Whether this service keeps the patients' opt-outs of sharing (servicekit.consent).
     honours_opt_out: bool = False
-    extra_routers: list[Any] = field(default_factory=list)
     on_startup: list[Callable[[FastAPI], Any]] = field(default_factory=list)
     # Long-running jobs (schedulers): started after start-up, cancelled before shutdown.
     background: list[Callable[[FastAPI], Awaitable[None]]] = field(default_factory=list)
@@ -80,6 +81,7 @@ def create_service_app(
     clock: Callable[[], int] | None = None,
 ) -> FastAPI:
     secret = settings.secret("internal_secret")
+    set_local_time_zone(settings.time_zone)  # how the engine reads dates without a zone, process-wide
     if definition.task_grants is not None:
         grants = dataclasses.replace(definition.task_grants, recent_days=settings.relationship_days_after_close)
         definition = dataclasses.replace(definition, task_grants=grants)
@@ -136,7 +138,7 @@ def create_service_app(
             await peers.close()
             await database.stop()
 
-    app = FastAPI(title=definition.title, lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FhirLaneApp(title=definition.title, lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.database = database
     app.state.peers = peers
     app.state.events = events
@@ -144,12 +146,27 @@ def create_service_app(
     app.state.service = service
     app.state.settings = settings
     install_exception_handlers(app)
-    app.include_router(build_fhir_router(service))
-    for router in definition.extra_routers:
-        app.include_router(router)
+    app.fhir_lane = RequestContextMiddleware(FhirDispatch(service), service=definition.name, metrics=metrics)
     _health_routes(app, database, metrics)
     app.add_middleware(RequestContextMiddleware, service=definition.name, metrics=metrics)
     return app
+
+
+class FhirLaneApp(FastAPI):
+    """An app whose `/fhir` requests take the FHIR lane (fhirkit.api.dispatch) instead of FastAPI's
+    routing, which costs more than a read itself; the rest (health, metrics, token endpoint, paths
+    under `lane_exclusions`) stays with FastAPI."""
+
+    fhir_lane: Any = None
+    lane_exclusions: tuple[str, ...] = ()
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if (self.fhir_lane is not None and scope["type"] == "http" and is_fhir_path(scope["path"])
+                and not scope["path"].startswith(self.lane_exclusions)):
+            scope["app"] = self
+            await self.fhir_lane(scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
 
 
 class _TaskGrantHooks:

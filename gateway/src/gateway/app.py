@@ -20,6 +20,7 @@ from starlette.responses import Response
 
 from fhirkit import jsonio
 from fhirkit.api.bundles import MAX_ENTRIES as MAX_BUNDLE_ENTRIES
+from fhirkit.api.dispatch import serve
 from fhirkit.api.handlers import install_exception_handlers
 from fhirkit.api.responses import FHIR_JSON, check_format
 from fhirkit.api.router import read_body
@@ -28,6 +29,7 @@ from fhirkit.errors import (
     FhirError,
     Forbidden,
     InvalidRequest,
+    MethodNotAllowed,
     NotSupported,
     PayloadTooLarge,
     UpstreamTimeout,
@@ -37,12 +39,12 @@ from fhirkit.search.values import now_micros
 from gateway import foreign_includes, merged_search, routing
 from gateway.audit import AccessNote, AuditTrail
 from gateway.auth import Authenticated, AuthSettings, authenticate, build_auth_router
-from gateway.auth.router import AUDITOR_ROLE
+from gateway.auth.router import AUDITOR_ROLE, DISCOVERY_PATH
 from gateway.break_glass import break_glass
 from gateway.capabilities import merge_capabilities
 from gateway.platform import DEFINITION as PLATFORM_DEFINITION
 from gateway.rate_limit import RateLimiter
-from servicekit.app import ServiceDefinition, create_service_app
+from servicekit.app import FhirLaneApp, ServiceDefinition, create_service_app
 from servicekit.identity import IDENTITY_HEADER, sign_identity
 from servicekit.inprocess import call_asgi
 from servicekit.observability import Metrics, RequestContextMiddleware, request_id_var
@@ -492,8 +494,8 @@ def create_gateway_app(
                 for client in clients.values():
                     await client.aclose()
 
-    app = FastAPI(title="County medical alliance FHIR gateway", lifespan=lifespan, docs_url=None, redoc_url=None,
-                  openapi_url=None)
+    app = FhirLaneApp(title="County medical alliance FHIR gateway", lifespan=lifespan, docs_url=None, redoc_url=None,
+                      openapi_url=None)
     app.state.gateway = gateway
     app.state.audit = audit
     app.state.rate_limiter = RateLimiter(settings.rate_limit_per_second, settings.rate_limit_burst)
@@ -503,14 +505,17 @@ def create_gateway_app(
     install_exception_handlers(app)
     app.include_router(build_auth_router(get_engine=lambda request: platform_db.engine, settings=auth_settings))
 
-    @app.get("/fhir/metadata", include_in_schema=False)
     async def metadata(request: Request) -> Response:
         check_format(request.query_params.get("_format"), request.headers.get("accept"))
         return Response(await gateway.capabilities(), media_type=FHIR_JSON)
 
-    @app.api_route("/fhir", methods=["POST"], include_in_schema=False)
-    @app.api_route("/fhir/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False)
-    async def fhir(request: Request, path: str = "") -> Response:
+    async def fhir(request: Request) -> Response:
+        path = request.scope["path"][len("/fhir"):]
+        if request.method in ("GET", "HEAD") and path == "/metadata":
+            return await metadata(request)
+        if request.method not in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE") or (
+                request.method != "POST" and not path.strip("/")):
+            raise MethodNotAllowed(f"{request.method} is not allowed here")
         check_format(request.query_params.get("_format"), request.headers.get("accept"))
         try:
             auth = await authenticate(request, engine=platform_db.read_engine, settings=auth_settings)
@@ -527,22 +532,27 @@ def create_gateway_app(
         for segment in segments:  # refused before the audit note, which would carry the segment
             if segment in (".", "..") or not PATH_SEGMENT.fullmatch(segment):
                 raise InvalidRequest(f"'{segment[:80]}' is not a valid segment of a FHIR path")
+        method = "GET" if request.method == "HEAD" else request.method
         try:
-            body = await read_body(request) if request.method in ("POST", "PUT", "PATCH") else b""
-            upstream = await dispatcher.dispatch(
-                auth, request.method, segments, request.url.query, _forward_headers(request), body
-            )
+            body = await read_body(request) if method in ("POST", "PUT", "PATCH") else b""
+            upstream = await dispatcher.dispatch(auth, method, segments, request.url.query, _forward_headers(request), body)
         except FhirError as exc:
             audit.note(access_note(request, auth, segments, exc.status_code, diagnostics=exc.diagnostics))
             raise
         audit.note(access_note(request, auth, segments, upstream.status, upstream.content))
         return _response(upstream)
 
+    async def fhir_lane(scope: Any, receive: Any, send: Any) -> None:
+        await serve(fhir, scope, receive, send)
+
+    metrics = _metrics(app)
+    app.fhir_lane = RequestContextMiddleware(fhir_lane, service="gateway", metrics=metrics)
+    app.lane_exclusions = (DISCOVERY_PATH,)
     _health(app, gateway)
     # Services reach the platform types (Consent) here in distributed mode (ALLIANCE_PLATFORM_URL);
     # the platform app accepts only calls carrying the internal signed identity, like every service.
     app.mount(PLATFORM_INTERNAL_PATH, apps["platform"])
-    app.add_middleware(RequestContextMiddleware, service="gateway", metrics=_metrics(app))
+    app.add_middleware(RequestContextMiddleware, service="gateway", metrics=metrics)
     return app
 
 

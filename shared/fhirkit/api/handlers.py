@@ -29,39 +29,37 @@ def error_response(exc: FhirError) -> Response:
 
 
 def install_exception_handlers(app: FastAPI) -> None:
-    @app.exception_handler(FhirError)
-    async def fhir_error(request: Request, exc: FhirError) -> Response:
+    for kind in (FhirError, RequestValidationError, StarletteHTTPException, DBAPIError, Exception):
+        app.add_exception_handler(kind, _handler)
+
+
+async def _handler(request: Request, exc: Exception) -> Response:
+    return response_for_error(request, exc)
+
+
+def response_for_error(request: Request, exc: Exception) -> Response:
+    """The OperationOutcome answering a failed request (FastAPI's handlers and the FHIR lane)."""
+    if isinstance(exc, FhirError):
         if exc.status_code >= 500:
             log.error("request failed: %s", exc.diagnostics)
         return error_response(exc)
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, exc: RequestValidationError) -> Response:
+    if isinstance(exc, RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ()))
         body = outcome_bytes("error", "invalid", f"Invalid request {where}: {first.get('msg', 'invalid')}")
         return Response(body, status_code=400, media_type=FHIR_JSON)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+    if isinstance(exc, StarletteHTTPException):
         code = _HTTP_ISSUE_CODES.get(exc.status_code, "processing")
         body = outcome_bytes("error", code, str(exc.detail))
         return Response(body, status_code=exc.status_code, media_type=FHIR_JSON, headers=exc.headers)
-
-    @app.exception_handler(DBAPIError)
-    async def database_error(request: Request, exc: DBAPIError) -> Response:
-        if _cancelled_for_time(exc.orig):
-            return error_response(QueryTooCostly(
-                "The query took longer than the server allows (ALLIANCE_QUERY_TIMEOUT_SECONDS); narrow it: "
-                "fewer parameters with wide matches, a smaller _count, fewer _include/_revinclude"))
-        return await unexpected(request, exc)
-
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, exc: Exception) -> Response:
-        # A bug, not a client error: log the trace, never send it.
-        log.exception("unexpected error on %s %s", request.method, safe_path(request.url.path))
-        body = outcome_bytes("fatal", "exception", "Internal error; it has been logged")
-        return Response(body, status_code=500, media_type=FHIR_JSON)
+    if isinstance(exc, DBAPIError) and _cancelled_for_time(exc.orig):
+        return error_response(QueryTooCostly(
+            "The query took longer than the server allows (ALLIANCE_QUERY_TIMEOUT_SECONDS); narrow it: "
+            "fewer parameters with wide matches, a smaller _count, fewer _include/_revinclude"))
+    # A bug, not a client error: log the trace, never send it.
+    log.error("unexpected error on %s %s", request.method, safe_path(request.url.path), exc_info=exc)
+    body = outcome_bytes("fatal", "exception", "Internal error; it has been logged")
+    return Response(body, status_code=500, media_type=FHIR_JSON)
 
 
 def _cancelled_for_time(error: BaseException | None) -> bool:
