@@ -21,7 +21,6 @@ from fhirkit.api.dispatch import FhirDispatch, is_fhir_path
 from fhirkit.api.handlers import install_exception_handlers
 from fhirkit.api.router import FhirService, Operation
 from fhirkit.errors import Unauthorized
-from fhirkit.search.values import set_local_time_zone
 from fhirkit.store.hooks import ResourceHooks
 from fhirkit.store.repository import StoreConfig
 from servicekit import topology
@@ -81,7 +80,6 @@ def create_service_app(
     clock: Callable[[], int] | None = None,
 ) -> FastAPI:
     secret = settings.secret("internal_secret")
-    set_local_time_zone(settings.time_zone)  # how the engine reads dates without a zone, process-wide
     if definition.task_grants is not None:
         grants = dataclasses.replace(definition.task_grants, recent_days=settings.relationship_days_after_close)
         definition = dataclasses.replace(definition, task_grants=grants)
