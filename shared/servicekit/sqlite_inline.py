@@ -142,6 +142,19 @@ class Connection:
     def cursor(self) -> _OpenCursor:
         return _OpenCursor(self._conn, self._deadline)
 
+    async def run_statement(self, sql: str, parameters: Any, *, many: bool = False) -> list[Any]:
+        """One statement outside SQLAlchemy (fhirkit.store.driver), with the same busy retries and
+        query limit; returns its rows."""
+        cursor = Cursor(self._conn.cursor(), self._deadline)
+        try:
+            if many:
+                await cursor.executemany(sql, parameters)
+                return []
+            await cursor.execute(sql, parameters)
+            return cursor._cursor.fetchall()
+        finally:
+            cursor._cursor.close()
+
     async def commit(self) -> None:
         self._conn.commit()
 

@@ -30,7 +30,7 @@ from fhirkit.errors import (
 )
 from fhirkit.search.request import Filter, HasFilter, Include, SearchRequest, parse_search
 from fhirkit.search.values import format_instant, natural, now_micros
-from fhirkit.store import indexing, query
+from fhirkit.store import driver, indexing, query
 from fhirkit.store.hooks import NoForeignTypes, NoHooks, ReferenceResolver, ResourceHooks, WriteContext
 from fhirkit.store.tables import INDEX_TABLES, reference_index, resource, resource_history
 
@@ -354,7 +354,8 @@ class Repository:
             "content": content,
         }
         # ON CONFLICT DO NOTHING: a concurrent create of the same id answers no row (no savepoint).
-        rid = (await self.conn.execute(_insert_resource(self._is_postgres), values)).scalar_one_or_none()
+        inserted = await driver.execute(self.conn, _insert_resource(self._is_postgres), values)
+        rid = inserted[0][0] if inserted else None
         if rid is None:
             raise VersionConflict(f"{resource_type}/{resource_id} was created concurrently; retry")
         await self._append_history(rid, values, method)
@@ -398,10 +399,11 @@ class Repository:
         version = current.version_id + 1
         now = max(self._now(), current.last_updated + 1)
         content = _content(body, version, now) if body is not None else None
-        rid = (await self.conn.execute(_NEXT_VERSION, {
+        updated = await driver.execute(self.conn, _NEXT_VERSION, {
             "b_type": current.resource_type, "b_id": current.resource_id, "b_seen": current.version_id,
             "b_version": version, "b_updated": now, "b_deleted": body is None, "b_content": content,
-        })).scalar_one_or_none()
+        })
+        rid = updated[0][0] if updated else None
         if rid is None:
             raise PreconditionFailed(
                 f"{current.resource_type}/{current.resource_id} was changed concurrently "
@@ -425,16 +427,16 @@ class Repository:
         )
 
     async def _append_history(self, rid: int, values: dict[str, Any], method: str) -> None:
-        await self.conn.execute(_INSERT_HISTORY, {"rid": rid, "method": method, **values})
+        await driver.execute(self.conn, _INSERT_HISTORY, {"rid": rid, "method": method, **values})
 
     async def _write_indexes(self, rid: int, body: dict[str, Any]) -> None:
         for kind, rows in indexing.index_rows(body).items():
             if rows:
-                await self.conn.execute(insert(INDEX_TABLES[kind]), [{"rid": rid, **row} for row in rows])
+                await driver.execute_many(self.conn, _INSERT_INDEX[kind], [{"rid": rid, **row} for row in rows])
 
     async def _clear_indexes(self, rid: int) -> None:
         for statement in _CLEAR_INDEXES:
-            await self.conn.execute(statement, {"rid": rid})
+            await driver.execute(self.conn, statement, {"rid": rid})
 
     async def _lock(self, key: str) -> None:
         # Conditional creates must not race into duplicates. SQLite writers are already
@@ -748,6 +750,7 @@ _NEXT_VERSION = (
     )
     .returning(resource.c.rid)
 )
+_INSERT_INDEX = {kind: insert(table) for kind, table in INDEX_TABLES.items()}
 _CLEAR_INDEXES = [delete(table).where(table.c.rid == bindparam("rid")) for table in INDEX_TABLES.values()]
 _INSERT_RESOURCE = {
     dialect: module.insert(resource).on_conflict_do_nothing().returning(resource.c.rid)

@@ -13,6 +13,7 @@ from sqlalchemy import bindparam, insert, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from fhirkit import jsonio
+from fhirkit.store import driver
 from fhirkit.store.hooks import NoHooks, ResourceHooks, WriteContext
 from fhirkit.store.tables import resource as resource_table
 from servicekit.events.envelope import (
@@ -134,9 +135,9 @@ _INSERT_EVENT = insert(outbox).returning(outbox.c.seq)
 
 
 async def _append(conn: AsyncConnection, event: Event) -> Event:
-    result = await conn.execute(_INSERT_EVENT, row_values(event))
+    rows = await driver.execute(conn, _INSERT_EVENT, row_values(event))
     conn.info[PENDING_KEY] = True
-    return replace(event, seq=result.scalar_one())
+    return replace(event, seq=rows[0][0])
 
 
 def _interaction(context: WriteContext) -> str:
