@@ -16,7 +16,9 @@ from typing import Any
 
 from sqlalchemy import event, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.util import await_only
 
+from fhirkit.store.driver import as_dbapi_error
 from servicekit import sqlite_inline
 
 
@@ -51,7 +53,12 @@ def _sqlite_engine(url: str, begin: str, query_timeout_seconds: float) -> AsyncE
 
     @event.listens_for(engine.sync_engine, "begin")
     def on_begin(conn: Any) -> None:
-        conn.exec_driver_sql(begin)
+        # Straight to the driver (with its busy retries): SQLAlchemy's statement path cost more
+        # than the BEGIN, and every request begins a transaction.
+        try:
+            await_only(conn.connection.driver_connection.run_statement(begin, ()))
+        except Exception as error:
+            raise as_dbapi_error(begin, error) from error
 
     return engine
 

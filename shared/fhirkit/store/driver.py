@@ -65,7 +65,7 @@ async def execute(conn: AsyncConnection, statement: Executable, values: dict[str
             await cursor.execute(compiled.sql, compiled.parameters(values))
             return await cursor.fetchall() if cursor.description else []
     except Exception as error:
-        raise _wrapped(compiled, error) from error
+        raise as_dbapi_error(compiled.sql, error) from error
 
 
 async def execute_many(conn: AsyncConnection, statement: Executable, rows: Sequence[dict[str, Any]]) -> None:
@@ -85,12 +85,12 @@ async def execute_many(conn: AsyncConnection, statement: Executable, rows: Seque
         async with driver.cursor() as cursor:
             await cursor.executemany(compiled.sql, parameters)
     except Exception as error:
-        raise _wrapped(compiled, error) from error
+        raise as_dbapi_error(compiled.sql, error) from error
 
 
-def _wrapped(compiled: _Compiled, error: Exception) -> Exception:
+def as_dbapi_error(sql: str, error: Exception) -> Exception:
     """The driver's error as SQLAlchemy would raise it (callers and the error handlers know those),
     without the bound values (they may be patient data)."""
     if isinstance(error, DBAPIError):
         return error
-    return DBAPIError.instance(compiled.sql, None, error, Exception, hide_parameters=True)
+    return DBAPIError.instance(sql, None, error, Exception, hide_parameters=True)

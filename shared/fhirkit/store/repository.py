@@ -186,7 +186,7 @@ class Repository:
         """The current version if the caller may see it, in one statement (the hot read path):
         an invisible resource is None, exactly as a missing one."""
         clause = self.visibility(resource)
-        stmt = _CURRENT if clause is None else _CURRENT.where(clause)
+        stmt = _CURRENT if clause is None else _current_where(clause)
         row = (await self.conn.execute(stmt, {"resource_type": resource_type, "resource_id": resource_id})).first()
         return _stored(row) if row else None
 
@@ -318,20 +318,16 @@ class Repository:
                 "resource_type": body["resourceType"], "resource_id": body["id"], "version_id": 1,
                 "last_updated": now, "deleted": False, "owner": self.owner, "content": _content(body, 1, now),
             }))
-        inserted = await self.conn.execute(
-            insert(resource).returning(resource.c.rid, sort_by_parameter_order=True), [values for _, values in rows]
-        )
-        rids = [row[0] for row in inserted]
-        await self.conn.execute(
-            insert(resource_history), [{"rid": rid, "method": "POST", **values} for rid, (_, values) in zip(rids, rows)]
+        rids = [(await driver.execute(self.conn, _INSERT_RECORD, values))[0][0] for _, values in rows]
+        await driver.execute_many(
+            self.conn, _INSERT_HISTORY, [{"rid": rid, "method": "POST", **values} for rid, (_, values) in zip(rids, rows)]
         )
         by_kind: dict[str, list[dict[str, Any]]] = {}
         for rid, (body, _) in zip(rids, rows):
             for kind, index in indexing.index_rows(body).items():
                 by_kind.setdefault(kind, []).extend({"rid": rid, **row} for row in index)
         for kind, index in by_kind.items():
-            if index:
-                await self.conn.execute(insert(INDEX_TABLES[kind]), index)
+            await driver.execute_many(self.conn, _INSERT_INDEX[kind], index)
         return [(values["resource_id"], values["content"]) for _, values in rows]
 
     async def _insert(self, body: dict[str, Any], resource_id: str, method: str) -> WriteOutcome:
@@ -750,12 +746,30 @@ _NEXT_VERSION = (
     )
     .returning(resource.c.rid)
 )
+_INSERT_RECORD = insert(resource).returning(resource.c.rid)
 _INSERT_INDEX = {kind: insert(table) for kind, table in INDEX_TABLES.items()}
 _CLEAR_INDEXES = [delete(table).where(table.c.rid == bindparam("rid")) for table in INDEX_TABLES.values()]
 _INSERT_RESOURCE = {
     dialect: module.insert(resource).on_conflict_do_nothing().returning(resource.c.rid)
     for dialect, module in (("postgresql", postgresql), ("sqlite", sqlite))
 }
+
+
+_READS_BY_CLAUSE: dict[int, tuple[Any, Any]] = {}
+
+
+def _current_where(clause: ColumnElement[bool]) -> Any:
+    """The read-by-id statement with an access condition. The policy hands out the same condition
+    object per caller for a second, so the statement is built once for all of that caller's reads.
+    (Keyed by identity: SQL expressions overload `==`, so they cannot be dictionary keys.)"""
+    found = _READS_BY_CLAUSE.get(id(clause))
+    if found is not None and found[0] is clause:
+        return found[1]
+    if len(_READS_BY_CLAUSE) > 512:
+        _READS_BY_CLAUSE.clear()
+    statement = _CURRENT.where(clause)
+    _READS_BY_CLAUSE[id(clause)] = (clause, statement)
+    return statement
 
 
 def _insert_resource(is_postgres: bool) -> Any:
