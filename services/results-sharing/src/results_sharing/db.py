@@ -8,7 +8,9 @@ same transaction as the resource itself, so they never disagree with what a clie
 * `recognition_result`: one row per shared result and code (catalog item or LOINC), keyed by
   (patient, system, code, effective time): `$recognition-check` reads a patient's few results of
   one item from it with one index range scan, whoever produced them;
-* `recognition_decision`: the decision Tasks, for `$recognition-statistics`.
+* `recognition_decision`: the decision Tasks, for `$recognition-statistics`;
+* `results_patient_merge`: which patient records the directory merged into which (from its Patient
+  events, `results_sharing.merges`), so that a merged-away record's results are the survivor's.
 Times are microseconds since the Unix epoch (UTC), like the engine's tables.
 """
 
@@ -82,4 +84,12 @@ decision = Table(
     Column("producer", String(128), nullable=True),
     Column("requester", String(128), nullable=False, index=True),
     Column("price", Numeric(12, 2), nullable=True),
+)
+
+patient_merge = Table(
+    "results_patient_merge",
+    METADATA,
+    Column("merged_id", String(64), primary_key=True),  # the merged-away Patient (link replaced-by)
+    Column("survivor_id", String(64), nullable=False, index=True),  # the record that lives on (end of the chain)
+    Column("merged_at", BigInteger, nullable=False),  # when the directory wrote the merge (event time)
 )

@@ -9,6 +9,9 @@ from the directory through the cached peer client. It sees every result of the p
 produced it: deciding whether a prior result exists is the point, so it never goes through a
 caller-filtered search.
 
+A patient the directory merged (`Patient/$merge`) is one person: the check answers for the surviving
+record and finds the results stored under every record merged into it (`results_sharing.merges`).
+
 Each candidate gets the first reason that applies, in this order: `diagnostic-conclusion`,
 `not-in-catalog`, `not-final`, `critical-unacknowledged`, `expired`, `no-eqa`, `eqa-lapsed`,
 `scope`; otherwise `recognizable`. Recognizable candidates come first, newest first.
@@ -25,7 +28,7 @@ from fhirkit.api.interactions import Result
 from fhirkit.api.router import OperationCall
 from fhirkit.errors import InvalidRequest, ResourceNotFound, UnprocessableEntity
 from fhirkit.search.values import date_range, format_instant
-from results_sharing import access, catalog, db, places, quality
+from results_sharing import access, catalog, db, merges, places, quality
 from results_sharing.catalog import CatalogItem
 from results_sharing.places import Place
 from results_sharing.quality import Standing
@@ -71,12 +74,13 @@ class Verdict:
 
 @dataclass(frozen=True)
 class CheckRequest:
-    patient_id: str
+    patient_id: str  # the surviving record when the one named was merged away
     system: str | None
     code: str
     requester: str
     as_of: int
     encounter_class: str | None
+    same_person: tuple[str, ...] = ()  # patient_id and the records merged into it
 
 
 def judge(candidate: Candidate, item: CatalogItem | None, standing: Standing, producer: Place, requester: Place,
@@ -151,8 +155,9 @@ async def candidates_for(conn: AsyncConnection, request: CheckRequest, item: Cat
     else:
         wanted = [(RECOGNITION_ITEM, request.code), (LOINC, request.code)]
     r = db.result.c
+    patients = request.same_person or (request.patient_id,)
     stmt = (select(db.result)
-            .where(r.patient_id == request.patient_id, r.effective <= request.as_of,
+            .where(r.patient_id.in_(patients), r.effective <= request.as_of,
                    or_(*(and_(r.system == system, r.code == code) for system, code in wanted)))
             .order_by(r.effective.desc())
             .limit(MAX_CANDIDATES * len(wanted)))
@@ -211,8 +216,10 @@ async def _check_request(call: OperationCall, directory: Any) -> CheckRequest:
     requester = _requester(call)
     as_of = _as_of(call)
     encounter_class = _encounter_class(call.parameter("encounter-class"))
-    patient_id = await _patient(call.parameter("patient"), directory)
-    return CheckRequest(patient_id, system, code, requester, as_of, encounter_class)
+    named = await _patient(call.parameter("patient"), directory)
+    patient_id = await merges.survivor_of(call.repo.conn, named)
+    same_person = tuple(await merges.same_person(call.repo.conn, patient_id))
+    return CheckRequest(patient_id, system, code, requester, as_of, encounter_class, same_person)
 
 
 async def _patient(value: Any, directory: Any) -> str:
@@ -227,13 +234,15 @@ async def _patient(value: Any, directory: Any) -> str:
     if identifier is None:
         raise InvalidRequest("patient is required: a Patient reference, or an identifier such as the national ID "
                              f"({NATIONAL_ID}|<18 characters>)")
-    matches = await directory.search("Patient", [("identifier", f"{identifier[0]}|{identifier[1]}"), ("_count", "2")])
+    matches = await directory.search("Patient", [("identifier", f"{identifier[0]}|{identifier[1]}"), ("_count", "5")])
     if not matches:
         raise ResourceNotFound(f"No patient has identifier {identifier[0]}|{identifier[1][:40]}")
-    if len(matches) > 1:
+    # After a merge both records carry the identifier: the merged-away one names its survivor.
+    people = {merges.replaced_by(match) or str(match["id"]) for match in matches}
+    if len(people) > 1:
         raise UnprocessableEntity(f"Identifier {identifier[0]}|{identifier[1][:40]} names several patients; "
                                   "give the Patient reference")
-    return str(matches[0]["id"])
+    return people.pop()
 
 
 def _identifier(value: Any) -> tuple[str, str] | None:

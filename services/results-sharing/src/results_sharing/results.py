@@ -16,8 +16,11 @@
   reads only that index. Cancelled and entered-in-error results leave it.
 * A critical value (interpretation AA, HH or LL) stays "unacknowledged" until the Observation
   carries the extension `…/StructureDefinition/critical-value-acknowledgement` with
-  `acknowledgedAt` (and `acknowledgedBy`): the producer records the closure of the 危急值 loop by
-  re-sending the result with it. A DiagnosticReport is critical while any of its results is.
+  `acknowledgedAt` (and `acknowledgedBy`): the producer records the closure of the 危急值 loop with
+  `$acknowledge-critical` (results_sharing.critical) or by re-sending the result with it. A re-send
+  without it keeps the recorded acknowledgement while the finding (value, interpretation) is the
+  same: a LIS that does not know of it must not reopen the loop, but a changed critical value must
+  be called in again. A DiagnosticReport is critical while any of its results is.
 """
 
 from dataclasses import dataclass
@@ -83,7 +86,7 @@ def shared_result(body: dict[str, Any]) -> SharedResult:
         patient_id=subject.split("/", 1)[1] if subject.startswith("Patient/") else None,
         producer_id=producer.split("/", 1)[1] if producer else None,
         codes=codes,
-        effective=_effective(body),
+        effective=effective_time(body),
         status=str(body.get("status", "")),
         critical=_critical_open(body),
         diagnostic_conclusion=body["resourceType"] == "DiagnosticReport" and any(
@@ -92,7 +95,7 @@ def shared_result(body: dict[str, Any]) -> SharedResult:
     )
 
 
-def _effective(body: dict[str, Any]) -> int | None:
+def effective_time(body: dict[str, Any]) -> int | None:
     moment = (body.get("effectiveDateTime") or body.get("effectiveInstant")
               or (body.get("effectivePeriod") or {}).get("start") or body.get("issued"))
     bounds = date_range(moment) if isinstance(moment, str) else None
@@ -100,19 +103,42 @@ def _effective(body: dict[str, Any]) -> int | None:
 
 
 def _critical_open(body: dict[str, Any]) -> bool:
-    if body["resourceType"] != "Observation":
-        return False
-    critical = any(c.get("code") in CRITICAL_INTERPRETATIONS
-                   for concept in body.get("interpretation") or [] for c in codings(concept))
-    return critical and not _acknowledged(body)
+    return body["resourceType"] == "Observation" and critical_interpretation(body) and not acknowledged(body)
 
 
-def _acknowledged(body: dict[str, Any]) -> bool:
+def critical_interpretation(body: dict[str, Any]) -> bool:
+    return any(c.get("code") in CRITICAL_INTERPRETATIONS
+               for concept in body.get("interpretation") or [] for c in codings(concept))
+
+
+def _acknowledgement(body: dict[str, Any]) -> dict[str, Any] | None:
     for extension in body.get("extension") or []:
         if isinstance(extension, dict) and extension.get("url") == CRITICAL_ACKNOWLEDGEMENT:
-            return any(part.get("url") == "acknowledgedAt" and part.get("valueDateTime")
-                       for part in extension.get("extension") or [])
-    return False
+            return extension
+    return None
+
+
+def acknowledged(body: dict[str, Any]) -> bool:
+    extension = _acknowledgement(body) or {}
+    return any(part.get("url") == "acknowledgedAt" and part.get("valueDateTime")
+               for part in extension.get("extension") or [])
+
+
+# What a critical value is: the same finding keeps its acknowledgement across re-sends.
+_FINDING = ("value", "interpretation", "component")
+
+
+def _keep_acknowledgement(body: dict[str, Any], previous: dict[str, Any] | None) -> None:
+    """A re-send without the acknowledgement keeps the one recorded, for the same finding."""
+    if body["resourceType"] != "Observation" or previous is None or _acknowledgement(body) is not None:
+        return
+    recorded = _acknowledgement(previous)
+    if recorded is not None and _finding(body) == _finding(previous):
+        body["extension"] = [*(body.get("extension") or []), recorded]
+
+
+def _finding(body: dict[str, Any]) -> dict[str, Any]:
+    return {key: item for key, item in body.items() if key.startswith(_FINDING)}
 
 
 _FORGET_RESULT = delete(db.result).where(
@@ -123,6 +149,7 @@ class ResultHooks:
     async def before_write(self, repo: Any, body: dict[str, Any] | None, context: WriteContext) -> None:
         if body is None:
             return
+        _keep_acknowledgement(body, context.previous)
         result = shared_result(body)
         if await _posted_by_result_center(repo):
             require_shared_result(body, result, repo.caller.organization)
