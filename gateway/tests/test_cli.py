@@ -220,3 +220,31 @@ def test_every_client_command_is_audited(alliance: CliRunner) -> None:
     assert changed["agent"][0]["who"]["identifier"]["system"].endswith("/sid/os-user")
     # The client's organization is named, so that its auditors see what was done to its clients.
     assert {"reference": "Organization/thc-xikou"} in [e["what"] for e in changed["entity"]]
+
+
+# --- reindex-dates: the date index follows a change of ALLIANCE_TIME_ZONE -----------------------
+
+def _birth_date_lows(data_dir: Path) -> list[int]:
+    import sqlite3
+
+    with sqlite3.connect(data_dir / "directory.db") as db:
+        return [row[0] for row in db.execute(
+            "SELECT low FROM fhir_date_index WHERE resource_type = 'Patient' AND param = 'birthdate' ORDER BY rid")]
+
+
+def test_reindex_dates_reads_zone_less_dates_in_the_configured_zone(
+    alliance: CliRunner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loaded = alliance.invoke(app, ["demo", "load"])
+    assert loaded.exit_code == 0, loaded.output
+    in_beijing = _birth_date_lows(tmp_path)
+    assert in_beijing, "the demo alliance has patients with birth dates"
+    monkeypatch.setenv("ALLIANCE_TIME_ZONE", "UTC")
+    reindexed = alliance.invoke(app, ["reindex-dates", "--service", "directory"])
+    assert reindexed.exit_code == 0, reindexed.output
+    assert "recomputed in UTC" in reindexed.output
+    # A birth date starts at local midnight: 16:00 UTC the day before in +08:00, 00:00 in UTC.
+    assert [low - earlier for low, earlier in zip(_birth_date_lows(tmp_path), in_beijing)] == \
+        [8 * 3600 * 1_000_000] * len(in_beijing)
+    unknown = alliance.invoke(app, ["reindex-dates", "--service", "pharmacy"])
+    assert unknown.exit_code != 0

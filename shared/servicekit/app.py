@@ -17,10 +17,11 @@ from sqlalchemy import text
 from starlette.responses import JSONResponse, Response
 
 from fhirkit.access import AccessPolicy
-from fhirkit.api.dispatch import FhirDispatch, is_fhir_path
+from fhirkit.api.dispatch import FhirDispatch, is_fhir_path, route_path
 from fhirkit.api.handlers import install_exception_handlers
 from fhirkit.api.router import FhirService, Operation
 from fhirkit.errors import Unauthorized
+from fhirkit.search.values import set_local_time_zone
 from fhirkit.store.hooks import ResourceHooks
 from fhirkit.store.repository import StoreConfig
 from servicekit import topology
@@ -80,6 +81,7 @@ def create_service_app(
     clock: Callable[[], int] | None = None,
 ) -> FastAPI:
     secret = settings.secret("internal_secret")
+    set_local_time_zone(settings.time_zone)  # how the engine reads dates without a zone, process-wide
     if definition.task_grants is not None:
         grants = dataclasses.replace(definition.task_grants, recent_days=settings.relationship_days_after_close)
         definition = dataclasses.replace(definition, task_grants=grants)
@@ -159,8 +161,8 @@ class FhirLaneApp(FastAPI):
     lane_exclusions: tuple[str, ...] = ()
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if (self.fhir_lane is not None and scope["type"] == "http" and is_fhir_path(scope["path"])
-                and not scope["path"].startswith(self.lane_exclusions)):
+        if (self.fhir_lane is not None and scope["type"] == "http" and is_fhir_path(path := route_path(scope))
+                and not path.startswith(self.lane_exclusions)):
             scope["app"] = self
             await self.fhir_lane(scope, receive, send)
             return

@@ -8,7 +8,7 @@ gets its own `ALLIANCE_<SERVICE>_DATABASE_URL` and the gateway `ALLIANCE_<SERVIC
 import secrets
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 SERVICES = ("directory", "referral", "results-sharing", "telemedicine", "platform")
@@ -42,6 +42,11 @@ class AllianceSettings(BaseSettings):
     telemedicine_url: str | None = None
     # Where services reach the platform types (Consent) in distributed mode; embedded: in-process.
     platform_url: str | None = None
+
+    # Dates and dateTimes without a time zone, stored or searched, are read in this zone: an IANA
+    # name (Asia/Shanghai) or a fixed offset (+08:00, China Standard Time). Every service of a
+    # deployment must use the same; set it before loading data (docs/fhir-conformance.md).
+    time_zone: str = "+08:00"
 
     reference_cache_seconds: float = Field(default=30.0, ge=0)
     # How long a recognition check lets the checking organization read the results it returned.
@@ -96,6 +101,14 @@ class AllianceSettings(BaseSettings):
     subscription_retry_window_hours: float = Field(default=24.0, gt=0)
     subscription_timeout_seconds: float = Field(default=10.0, gt=0, le=60)
     subscription_heartbeat_min_seconds: int = Field(default=10, ge=1)
+
+    @field_validator("time_zone")
+    @classmethod
+    def _known_time_zone(cls, value: str) -> str:
+        from fhirkit.search.values import time_zone
+
+        time_zone(value)  # a ValueError names what is wrong
+        return value
 
     def database_url(self, service: str) -> str:
         configured = getattr(self, f"{service.replace('-', '_')}_database_url")

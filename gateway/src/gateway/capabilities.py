@@ -2,6 +2,7 @@
 
 from typing import Any
 
+from fhirkit.api.capabilities import rev_includes, search_documentation
 from fhirkit.resources import FHIR_VERSION
 
 SMART_SECURITY = {
@@ -17,6 +18,14 @@ SMART_SECURITY = {
 }
 
 
+GATEWAY_DOCUMENTATION = (
+    " Includes whose resources another service holds (_include, _revinclude, :iterate) are read there "
+    "by the gateway as the caller, so they are what the caller could find by searching them. A search of "
+    "ServiceRequest, Task or Provenance that names no owner is merged across the services holding them, "
+    "with next and previous links."
+)
+
+
 def merge_capabilities(statements: list[dict[str, Any]], base_url: str) -> dict[str, Any]:
     resources: dict[str, dict[str, Any]] = {}
     system_operations: dict[str, dict[str, Any]] = {}
@@ -30,6 +39,10 @@ def merge_capabilities(statements: list[dict[str, Any]], base_url: str) -> dict[
                     merged["operation"] = sorted(operations.values(), key=lambda op: op["name"])
             for op in rest.get("operation", []):
                 system_operations[op["name"]] = op
+    for name, resource in resources.items():
+        # The gateway follows includes across services (gateway/foreign_includes.py): any type the
+        # alliance holds may be revincluded.
+        resource["searchRevInclude"] = rev_includes(name, resources)
     origin = base_url.rsplit("/fhir", 1)[0]
     security = dict(SMART_SECURITY)
     security["extension"] = [
@@ -42,6 +55,7 @@ def merge_capabilities(statements: list[dict[str, Any]], base_url: str) -> dict[
         "mode": "server",
         "security": security,
         "resource": [resources[name] for name in sorted(resources)],
+        "documentation": search_documentation() + GATEWAY_DOCUMENTATION,
         "interaction": [{"code": "transaction"}, {"code": "batch"}],
     }
     if system_operations:

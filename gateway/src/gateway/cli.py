@@ -144,6 +144,32 @@ def migrate(
         typer.echo(f"migrated {name}")
 
 
+@app.command("reindex-dates")
+def reindex_dates(
+    service: Annotated[str, typer.Option(help="all, or one of directory, referral, results-sharing, telemedicine, platform")] = "all",
+) -> None:
+    """Recompute the date index in ALLIANCE_TIME_ZONE, after changing it on databases holding data
+    (zone-less dates are indexed in that zone). Run it with the servers stopped."""
+    from sqlalchemy import create_engine
+
+    from fhirkit.store.reindex import recompute_date_index
+    from gateway.app import service_definitions
+    from servicekit.db import sync_url
+
+    settings = _settings()
+    definitions = service_definitions()
+    for name in list(definitions) if service == "all" else [service]:
+        if name not in definitions:
+            raise typer.BadParameter(f"Unknown service '{name}'")
+        engine = create_engine(sync_url(settings.database_url(name)))
+        try:
+            with engine.begin() as connection:
+                count = recompute_date_index(connection, settings.time_zone)
+        finally:
+            engine.dispose()
+        typer.echo(f"{name}: date index of {count} resources recomputed in {settings.time_zone}")
+
+
 @asynccontextmanager
 async def _system(settings: AllianceSettings) -> AsyncIterator[Any]:
     """The gateway with its services, in-process (or remote ones when URLs are configured)."""

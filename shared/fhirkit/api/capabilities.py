@@ -1,5 +1,6 @@
 """The CapabilityStatement, generated from the same declaration that builds the routes."""
 
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -7,12 +8,20 @@ import orjson
 from fhirkit.resources import FHIR_VERSION
 from fhirkit.search import definitions
 from fhirkit.search.request import SUPPORTED_MODIFIERS
+from fhirkit.search.values import local_time_zone
 
 if TYPE_CHECKING:
     from fhirkit.api.router import FhirService
 
 INTERACTIONS = ["read", "vread", "update", "patch", "delete", "history-instance", "history-type", "create", "search-type"]
 SEARCHABLE = {"token", "string", "reference", "date", "number", "quantity", "uri"}
+SEARCH_DOCUMENTATION = (
+    "Search: _include and _revinclude, each with :iterate (at most 8 rounds, 1000 included resources per "
+    "page); _elements takes element names and paths into them (code.coding, identifier.value; mandatory "
+    "elements always kept, result tagged SUBSETTED); _summary=true|text|data|count; keyset paging with "
+    "next and previous links. A date, or a dateTime without a time zone, stored or searched, is read in "
+    "the server's local time zone ({zone})."
+)
 
 
 def capability_statement(service: "FhirService", base: str) -> bytes:
@@ -38,6 +47,7 @@ def capability_dict(service: "FhirService", base: str) -> dict[str, Any]:
                     {"code": "transaction"}, {"code": "batch"}, {"code": "history-system"},
                 ],
                 "operation": [_operation(op) for op in service.operations if op.system],
+                "documentation": search_documentation(),
             }
         ],
     }
@@ -57,6 +67,8 @@ def _resource(service: "FhirService", resource_type: str) -> dict[str, Any]:
         "conditionalDelete": "single",
         "referencePolicy": ["literal", "local", "enforced"],
         "searchInclude": sorted(f"{resource_type}:{n}" for n, p in params.items() if p.type == "reference"),
+        # What this service can revinclude itself; the gateway's statement adds every alliance type.
+        "searchRevInclude": rev_includes(resource_type, service.store.resource_types),
         "searchParam": [
             {
                 "name": name,
@@ -72,6 +84,20 @@ def _resource(service: "FhirService", resource_type: str) -> dict[str, Any]:
     if operations:
         entry["operation"] = operations
     return entry
+
+
+def search_documentation() -> str:
+    return SEARCH_DOCUMENTATION.format(zone=local_time_zone())
+
+
+def rev_includes(target_type: str, source_types: Iterable[str]) -> list[str]:
+    """`Source:param` for each reference parameter of `source_types` that can point at `target_type`."""
+    return sorted(
+        f"{source}:{name}"
+        for source in source_types
+        for name, param in definitions.parameters_for(source).items()
+        if param.type == "reference" and target_type in param.targets
+    )
 
 
 def _modifiers(kind: str) -> str:

@@ -129,7 +129,7 @@ def parse_search(
     refuse_nul(params)
     for name, value in params:
         if name.partition(":")[0] in ("_include", "_revinclude"):
-            include = _include(resource_type, name, value)
+            include = parse_include(resource_type, name, value)
             (request.revincludes if include.reverse else request.includes).append(include)
             continue
         if name in RESULT_PARAMETERS:
@@ -340,7 +340,7 @@ def _sort_key(resource_type: str, key: str) -> SortKey:
     return SortKey(name, param.type, descending)
 
 
-def _include(resource_type: str, name: str, value: str) -> Include:
+def parse_include(resource_type: str, name: str, value: str) -> Include:
     """`_include[:iterate]=Source:param[:Target]`; R3's `:recurse` and a trailing `:iterate` on
     the value (as some clients write it) mean the same."""
     base, _, modifier = name.partition(":")

@@ -1,8 +1,14 @@
 """Pure conversions shared by indexing (resource values) and query parsing (search values).
 
 Dates become an inclusive range of microseconds since the Unix epoch (UTC), because a FHIR date
-is a period at its precision: `2024-03` is all of March. A value without a time zone is read as
-UTC (the server's time zone), as the spec allows.
+is a period at its precision: `2024-03` is all of March. A date, or a dateTime without a time
+zone, is read in the deployment's local time zone (the spec leaves it to the server): the
+alliance is in China, so by default China Standard Time, +08:00, and `2024-03-01` is the day as
+lived in the county, 2024-02-29T16:00Z to 2024-03-01T16:00Z. The default is the fixed offset
+rather than the IANA zone Asia/Shanghai: that zone also holds the 1986–1991 summer time and the
+local mean time before 1901, which would move birth dates of those years by an hour or by minutes
+from what Chinese systems mean by them, and it needs a time zone database. Stored values and
+search values are read the same way; `ALLIANCE_TIME_ZONE` changes it (`set_local_time_zone`).
 """
 
 import calendar
@@ -11,6 +17,7 @@ import time
 import unicodedata
 from datetime import UTC, datetime, timedelta, timezone, tzinfo
 from decimal import Decimal, InvalidOperation
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 _DATE = re.compile(
     r"^(?P<y>\d{4})(?:-(?P<m>\d{2})(?:-(?P<d>\d{2})"
@@ -21,6 +28,40 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 MICROS = 1_000_000
 MIN_TIME = -(2**62)
 MAX_TIME = 2**62
+DEFAULT_TIME_ZONE = "+08:00"
+_OFFSET = re.compile(r"^(?:UTC|GMT)?([+-])(\d{2}):?(\d{2})$")
+
+
+def time_zone(name: str) -> tzinfo:
+    """An IANA zone name (`Asia/Shanghai`), a fixed offset (`+08:00`, `UTC+0800`) or `UTC`/`Z`."""
+    text = name.strip()
+    if text in ("UTC", "Z", "GMT"):
+        return UTC
+    offset = _OFFSET.match(text)
+    if offset:
+        sign = 1 if offset.group(1) == "+" else -1
+        delta = timedelta(hours=int(offset.group(2)), minutes=int(offset.group(3)))
+        if delta >= timedelta(hours=24):
+            raise ValueError(f"time zone offset '{name}' is out of range")
+        return timezone(sign * delta)
+    try:
+        return ZoneInfo(text)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"'{name}' is not a time zone (an IANA name such as Asia/Shanghai, or +08:00)") from None
+
+
+_local_zone: tzinfo = time_zone(DEFAULT_TIME_ZONE)
+
+
+def set_local_time_zone(zone: str | tzinfo) -> None:
+    """Read dates and dateTimes without a zone in `zone` from now on (one setting per process:
+    every service of a deployment, and its index, must use the same)."""
+    global _local_zone
+    _local_zone = time_zone(zone) if isinstance(zone, str) else zone
+
+
+def local_time_zone() -> tzinfo:
+    return _local_zone
 
 
 def natural(text: str, limit: int = 2**63 - 1) -> int | None:
@@ -100,7 +141,9 @@ def _range_from_match(match: re.Match[str]) -> tuple[int, int]:
 
 
 def _zone(text: str | None) -> tzinfo:
-    if not text or text == "Z":
+    if not text:
+        return _local_zone
+    if text == "Z":
         return UTC
     sign = 1 if text[0] == "+" else -1
     return timezone(sign * timedelta(hours=int(text[1:3]), minutes=int(text[4:6])))

@@ -19,11 +19,13 @@ UNINDEXED = {"_id", "_lastUpdated"}
 INDEXED_TYPES = {"token", "string", "reference", "date", "number", "quantity", "uri"}
 
 
-def index_rows(resource: dict[str, Any]) -> IndexRows:
+def index_rows(resource: dict[str, Any], kinds: frozenset[str] | set[str] = INDEXED_TYPES) -> IndexRows:
+    """The index rows of `resource` by parameter type; `kinds` limits them to some types (the
+    date index alone, when a migration recomputes it)."""
     resource_type = resource["resourceType"]
-    rows: IndexRows = {kind: [] for kind in INDEXED_TYPES}
+    rows: IndexRows = {kind: [] for kind in kinds}
     for name, param in definitions.parameters_for(resource_type).items():
-        if name in UNINDEXED or param.type not in INDEXED_TYPES:
+        if name in UNINDEXED or param.type not in kinds:
             continue
         converter = _CONVERTERS[param.type]
         seen: set[tuple[Any, ...]] = set()

@@ -313,6 +313,25 @@ class Cursor:
         except (ValueError, KeyError, TypeError):
             raise InvalidRequest("The paging cursor is not valid; start the search again") from None
 
+    def turned(self) -> "Cursor":
+        """The same page boundary, paged the other way: a `next` cursor (the rows after row R)
+        becomes a `previous` cursor for the rows up to and including R, and the other way round.
+
+        The row id is the last sort component and unique, so moving it by one keeps the boundary
+        between the same two rows. The gateway pages merged searches in both directions with it.
+        """
+        *values, rid = self.values
+        if not isinstance(rid, int) or isinstance(rid, bool):
+            raise InvalidRequest("The paging cursor is not valid; start the search again")
+        return Cursor((*values, rid - 1 if self.backward else rid + 1), not self.backward)
+
+    @staticmethod
+    def after_last(sort_keys: int) -> "Cursor":
+        """A `previous` cursor placed after every row of a search sorted by `sort_keys` keys (the
+        last page, read backwards). Its first component is the first key's no-value flag, which
+        is 0 or 1 for every row: 2 puts every row before it."""
+        return Cursor((2, *([None] * (2 * sort_keys - 1)), 0), True)
+
 
 def sort_components(target: FromClause, keys: list[SortKey]) -> list[tuple[Any, bool]]:
     """(expression, descending) pairs; each key sorts rows without a value last."""
