@@ -131,3 +131,20 @@ async def eventually(probe: Any, expected: int = 200, *, seconds: float = 5.0) -
         if response.status_code == expected or asyncio.get_running_loop().time() > deadline:
             return response
         await asyncio.sleep(0.02)
+
+
+FACILITY_LEVEL = "http://county-alliance.org/fhir/CodeSystem/facility-level"
+
+
+async def create_organization(api: Any, code: str, parent: str | None, name: str | None = None,
+                              *, id_prefix: str = "") -> str:
+    """A new Organization of facility level `code` under `parent` (a fresh id each time, so tests
+    never see each other's alliance); returns its reference."""
+    org_id = f"{id_prefix}{code.split('-')[0]}-{uuid.uuid4().hex[:8]}"
+    body: dict[str, Any] = {"resourceType": "Organization", "id": org_id, "name": name or code,
+                            "type": [{"coding": [{"system": FACILITY_LEVEL, "code": code}]}]}
+    if parent:
+        body["partOf"] = {"reference": parent}
+    response = await api.put(f"Organization/{org_id}", body)
+    assert response.status_code == 201, response.text
+    return f"Organization/{org_id}"

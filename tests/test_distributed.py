@@ -195,3 +195,38 @@ def _lab_result(patient_ref: str) -> dict[str, object]:
         "performer": [{"reference": "Organization/qingxi-lab-center"}],
         "valueQuantity": {"value": 12.9, "unit": "g/dL", "system": "http://unitsofmeasure.org", "code": "g/dL"},
     }
+
+
+def test_a_transaction_spanning_services_over_http(deployment: dict[str, str]) -> None:
+    """The gateway's saga (gateway/cross_transaction.py) with each service its own process: the
+    dry runs and commits are HTTP calls carrying the internal step header."""
+    base = f"{deployment['url']}/fhir"
+    headers = _headers(deployment)
+    patient = httpx.get(f"{base}/Patient", params={"_count": 1}, headers=headers).json()["entry"][0]["resource"]
+
+    def bundle(key: str, **condition_extra: object) -> dict[str, object]:
+        ident = [{"system": "urn:test:distributed-transaction", "value": key}]
+        document_url = f"urn:uuid:{uuid.uuid4()}"
+        subject = {"reference": f"Patient/{patient['id']}"}
+        return {"resourceType": "Bundle", "type": "transaction", "entry": [
+            {"fullUrl": document_url, "request": {"method": "POST", "url": "DocumentReference"},
+             "resource": {"resourceType": "DocumentReference", "status": "current", "identifier": ident,
+                          "subject": subject, "content": [{"attachment": {"contentType": "text/plain", "data": "5a6M"}}]}},
+            {"request": {"method": "POST", "url": "Condition"},
+             "resource": {"resourceType": "Condition", "identifier": ident, "subject": subject, "code": {"text": "高血压"},
+                          "evidence": [{"detail": [{"reference": document_url}]}], **condition_extra}},
+        ]}
+
+    stored = httpx.post(base, json=bundle("ok"), headers=headers)
+    assert stored.status_code == 200, stored.text
+    document, condition = (e["resource"] for e in stored.json()["entry"])
+    assert condition["evidence"][0]["detail"] == [{"reference": f"DocumentReference/{document['id']}"}]
+    assert httpx.get(f"{base}/DocumentReference/{document['id']}", headers=headers).status_code == 200
+
+    key = uuid.uuid4().hex
+    refused = httpx.post(base, json=bundle(key, encounter={"reference": "Encounter/nowhere"}), headers=headers)
+    assert refused.status_code == 422, refused.text
+    assert "Bundle.entry[1]" in refused.json()["issue"][0]["diagnostics"]
+    found = httpx.get(f"{base}/DocumentReference", params={"identifier": f"urn:test:distributed-transaction|{key}"},
+                      headers=headers)
+    assert found.status_code == 200 and not found.json().get("entry"), found.text

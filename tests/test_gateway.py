@@ -149,6 +149,20 @@ async def test_services_refuse_callers_without_the_gateway_identity(system) -> N
                 assert outcome_code(response) == "login"
 
 
+async def test_the_platform_mount_serves_fhir_to_signed_services_only(system, client: httpx.AsyncClient) -> None:
+    # Services reach Consent at /internal/platform/fhir in distributed mode: the mounted app's FHIR
+    # routes answer below the mount point, and only to the gateway-signed identity.
+    from servicekit.identity import IDENTITY_HEADER, sign_identity
+    from servicekit.peers import SYSTEM_IDENTITY
+
+    forged = await client.get("/internal/platform/fhir/Consent", headers={IDENTITY_HEADER: "forged.token.value"})
+    assert forged.status_code == 401 and outcome_code(forged) == "login"
+    signed = sign_identity(SYSTEM_IDENTITY, system.state.settings.secret("internal_secret"))
+    found = await client.get("/internal/platform/fhir/Consent", headers={IDENTITY_HEADER: signed})
+    assert found.status_code == 200, found.text
+    assert found.json()["resourceType"] == "Bundle"
+
+
 async def test_an_oversized_body_is_refused_with_413(api) -> None:
     from fhirkit.api.router import MAX_BODY_BYTES
 

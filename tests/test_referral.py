@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from tests.support import eventually, outcome_code
+from tests.support import create_organization, eventually, outcome_code
 
 BASE = "http://county-alliance.org/fhir"
 LEVEL = f"{BASE}/CodeSystem/facility-level"
@@ -42,28 +42,17 @@ class Alliance:
     patient: str
 
 
-async def _organization(api: Any, code: str, parent: str | None, name: str) -> str:
-    org_id = f"{code.split('-')[0]}-{uuid.uuid4().hex[:8]}"
-    body: dict[str, Any] = {"resourceType": "Organization", "id": org_id, "name": name,
-                            "type": [{"coding": [{"system": LEVEL, "code": code}]}]}
-    if parent:
-        body["partOf"] = {"reference": parent}
-    response = await api.put(f"Organization/{org_id}", body)
-    assert response.status_code == 201, response.text
-    return f"Organization/{org_id}"
-
-
 @pytest.fixture
 async def alliance(api: Any) -> Alliance:
-    province = await _organization(api, "provincial-hospital", None, "省人民医院")
-    city = await _organization(api, "city-hospital", province, "市中心医院")
-    county = await _organization(api, "county-hospital", city, "县人民医院")
-    township = await _organization(api, "township-health-center", county, "溪口镇中心卫生院")
-    other = await _organization(api, "township-health-center", county, "石门镇卫生院")
-    village = await _organization(api, "village-clinic", township, "上坞村卫生室")
-    foreign = await _organization(api, "county-hospital", city, "邻县人民医院")
-    chest_pain = await _organization(api, "chest-pain-center", county, "胸痛中心")
-    stroke = await _organization(api, "stroke-center", county, "卒中中心")
+    province = await create_organization(api, "provincial-hospital", None, "省人民医院")
+    city = await create_organization(api, "city-hospital", province, "市中心医院")
+    county = await create_organization(api, "county-hospital", city, "县人民医院")
+    township = await create_organization(api, "township-health-center", county, "溪口镇中心卫生院")
+    other = await create_organization(api, "township-health-center", county, "石门镇卫生院")
+    village = await create_organization(api, "village-clinic", township, "上坞村卫生室")
+    foreign = await create_organization(api, "county-hospital", city, "邻县人民医院")
+    chest_pain = await create_organization(api, "chest-pain-center", county, "胸痛中心")
+    stroke = await create_organization(api, "stroke-center", county, "卒中中心")
     patient = await api.post("Patient", {"resourceType": "Patient", "name": [{"family": "陈", "given": ["桂英"]}],
                                          "gender": "female", "birthDate": "1952-03-08"})
     return Alliance(

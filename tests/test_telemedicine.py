@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from tests.support import outcome_code
+from tests.support import create_organization, outcome_code
 
 BASE = "http://county-alliance.org/fhir"
 LEVEL = f"{BASE}/CodeSystem/facility-level"
@@ -44,17 +44,6 @@ class Alliance:
     cardiologist: str  # PractitionerRole: chief physician, cardiology, at the provincial hospital
 
 
-async def _organization(api: Any, code: str, parent: str | None, name: str) -> str:
-    org_id = f"tm{code.split('-')[0]}-{uuid.uuid4().hex[:8]}"
-    body: dict[str, Any] = {"resourceType": "Organization", "id": org_id, "name": name,
-                            "type": [{"coding": [{"system": LEVEL, "code": code}]}]}
-    if parent:
-        body["partOf"] = {"reference": parent}
-    response = await api.put(f"Organization/{org_id}", body)
-    assert response.status_code == 201, response.text
-    return f"Organization/{org_id}"
-
-
 async def _practitioner_role(api: Any, organization: str, title: str, specialty: str) -> str:
     person = await api.post("Practitioner", {
         "resourceType": "Practitioner", "name": [{"family": "王", "given": ["医生"]}],
@@ -71,12 +60,12 @@ async def _practitioner_role(api: Any, organization: str, title: str, specialty:
 
 @pytest.fixture
 async def alliance(api: Any) -> Alliance:
-    province = await _organization(api, "provincial-hospital", None, "省人民医院")
-    city = await _organization(api, "city-hospital", province, "市中心医院")
-    county = await _organization(api, "county-hospital", city, "县人民医院")
-    ecg_center = await _organization(api, "ecg-center", county, "县心电诊断中心")
-    township = await _organization(api, "township-health-center", county, "溪口镇中心卫生院")
-    other = await _organization(api, "township-health-center", county, "石门镇卫生院")
+    province = await create_organization(api, "provincial-hospital", None, "省人民医院", id_prefix="tm")
+    city = await create_organization(api, "city-hospital", province, "市中心医院", id_prefix="tm")
+    county = await create_organization(api, "county-hospital", city, "县人民医院", id_prefix="tm")
+    ecg_center = await create_organization(api, "ecg-center", county, "县心电诊断中心", id_prefix="tm")
+    township = await create_organization(api, "township-health-center", county, "溪口镇中心卫生院", id_prefix="tm")
+    other = await create_organization(api, "township-health-center", county, "石门镇卫生院", id_prefix="tm")
     patient = await api.post("Patient", {"resourceType": "Patient", "name": [{"family": "陈", "given": ["桂英"]}],
                                          "gender": "female", "birthDate": "1952-03-08"})
     return Alliance(

@@ -20,12 +20,12 @@ from starlette.responses import Response
 
 from fhirkit import jsonio
 from fhirkit.api.bundles import MAX_ENTRIES as MAX_BUNDLE_ENTRIES
-from fhirkit.api.dispatch import serve
+from fhirkit.api.compensation import STEP_HEADER
+from fhirkit.api.dispatch import route_path, serve
 from fhirkit.api.handlers import install_exception_handlers
 from fhirkit.api.responses import FHIR_JSON, check_format
 from fhirkit.api.router import read_body
 from fhirkit.errors import (
-    BusinessRuleViolation,
     FhirError,
     Forbidden,
     InvalidRequest,
@@ -36,7 +36,7 @@ from fhirkit.errors import (
     UpstreamUnavailable,
 )
 from fhirkit.search.values import now_micros
-from gateway import foreign_includes, merged_search, routing
+from gateway import cross_transaction, foreign_includes, merged_search, routing
 from gateway.audit import AccessNote, AuditTrail
 from gateway.auth import Authenticated, AuthSettings, authenticate, build_auth_router
 from gateway.auth.router import AUDITOR_ROLE, DISCOVERY_PATH
@@ -246,18 +246,20 @@ class FhirDispatcher:
         return await self.gateway.send(service, method, path, identity=auth.identity, headers=headers, content=body)
 
     async def _include_foreign(
-        self, auth: Authenticated, upstream: Upstream, includes: list[foreign_includes.ForeignInclude]
+        self, auth: Authenticated, upstream: Upstream, includes: foreign_includes.Plan
     ) -> Upstream:
         if not includes or upstream.status != 200:
             return upstream
 
-        async def fetch(owner: str, target_type: str, ids: list[str]) -> tuple[int, bytes]:
+        async def fetch(owner: str, target_type: str, query: list[tuple[str, str]], interaction: str) -> tuple[int, bytes]:
             try:
-                _require(auth, target_type, "r")  # an include is no way around the token's scopes
+                _require(auth, target_type, interaction)  # an include is no way around the token's scopes
             except Forbidden:
                 return 403, b""
-            query = urlencode([("_id", ",".join(ids)), ("_count", str(foreign_includes.MAX_INCLUDED))])
-            answer = await self.gateway.send(owner, "GET", f"/fhir/{target_type}?{query}", identity=auth.identity)
+            # POST _search: up to 1000 ids or references would not fit a request line.
+            answer = await self.gateway.send(
+                owner, "POST", f"/fhir/{target_type}/_search", identity=auth.identity,
+                headers={"content-type": "application/x-www-form-urlencoded"}, content=urlencode(query).encode())
             return answer.status, answer.content
 
         content = await foreign_includes.add_included(upstream.content, includes, fetch)
@@ -338,12 +340,25 @@ class FhirDispatcher:
             service = services[0] if services else "referral"
             return await self.gateway.send(service, "POST", path, identity=auth.identity, headers=headers, content=body)
         if bundle["type"] == "transaction":
-            raise BusinessRuleViolation(
-                "This transaction spans services (" + ", ".join(sorted(distinct)) + "); a transaction must "
-                "stay within one service's resource types (see docs/api.md, 'Transactions'). Send a batch, "
-                "or one transaction per service."
-            )
+            return await self._cross_service_transaction(auth, bundle, services, headers)
         return await self._split_batch(auth, bundle, headers)
+
+    async def _cross_service_transaction(
+        self, auth: Authenticated, bundle: dict[str, Any], services: list[str], headers: dict[str, str]
+    ) -> Upstream:
+        """One piece per service, dry-run, then committed or compensated (gateway/cross_transaction.py)."""
+        identity = cross_transaction.coordinator(auth.identity)
+        prefer = {k: v for k, v in headers.items() if k.lower() == "prefer"}
+
+        async def send(service: str, step: str, body: bytes) -> tuple[int, bytes]:
+            step_headers = {**prefer, STEP_HEADER: step, "content-type": "application/json"}
+            upstream = await self.gateway.send(
+                service, "POST", "/fhir", identity=identity, headers=step_headers, content=body
+            )
+            return upstream.status, upstream.content
+
+        status, content = await cross_transaction.run(bundle, services, send)
+        return Upstream(status, {}, content)
 
     def _entry_services(self, auth: Authenticated, bundle: dict[str, Any]) -> list[str]:
         services = []
@@ -510,7 +525,7 @@ def create_gateway_app(
         return Response(await gateway.capabilities(), media_type=FHIR_JSON)
 
     async def fhir(request: Request) -> Response:
-        path = request.scope["path"][len("/fhir"):]
+        path = route_path(request.scope)[len("/fhir"):]
         if request.method in ("GET", "HEAD") and path == "/metadata":
             return await metadata(request)
         if request.method not in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE") or (

@@ -4,9 +4,13 @@ A transaction runs every entry in the request's one database transaction: entrie
 in the spec's order (DELETE, POST, PUT/PATCH, GET), `urn:uuid` full URLs and conditional
 references are resolved first, and any failure rolls everything back and answers with the
 failing entry's error. A batch runs each entry on its own savepoint and reports each outcome.
+
+A transaction spanning services reaches each service as a piece (`fhirkit.api.compensation`):
+its entries keep their indexes in the client's Bundle (errors name those), creates may come with
+ids the gateway chose, and a dry run executes everything and rolls it back.
 """
 
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
@@ -42,13 +46,18 @@ class Entry:
         return f"Bundle.entry[{self.index}] ({self.method} {self.resource_type})"
 
 
-def parse_entries(bundle: dict[str, Any]) -> list[Entry]:
+def parse_entries(bundle: dict[str, Any], indexes: Sequence[int] | None = None) -> list[Entry]:
+    """The entries; `indexes` are their positions in the client's Bundle when this one is a piece
+    of it (errors name the entries the client sent)."""
     entries = bundle.get("entry") or []
     if not isinstance(entries, list):
         raise InvalidRequest("Bundle.entry must be an array")
     if len(entries) > MAX_ENTRIES:
         raise PayloadTooLarge(f"A Bundle may carry at most {MAX_ENTRIES} entries, not {len(entries)}")
-    return [_entry(index, raw) for index, raw in enumerate(entries)]
+    if indexes is not None and len(indexes) != len(entries):
+        raise InvalidRequest("The piece names an index for each of its entries")
+    positions = indexes if indexes is not None else range(len(entries))
+    return [_entry(index, raw) for index, raw in zip(positions, entries)]
 
 
 def _entry(index: int, raw: Any) -> Entry:
@@ -92,10 +101,15 @@ class BundleProcessor:
         self.options = options
         self.savepoint = savepoint
 
-    async def transaction(self, bundle: dict[str, Any]) -> bytes:
-        entries = parse_entries(bundle)
+    async def transaction(
+        self, bundle: dict[str, Any], *, indexes: Sequence[int] | None = None,
+        assigned_ids: Mapping[int, str] | None = None,
+    ) -> bytes:
+        """`indexes`: the entries' positions in the client's Bundle; `assigned_ids`: ids chosen
+        beforehand (by the gateway, for a transaction spanning services) for creates, by index."""
+        entries = parse_entries(bundle, indexes)
         self.repo.in_transaction = True
-        aliases = await self._assign_ids(entries)
+        aliases = await self._assign_ids(entries, assigned_ids or {})
         for entry in entries:
             if entry.resource is not None:
                 entry.resource = _rewrite(entry.resource, aliases)
@@ -115,6 +129,19 @@ class BundleProcessor:
                 await self._located(entry, self.repo.check_references(body))
         ordered = [self._response_entry(results[e.index], e) for e in entries]
         return responses.bundle_bytes("transaction-response", ordered, timestamp=self._now())
+
+    async def dry_run(
+        self, bundle: dict[str, Any], *, indexes: Sequence[int] | None = None,
+        assigned_ids: Mapping[int, str] | None = None,
+    ) -> bytes:
+        """The transaction's answer with nothing kept: everything it wrote (outbox rows and
+        grants included) is rolled back, so that a transaction spanning services can check
+        every piece before committing any."""
+        savepoint = await self.repo.conn.begin_nested()
+        try:
+            return await self.transaction(bundle, indexes=indexes, assigned_ids=assigned_ids)
+        finally:
+            await savepoint.rollback()
 
     @staticmethod
     async def _located(entry: Entry, step: Awaitable[Any]) -> Any:
@@ -141,7 +168,7 @@ class BundleProcessor:
     def _now(self) -> str:
         return format_instant(self.repo.config.clock())
 
-    async def _assign_ids(self, entries: list[Entry]) -> dict[str, str]:
+    async def _assign_ids(self, entries: list[Entry], assigned_ids: Mapping[int, str]) -> dict[str, str]:
         aliases: dict[str, str] = {}
         for entry in entries:
             if entry.method == "POST":
@@ -151,7 +178,8 @@ class BundleProcessor:
                     if len(matches) > 1:
                         raise MultipleMatches(f"Bundle.entry[{entry.index}] ifNoneExist matches several resources")
                     target_id = matches[0].resource_id if matches else None
-                entry.resource_id = target_id or self.repo.config.new_id(entry.resource_type)
+                new_id = assigned_ids.get(entry.index) or self.repo.config.new_id(entry.resource_type)
+                entry.resource_id = target_id or new_id
                 entry.matched = target_id is not None
             elif entry.method == "PUT" and entry.resource_id is None and entry.query:
                 matches = await self.repo.conditional_targets(entry.resource_type, entry.query)

@@ -59,7 +59,7 @@ class FhirDispatch:
         await serve(self.dispatch, scope, receive, send)
 
     async def dispatch(self, request: Request) -> Response:
-        segments = _segments(request.scope["path"])
+        segments = _segments(route_path(request.scope))
         method = "GET" if request.method == "HEAD" else request.method
         handler = self.routes.get((len(segments), method))
         if handler is None:
@@ -176,6 +176,13 @@ async def serve(handler: Callable[[Request], Awaitable[Response]], scope: Scope,
     except Exception as exc:
         response = response_for_error(request, exc)
     await response(scope, receive, send)
+
+
+def route_path(scope: Scope) -> str:
+    """The path below the app's mount point (an app mounted at `/internal/platform` sees
+    `/fhir/...`), as Starlette's routing reads it."""
+    path, root = scope["path"], scope.get("root_path", "")
+    return path[len(root):] if root and path.startswith(root) else path
 
 
 def is_fhir_path(path: str) -> bool:

@@ -15,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from starlette.responses import Response
 
 from fhirkit import resources
-from fhirkit.api import bundles, capabilities, interactions, responses
+from fhirkit.api import bundles, capabilities, compensation, interactions, responses
 from fhirkit.api.interactions import RequestOptions, Result
 from fhirkit.errors import (
     InvalidRequest,
@@ -257,6 +257,8 @@ def build_fhir_router(service: FhirService) -> APIRouter:
 
 
 async def _bundle(call: "_Call") -> Result:
+    if compensation.requested_step(call.request) is not None:  # the gateway's transaction spanning services
+        return await compensation.run_step(call)
     bundle = resources.require_resource(call.body(), "Bundle")
     kind = bundle.get("type")
     processor = bundles.BundleProcessor(call.repo, call.options, call.repo.conn.begin_nested)
