@@ -19,14 +19,14 @@ from fhirkit.api.handlers import response_for_error
 from fhirkit.api.interactions import Result
 from fhirkit.api.router import (
     FhirService,
-    _bundle,
-    _Call,
-    _Context,
-    _criteria,
-    _form_parameters,
-    _without_format,
+    InteractionCall,
+    InteractionContext,
+    base_url,
+    bundle_interaction,
+    conditional_criteria,
+    form_parameters,
+    without_format,
 )
-from fhirkit.api.router import _base as base_url
 from fhirkit.errors import InvalidRequest, MethodNotAllowed, ResourceNotFound
 
 Handler = Callable[..., Awaitable[Response]]
@@ -37,7 +37,7 @@ class FhirDispatch:
 
     def __init__(self, service: FhirService) -> None:
         self.service = service
-        self.ctx = _Context(service)
+        self.ctx = InteractionContext(service)
         # (number of path segments after /fhir, method) → handler(request, *segments)
         self.routes: dict[tuple[int, str], Handler] = {
             (0, "POST"): self.batch_or_transaction,
@@ -69,7 +69,7 @@ class FhirDispatch:
         return await handler(request, *segments)
 
     async def batch_or_transaction(self, request: Request) -> Response:
-        return await self.ctx.run(request, _bundle, write=True)
+        return await self.ctx.run(request, bundle_interaction, write=True)
 
     async def type_level_get(self, request: Request, first: str) -> Response:
         if first == "metadata":
@@ -90,19 +90,19 @@ class FhirDispatch:
         await self.ctx.require_type(request, resource_type)
         # fhirpy sends conditional create as `POST Type?criteria` instead of If-None-Exist; a query
         # string of format parameters only (`?_format=json`) is a plain create.
-        criteria = request.headers.get("if-none-exist") or _without_format(request.url.query) or None
+        criteria = request.headers.get("if-none-exist") or without_format(request.url.query) or None
         return await self.ctx.run(request, lambda c: interactions.create(
             c.repo, resource_type, c.body(), c.options, if_none_exist=criteria), write=True)
 
     async def conditional_update(self, request: Request, resource_type: str) -> Response:
         await self.ctx.require_type(request, resource_type)
-        criteria = _criteria(request)
+        criteria = conditional_criteria(request)
         return await self.ctx.run(request, lambda c: interactions.conditional_update(
             c.repo, resource_type, criteria, c.body(), c.options, if_match=c.if_match()), write=True)
 
     async def conditional_delete(self, request: Request, resource_type: str) -> Response:
         await self.ctx.require_type(request, resource_type)
-        criteria = _criteria(request)
+        criteria = conditional_criteria(request)
         return await self.ctx.run(request, lambda c: interactions.conditional_delete(
             c.repo, resource_type, criteria, c.options), write=True)
 
@@ -163,8 +163,8 @@ class FhirDispatch:
             c.repo, resource_type, resource_id, version_id, c.options))
 
 
-async def _search_form(call: _Call, resource_type: str) -> Result:
-    params = [*call.params, *_form_parameters(call.raw, call.request.headers.get("content-type", ""))]
+async def _search_form(call: InteractionCall, resource_type: str) -> Result:
+    params = [*call.params, *form_parameters(call.raw, call.request.headers.get("content-type", ""))]
     return await interactions.search_type(call.repo, resource_type, params, call.options, self_path=resource_type)
 
 

@@ -1,7 +1,8 @@
-"""The FHIR REST router every service mounts; services configure it, never copy it.
+"""What every service's FHIR interactions share; services configure it, never copy it.
 
 A service describes itself with a `FhirService` (its store, database, operations and how a
-caller is authenticated) and gets `/fhir/...` routes for every interaction of the spec.
+caller is authenticated); `fhirkit.api.dispatch` serves `/fhir/...` for every interaction of the
+spec with the context here (the caller, the request's one transaction, the repository).
 """
 
 from collections.abc import Awaitable, Callable
@@ -10,12 +11,12 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 from urllib.parse import parse_qsl, urlencode
 
-from fastapi import APIRouter, Request
+from fastapi import Request
 from sqlalchemy.ext.asyncio import AsyncConnection
 from starlette.responses import Response
 
 from fhirkit import resources
-from fhirkit.api import bundles, capabilities, compensation, interactions, responses
+from fhirkit.api import bundles, compensation, interactions, responses
 from fhirkit.api.interactions import RequestOptions, Result
 from fhirkit.errors import (
     InvalidRequest,
@@ -132,131 +133,7 @@ def _standard_operations(store: StoreConfig) -> list[Operation]:
     return [validate]
 
 
-def build_fhir_router(service: FhirService) -> APIRouter:
-    router = APIRouter(prefix="/fhir")
-    ctx = _Context(service)
-
-    @router.get("/metadata", name="capabilities")
-    async def metadata(request: Request) -> Response:
-        responses.check_format(request.query_params.get("_format"), request.headers.get("accept"))
-        return responses.fhir_response(capabilities.capability_statement(service, _base(request)))
-
-    @router.post("", name="batch-transaction")
-    @router.post("/", include_in_schema=False)
-    async def batch_or_transaction(request: Request) -> Response:
-        return await ctx.run(request, _bundle, write=True)
-
-    @router.get("/_history", name="history-system")
-    async def history_system(request: Request) -> Response:
-        return await ctx.run(request, lambda c: interactions.history(
-            c.repo, None, None, c.params, c.options, self_path="_history"))
-
-    @router.get("/{resource_type}", name="search-type")
-    async def search_type(request: Request, resource_type: str) -> Response:
-        if resource_type.startswith("$"):
-            return await ctx.operation(request, resource_type[1:], "system", None, None)
-        await ctx.require_type(request, resource_type)
-        return await ctx.run(request, lambda c: interactions.search_type(
-            c.repo, resource_type, c.params, c.options, self_path=resource_type))
-
-    @router.post("/{resource_type}/_search", name="search-type-post")
-    async def search_type_post(request: Request, resource_type: str) -> Response:
-        await ctx.require_type(request, resource_type)
-
-        async def search(c: _Call) -> Result:
-            params = [*c.params, *_form_parameters(c.raw, request.headers.get("content-type", ""))]
-            return await interactions.search_type(c.repo, resource_type, params, c.options, self_path=resource_type)
-
-        return await ctx.run(request, search)
-
-    @router.post("/{resource_type}", name="create")
-    async def create(request: Request, resource_type: str) -> Response:
-        if resource_type.startswith("$"):
-            return await ctx.operation(request, resource_type[1:], "system", None, None)
-        await ctx.require_type(request, resource_type)
-        # fhirpy sends conditional create as `POST Type?criteria` instead of If-None-Exist; a query
-        # string of format parameters only (`?_format=json`) is a plain create.
-        criteria = request.headers.get("if-none-exist") or _without_format(request.url.query) or None
-        return await ctx.run(request, lambda c: interactions.create(
-            c.repo, resource_type, c.body(), c.options, if_none_exist=criteria), write=True)
-
-    @router.put("/{resource_type}", name="conditional-update")
-    async def conditional_update(request: Request, resource_type: str) -> Response:
-        await ctx.require_type(request, resource_type)
-        criteria = _criteria(request)
-        return await ctx.run(request, lambda c: interactions.conditional_update(
-            c.repo, resource_type, criteria, c.body(), c.options, if_match=c.if_match()), write=True)
-
-    @router.delete("/{resource_type}", name="conditional-delete")
-    async def conditional_delete(request: Request, resource_type: str) -> Response:
-        await ctx.require_type(request, resource_type)
-        criteria = _criteria(request)
-        return await ctx.run(request, lambda c: interactions.conditional_delete(
-            c.repo, resource_type, criteria, c.options), write=True)
-
-    @router.get("/{resource_type}/{resource_id}", name="read")
-    async def read(request: Request, resource_type: str, resource_id: str) -> Response:
-        await ctx.require_type(request, resource_type)
-        if resource_id.startswith("$"):
-            return await ctx.operation(request, resource_id[1:], "type", resource_type, None)
-        if resource_id == "_history":
-            return await ctx.run(request, lambda c: interactions.history(
-                c.repo, resource_type, None, c.params, c.options, self_path=f"{resource_type}/_history"))
-        resources.check_id(resource_id)
-        return await ctx.run(request, lambda c: interactions.read(c.repo, resource_type, resource_id, c.options))
-
-    @router.post("/{resource_type}/{resource_id}", name="type-operation")
-    async def type_operation(request: Request, resource_type: str, resource_id: str) -> Response:
-        await ctx.require_type(request, resource_type)
-        if not resource_id.startswith("$"):
-            raise MethodNotAllowed(f"POST to {resource_type}/{resource_id[:64]} is not an interaction; use PUT to update")
-        return await ctx.operation(request, resource_id[1:], "type", resource_type, None)
-
-    @router.put("/{resource_type}/{resource_id}", name="update")
-    async def update(request: Request, resource_type: str, resource_id: str) -> Response:
-        await ctx.require_type(request, resource_type)
-        resources.check_id(resource_id)
-        return await ctx.run(request, lambda c: interactions.update(
-            c.repo, resource_type, resource_id, c.body(), c.options, if_match=c.if_match()), write=True)
-
-    @router.patch("/{resource_type}/{resource_id}", name="patch")
-    async def patch(request: Request, resource_type: str, resource_id: str) -> Response:
-        await ctx.require_type(request, resource_type)
-        resources.check_id(resource_id)
-        content_type = request.headers.get("content-type", "")
-        return await ctx.run(request, lambda c: interactions.patch_instance(
-            c.repo, resource_type, resource_id, c.body(), content_type, c.options, if_match=c.if_match()), write=True)
-
-    @router.delete("/{resource_type}/{resource_id}", name="delete")
-    async def delete(request: Request, resource_type: str, resource_id: str) -> Response:
-        await ctx.require_type(request, resource_type)
-        resources.check_id(resource_id)
-        return await ctx.run(request, lambda c: interactions.delete(
-            c.repo, resource_type, resource_id, c.options, if_match=c.if_match()), write=True)
-
-    @router.api_route("/{resource_type}/{resource_id}/{operation}", methods=["GET", "POST"], name="instance-operation")
-    async def instance_operation(request: Request, resource_type: str, resource_id: str, operation: str) -> Response:
-        await ctx.require_type(request, resource_type)
-        resources.check_id(resource_id)
-        if operation == "_history" and request.method == "GET":
-            return await ctx.run(request, lambda c: interactions.history(
-                c.repo, resource_type, resource_id, c.params, c.options,
-                self_path=f"{resource_type}/{resource_id}/_history"))
-        if not operation.startswith("$"):
-            raise InvalidRequest(f"'{operation[:64]}' is not an operation (operations start with $)")
-        return await ctx.operation(request, operation[1:], "instance", resource_type, resource_id)
-
-    @router.get("/{resource_type}/{resource_id}/_history/{version_id}", name="vread")
-    async def vread(request: Request, resource_type: str, resource_id: str, version_id: str) -> Response:
-        await ctx.require_type(request, resource_type)
-        resources.check_id(resource_id)
-        return await ctx.run(request, lambda c: interactions.vread(
-            c.repo, resource_type, resource_id, version_id, c.options))
-
-    return router
-
-
-async def _bundle(call: "_Call") -> Result:
+async def bundle_interaction(call: "InteractionCall") -> Result:
     if compensation.requested_step(call.request) is not None:  # the gateway's transaction spanning services
         return await compensation.run_step(call)
     bundle = resources.require_resource(call.body(), "Bundle")
@@ -269,7 +146,7 @@ async def _bundle(call: "_Call") -> Result:
     raise InvalidRequest(f"POST to the base takes a batch or transaction Bundle, not type '{str(kind)[:30]}'")
 
 
-class _Call:
+class InteractionCall:
     def __init__(self, repo: Repository, request: Request, raw: bytes, caller: Any) -> None:
         self.repo = repo
         self.request = request
@@ -293,7 +170,7 @@ class _Call:
         return interactions.parse_if_match(self.request.headers.get("if-match"))
 
 
-class _Context:
+class InteractionContext:
     def __init__(self, service: FhirService) -> None:
         self.service = service
 
@@ -308,13 +185,13 @@ class _Context:
             request.state.fhir_caller = await self.service.authenticate(request)
         return request.state.fhir_caller
 
-    async def run(self, request: Request, action: Callable[[_Call], Awaitable[Result]], *, write: bool = False) -> Response:
+    async def run(self, request: Request, action: Callable[[InteractionCall], Awaitable[Result]], *, write: bool = False) -> Response:
         responses.check_format(request.query_params.get("_format"), request.headers.get("accept"))
         caller = await self.caller(request)
         raw = await read_body(request) if write or request.method in ("POST", "PUT", "PATCH") else b""
         async with self.service.database.transaction(write=write) as conn:
             repo = self._repository(conn, caller)
-            result = await action(_Call(repo, request, raw, caller))
+            result = await action(InteractionCall(repo, request, raw, caller))
         return responses.fhir_response(result.body, result.status, result.headers)
 
     async def operation(
@@ -333,7 +210,7 @@ class _Context:
         if request.method not in op.methods:
             raise MethodNotAllowed(f"${name} does not accept {request.method}")
 
-        async def invoke(call: _Call) -> Result:
+        async def invoke(call: InteractionCall) -> Result:
             body = call.body() if call.raw.strip() else None
             op_call = OperationCall(call.repo, request, call.options, call.caller, resource_type, resource_id, body, call.params)
             return await op.handler(op_call)
@@ -360,7 +237,7 @@ async def read_body(request: Request) -> bytes:
     return b"".join(chunks)
 
 
-def _form_parameters(raw: bytes, content_type: str) -> list[tuple[str, str]]:
+def form_parameters(raw: bytes, content_type: str) -> list[tuple[str, str]]:
     """Search parameters of a `POST Type/_search` body (application/x-www-form-urlencoded)."""
     if not raw.strip():
         return []
@@ -379,20 +256,20 @@ def _query(request: Request) -> list[tuple[str, str]]:
     return params
 
 
-def _criteria(request: Request) -> str:
-    criteria = _without_format(request.url.query)
+def conditional_criteria(request: Request) -> str:
+    criteria = without_format(request.url.query)
     if not criteria:
         raise InvalidRequest("A conditional interaction needs search criteria in the query string")
     return criteria
 
 
-def _without_format(query: str) -> str:
+def without_format(query: str) -> str:
     """The query string without `_format`/`_pretty`, which say how to answer, not what to match."""
     kept = [(k, v) for k, v in parse_qsl(query, keep_blank_values=True) if k not in ("_format", "_pretty")]
     return urlencode(kept)
 
 
-def _base(request: Request) -> str:
+def base_url(request: Request) -> str:
     forwarded = request.headers.get("x-forwarded-base")
     if forwarded:
         return forwarded.rstrip("/")
@@ -402,7 +279,7 @@ def _base(request: Request) -> str:
 def _options(request: Request) -> RequestOptions:
     prefer = _prefer(request.headers.get("prefer", ""))
     return RequestOptions(
-        base=_base(request),
+        base=base_url(request),
         prefer_return=prefer.get("return", "representation"),
         lenient=prefer.get("handling") == "lenient",
     )
