@@ -354,8 +354,7 @@ class Repository:
         rid = inserted[0][0] if inserted else None
         if rid is None:
             raise VersionConflict(f"{resource_type}/{resource_id} was created concurrently; retry")
-        await self._append_history(rid, values, method)
-        await self._write_indexes(rid, body)
+        await self._write_rows(rid, values, method, body)
         stored = StoredResource(resource_type, resource_id, 1, now, False, content, self.owner)
         await self.config.hooks_for(resource_type).after_write(self, body, replace(context, stored=stored))
         return WriteOutcome(stored, created=True)
@@ -414,23 +413,31 @@ class Repository:
             "owner": current.owner,
             "content": content,
         }
-        await self._append_history(rid, values, method)
         await self._clear_indexes(rid)
-        if body is not None:
-            await self._write_indexes(rid, body)
+        await self._write_rows(rid, values, method, body)
         return StoredResource(
             current.resource_type, current.resource_id, version, now, body is None, content, current.owner
         )
 
+    async def _write_rows(self, rid: int, values: dict[str, Any], method: str, body: dict[str, Any] | None) -> None:
+        """A version's history row and (unless it is a deletion) its index rows."""
+        index = {kind: rows for kind, rows in indexing.index_rows(body).items() if rows} if body is not None else {}
+        if self._is_postgres and sum(map(len, index.values())) <= MAX_ROWS_AT_ONCE:
+            # One round trip: each statement costs ~170 µs of client CPU on PostgreSQL.
+            statement, parameters = _rows_at_once(rid, {"rid": rid, "method": method, **values}, index)
+            await driver.execute(self.conn, statement, parameters)
+            return
+        await self._append_history(rid, values, method)
+        for kind, rows in index.items():
+            await driver.execute_many(self.conn, _INSERT_INDEX[kind], [{"rid": rid, **row} for row in rows])
+
     async def _append_history(self, rid: int, values: dict[str, Any], method: str) -> None:
         await driver.execute(self.conn, _INSERT_HISTORY, {"rid": rid, "method": method, **values})
 
-    async def _write_indexes(self, rid: int, body: dict[str, Any]) -> None:
-        for kind, rows in indexing.index_rows(body).items():
-            if rows:
-                await driver.execute_many(self.conn, _INSERT_INDEX[kind], [{"rid": rid, **row} for row in rows])
-
     async def _clear_indexes(self, rid: int) -> None:
+        if self._is_postgres:  # one round trip: each statement costs ~170 µs of client CPU there
+            await driver.execute(self.conn, _CLEAR_INDEXES_AT_ONCE, {"rid": rid})
+            return
         for statement in _CLEAR_INDEXES:
             await driver.execute(self.conn, statement, {"rid": rid})
 
@@ -749,6 +756,10 @@ _NEXT_VERSION = (
 _INSERT_RECORD = insert(resource).returning(resource.c.rid)
 _INSERT_INDEX = {kind: insert(table) for kind, table in INDEX_TABLES.items()}
 _CLEAR_INDEXES = [delete(table).where(table.c.rid == bindparam("rid")) for table in INDEX_TABLES.values()]
+# PostgreSQL: the same deletes as one statement (data-modifying CTEs, one per index table).
+_CLEAR_INDEXES_AT_ONCE = _CLEAR_INDEXES[-1].add_cte(
+    *(statement.cte(f"clear_{kind}") for kind, statement in zip(INDEX_TABLES, _CLEAR_INDEXES[:-1]))
+)
 _INSERT_RESOURCE = {
     dialect: module.insert(resource).on_conflict_do_nothing().returning(resource.c.rid)
     for dialect, module in (("postgresql", postgresql), ("sqlite", sqlite))
@@ -770,6 +781,37 @@ def _current_where(clause: ColumnElement[bool]) -> Any:
     statement = _CURRENT.where(clause)
     _READS_BY_CLAUSE[id(clause)] = (clause, statement)
     return statement
+
+
+MAX_ROWS_AT_ONCE = 1000  # index rows written in one statement (PostgreSQL takes 65,535 parameters)
+_HISTORY_KEYS = ("rid", "method", "resource_type", "resource_id", "version_id", "last_updated", "deleted", "owner",
+                 "content")
+_ROWS_AT_ONCE: dict[tuple[tuple[str, int], ...], Any] = {}
+
+
+def _rows_at_once(
+    rid: int, history: dict[str, Any], index: dict[str, list[dict[str, Any]]]
+) -> tuple[Any, dict[str, Any]]:
+    """PostgreSQL: the history row and every index row as one statement (data-modifying CTEs),
+    built once per shape (how many rows of each kind) and kept."""
+    shape = tuple((kind, len(rows)) for kind, rows in index.items())
+    statement = _ROWS_AT_ONCE.get(shape)
+    if statement is None:
+        if len(_ROWS_AT_ONCE) > 2048:
+            _ROWS_AT_ONCE.clear()
+        history_insert = insert(resource_history).values({key: bindparam(f"h_{key}") for key in _HISTORY_KEYS})
+        inserts = [insert(INDEX_TABLES[kind]).values([
+            {column: bindparam(f"{kind}{i}_{column}") for column in INDEX_TABLES[kind].c.keys()} for i in range(count)
+        ]) for kind, count in shape]
+        statement = history_insert.add_cte(*(step.cte(f"write_{kind}") for step, (kind, _) in zip(inserts, shape)))
+        _ROWS_AT_ONCE[shape] = statement
+    parameters = {f"h_{key}": history[key] for key in _HISTORY_KEYS}
+    for kind, rows in index.items():
+        columns = INDEX_TABLES[kind].c.keys()
+        for i, row in enumerate(rows):
+            parameters.update({f"{kind}{i}_{column}": rid if column == "rid" else row.get(column)
+                               for column in columns})
+    return statement, parameters
 
 
 def _insert_resource(is_postgres: bool) -> Any:
