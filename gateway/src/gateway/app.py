@@ -44,6 +44,7 @@ from gateway.break_glass import break_glass
 from gateway.capabilities import merge_capabilities
 from gateway.platform import DEFINITION as PLATFORM_DEFINITION
 from gateway.rate_limit import RateLimiter
+from gateway.upstream import Upstreams
 from servicekit.app import FhirLaneApp, ServiceDefinition, create_service_app
 from servicekit.identity import IDENTITY_HEADER, sign_identity
 from servicekit.inprocess import call_asgi
@@ -98,6 +99,8 @@ class Gateway:
         self.clients = clients
         # Services in this process are called directly (servicekit.inprocess), the others over HTTP.
         self.local_apps = local_apps or {}
+        remote = {name: settings.service_url(name) for name in clients if name not in self.local_apps}
+        self.upstreams = Upstreams({name: url for name, url in remote.items() if url})
         self.secret = settings.secret("internal_secret")
         self._capabilities: bytes | None = None
 
@@ -121,6 +124,9 @@ class Gateway:
             status, answered, body = await call_asgi(
                 self.local_apps[service], method, path, outgoing, content, host=service
             )
+            return Upstream(status, {k: v for k, v in answered.items() if k in FORWARDED_RESPONSE_HEADERS}, body)
+        if service in self.upstreams.urls:
+            status, answered, body = await self.upstreams.request(service, method, path, outgoing, content)
             return Upstream(status, {k: v for k, v in answered.items() if k in FORWARDED_RESPONSE_HEADERS}, body)
         try:
             response = await self.clients[service].request(method, path, content=content, headers=outgoing)
@@ -508,6 +514,7 @@ def create_gateway_app(
             finally:
                 for client in clients.values():
                     await client.aclose()
+                await gateway.upstreams.close()
 
     app = FhirLaneApp(title="County medical alliance FHIR gateway", lifespan=lifespan, docs_url=None, redoc_url=None,
                       openapi_url=None)
