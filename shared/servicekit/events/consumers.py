@@ -18,6 +18,7 @@ from sqlalchemy import Table, delete, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from fhirkit.store import driver
 from servicekit.db import Database
 from servicekit.events.envelope import Event, event_from_row, now_micros, row_values
 from servicekit.events.tables import dead_letter, inbox
@@ -169,8 +170,14 @@ async def claim(conn: AsyncConnection, consumer: str, event_id: str) -> bool:
     """
     values = {"consumer": consumer, "event_id": event_id, "processed_at": now_micros()}
     # RETURNING, not rowcount: psycopg's async driver reports -1 for an INSERT's rowcount.
-    statement = _insert_ignoring_duplicates(conn, inbox, values).returning(inbox.c.event_id)
-    return (await conn.execute(statement)).first() is not None
+    return bool(await driver.execute(conn, _CLAIM[conn.dialect.name], values))
+
+
+# Built once (every consumed event runs it); a conflict means the event was handled already.
+_CLAIM = {
+    dialect: module.insert(inbox).on_conflict_do_nothing().returning(inbox.c.event_id)
+    for dialect, module in (("postgresql", postgresql), ("sqlite", sqlite))
+}
 
 
 async def prune_inbox(conn: AsyncConnection, before: int) -> int:

@@ -4,7 +4,7 @@ callers own the transactions."""
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Table, and_, delete, func, insert, or_, select, update
+from sqlalchemy import Table, and_, bindparam, delete, func, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -91,14 +91,16 @@ async def forget(conn: AsyncConnection, subscription_id: str) -> None:
 async def collecting_for(conn: AsyncConnection, topic_urls: list[str], occurred_at: int) -> list[SubscriptionState]:
     """Subscriptions to these topics that existed when the event happened (a NATS consumer that
     is new replays the stream's history: older events are not theirs)."""
-    rows = await conn.execute(
-        select(subscription_state).where(
-            subscription_state.c.topic.in_(topic_urls),
-            or_(subscription_state.c.status.in_(COLLECTING), subscription_state.c.abandoned.is_(True)),
-            subscription_state.c.created_at <= occurred_at,
-        )
-    )
+    rows = await conn.execute(_COLLECTING, {"topics": topic_urls, "occurred_at": occurred_at})
     return [_state(row) for row in rows]
+
+
+# Built once: the hub runs it for every resource event of the alliance.
+_COLLECTING = select(subscription_state).where(
+    subscription_state.c.topic.in_(bindparam("topics", expanding=True)),
+    or_(subscription_state.c.status.in_(COLLECTING), subscription_state.c.abandoned.is_(True)),
+    subscription_state.c.created_at <= bindparam("occurred_at"),
+)
 
 
 async def enqueue(conn: AsyncConnection, subscription_id: str, event: Event) -> None:
