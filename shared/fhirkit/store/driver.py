@@ -20,13 +20,16 @@ Row = tuple[Any, ...]
 
 
 class _Compiled:
-    __slots__ = ("names", "positional", "sql")
+    __slots__ = ("defaults", "names", "positional", "sql")
 
-    def __init__(self, sql: str, names: Sequence[str], positional: bool) -> None:
+    def __init__(self, sql: str, names: Sequence[str], positional: bool, defaults: dict[str, Any]) -> None:
         self.sql, self.names, self.positional = sql, tuple(names), positional
+        self.defaults = defaults  # values bound when the statement was built (a LIMIT's, a literal's)
 
     def parameters(self, values: dict[str, Any]) -> Any:
-        return tuple(values[name] for name in self.names) if self.positional else values
+        if self.positional:
+            return tuple(values[name] if name in values else self.defaults[name] for name in self.names)
+        return {**self.defaults, **values} if self.defaults else values
 
 
 _compiled: dict[tuple[int, str, tuple[str, ...]], _Compiled] = {}
@@ -39,7 +42,8 @@ def _compile(statement: Executable, conn: AsyncConnection, keys: Sequence[str]) 
     if found is None:
         compiled = statement.compile(dialect=dialect, column_keys=list(keys))  # type: ignore[attr-defined]
         names = compiled.positiontup or list(compiled.params)
-        found = _Compiled(compiled.string, names, bool(compiled.positional))
+        defaults = {name: value for name, value in compiled.params.items() if name not in keys}
+        found = _Compiled(compiled.string, names, bool(compiled.positional), defaults)
         _compiled[cache_key] = found
     return found
 

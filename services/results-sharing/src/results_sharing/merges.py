@@ -36,6 +36,7 @@ from sqlalchemy import and_, bindparam, delete, exists, insert, literal, select,
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.dml import Insert
 
+from fhirkit.store import driver
 from fhirkit.store.hooks import NoHooks, ResourceHooks, WriteContext
 from fhirkit.store.tables import reference_index, resource
 from results_sharing import db
@@ -180,7 +181,7 @@ class FollowMerges:
         stored = context.stored
         # Only what refers to a patient can need an alias row: skip the statement for the rest.
         if body is not None and stored is not None and b"Patient/" in (stored.content or b""):
-            await repo.conn.execute(_ALIAS_ROWS_OF_ONE, {"b_type": context.resource_type, "b_id": context.resource_id})
+            await driver.execute(repo.conn, _ALIAS_ROWS_OF_ONE, {"b_type": context.resource_type, "b_id": context.resource_id})
 
 
 def following_merges(hooks: dict[str, ResourceHooks], resource_types: frozenset[str]) -> dict[str, ResourceHooks]:

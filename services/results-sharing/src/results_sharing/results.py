@@ -31,6 +31,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from fhirkit.errors import BusinessRuleViolation
 from fhirkit.search.values import date_range, format_instant
+from fhirkit.store import driver
 from fhirkit.store.hooks import WriteContext
 from fhirkit.store.tables import reference_index, resource, token_index
 from results_sharing import catalog, db, quality
@@ -143,6 +144,14 @@ def _finding(body: dict[str, Any]) -> dict[str, Any]:
 
 _FORGET_RESULT = delete(db.result).where(
     db.result.c.resource_type == bindparam("b_type"), db.result.c.resource_id == bindparam("b_id"))
+_INSERT_RESULT = insert(db.result)
+# Another live resource of the type with the same identifier (a create that should have been a re-send).
+_SAME_IDENTIFIER = (select(resource.c.resource_id)
+                    .join(token_index, token_index.c.rid == resource.c.rid)
+                    .where(token_index.c.resource_type == bindparam("b_type"), token_index.c.param == "identifier",
+                           token_index.c.code == bindparam("b_code"), token_index.c.system == bindparam("b_system"),
+                           resource.c.deleted == false(), resource.c.resource_id != bindparam("b_id"))
+                    .limit(1))
 
 
 class ResultHooks:
@@ -160,12 +169,12 @@ class ResultHooks:
 
     async def after_write(self, repo: Any, body: dict[str, Any] | None, context: WriteContext) -> None:
         conn = repo.conn
-        await conn.execute(_FORGET_RESULT, {"b_type": context.resource_type, "b_id": context.resource_id})
+        await driver.execute(conn, _FORGET_RESULT, {"b_type": context.resource_type, "b_id": context.resource_id})
         result = shared_result(body) if body is not None else None
         if result is not None and result.indexable:
             critical = result.critical or await _any_result_critical(conn, body or {})
             mark = _mark_label(body or {})
-            await conn.execute(insert(db.result), [
+            await driver.execute_many(conn, _INSERT_RESULT, [
                 {"patient_id": result.patient_id, "system": system, "code": code, "effective": result.effective,
                  "resource_type": context.resource_type, "resource_id": context.resource_id,
                  "producer_id": result.producer_id, "status": result.status, "critical_open": critical,
@@ -216,14 +225,10 @@ async def _refuse_duplicate(conn: AsyncConnection, body: dict[str, Any], resourc
     for identifier in body.get("identifier") or []:
         if not (isinstance(identifier, dict) and identifier.get("system") and identifier.get("value")):
             continue
-        stmt = (select(resource.c.resource_id)
-                .join(token_index, token_index.c.rid == resource.c.rid)
-                .where(token_index.c.resource_type == kind, token_index.c.param == "identifier",
-                       token_index.c.code == str(identifier["value"])[:255],
-                       token_index.c.system == str(identifier["system"])[:255],
-                       resource.c.deleted == false(), resource.c.resource_id != resource_id)
-                .limit(1))
-        existing = (await conn.execute(stmt)).scalar_one_or_none()
+        found = await driver.execute(conn, _SAME_IDENTIFIER, {
+            "b_type": kind, "b_code": str(identifier["value"])[:255], "b_system": str(identifier["system"])[:255],
+            "b_id": resource_id})
+        existing = found[0][0] if found else None
         if existing is not None:
             criteria = f"{kind}?identifier={identifier['system']}|{identifier['value']}"
             raise BusinessRuleViolation(
@@ -300,7 +305,7 @@ _REPORTS_OF = (select(resource.c.resource_id)
 
 async def _refresh_reports_of(conn: AsyncConnection, observation_id: str) -> None:
     """A report is critical while one of its results is: follow an Observation's change up."""
-    for report_id in (await conn.execute(_REPORTS_OF, {"observation_id": observation_id})).scalars():
+    for (report_id,) in await driver.execute(conn, _REPORTS_OF, {"observation_id": observation_id}):
         members = (select(reference_index.c.target_id)
                    .join(resource, resource.c.rid == reference_index.c.rid)
                    .where(resource.c.resource_type == "DiagnosticReport", resource.c.resource_id == report_id,
