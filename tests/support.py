@@ -148,3 +148,12 @@ async def create_organization(api: Any, code: str, parent: str | None, name: str
     response = await api.put(f"Organization/{org_id}", body)
     assert response.status_code == 201, response.text
     return f"Organization/{org_id}"
+
+
+def local_day(instant: str) -> str:
+    """The alliance's calendar day (+08:00, the default ALLIANCE_TIME_ZONE) of an instant: a period
+    such as `period=2026-11-24` means that local day, so after 16:00 UTC it is tomorrow's date."""
+    from datetime import datetime, timedelta, timezone
+
+    moment = datetime.fromisoformat(instant.replace("Z", "+00:00"))
+    return moment.astimezone(timezone(timedelta(hours=8))).date().isoformat()

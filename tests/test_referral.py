@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from tests.support import create_organization, eventually, outcome_code
+from tests.support import create_organization, eventually, local_day, outcome_code
 
 BASE = "http://county-alliance.org/fhir"
 LEVEL = f"{BASE}/CodeSystem/facility-level"
@@ -472,7 +472,7 @@ class TestStatistics:
         chest = (await alliance.township.call("POST", "Task", referral_task(request["id"], alliance, alliance.township, None))).json()
         await operate(alliance.chest_pain_center, chest, "accept")
 
-        period = up["authoredOn"][:10]
+        period = local_day(up["authoredOn"])
         response = await alliance.county.call("GET", "$referral-statistics",
                                               params={"period": period, "organization": alliance.township.reference})
         assert response.status_code == 200, response.text

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from tests.support import create_organization, outcome_code
+from tests.support import create_organization, local_day, outcome_code
 
 BASE = "http://county-alliance.org/fhir"
 LEVEL = f"{BASE}/CodeSystem/facility-level"
@@ -356,7 +356,7 @@ class TestRemoteEcg:
         assert (await alliance.township.call("GET", report)).status_code == 200
 
         statistics = await alliance.county.call("GET", "$telemedicine-statistics", params={
-            "period": task["authoredOn"][:10], "organization": alliance.ecg_center.reference})
+            "period": local_day(task["authoredOn"]), "organization": alliance.ecg_center.reference})
         assert statistics.status_code == 200, statistics.text
         figures = {p["name"]: p for p in statistics.json()["parameter"]}
         assert figures["remoteEcg"]["valueInteger"] == 1
@@ -364,7 +364,7 @@ class TestRemoteEcg:
         assert figures["completedOnTime"]["valueInteger"] == 1
         assert figures["deadlineCompliance"]["valueDecimal"] == 1.0
         other = await alliance.township.call("GET", "$telemedicine-statistics", params={
-            "period": task["authoredOn"][:10], "organization": alliance.ecg_center.reference})
+            "period": local_day(task["authoredOn"]), "organization": alliance.ecg_center.reference})
         assert other.status_code == 403
 
 
