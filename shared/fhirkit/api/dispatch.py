@@ -15,7 +15,7 @@ from starlette.types import Receive, Scope, Send
 
 from fhirkit import resources
 from fhirkit.api import capabilities, interactions, responses
-from fhirkit.api.handlers import response_for_error
+from fhirkit.api.handlers import response_for_error, safe_path
 from fhirkit.api.interactions import Result
 from fhirkit.api.router import (
     FhirService,
@@ -195,5 +195,5 @@ def _segments(path: str) -> list[str]:
 
 def _shape(segments: list[str]) -> str:
     """The path for an error message, ids left out (messages may be logged)."""
-    return "/fhir/" + "/".join(s if s[:1].isupper() or s.startswith(("$", "_")) else ":id" for s in segments[:4])
+    return safe_path("/fhir/" + "/".join(segments[:4]))
 

@@ -32,20 +32,26 @@ class _Compiled:
         return {**self.defaults, **values} if self.defaults else values
 
 
-_compiled: dict[tuple[int, str, tuple[str, ...]], _Compiled] = {}
+# (id of the statement, dialect, keys) → the statement itself (so a recycled id is not taken for
+# it) and its compiled form. Statements are module constants or kept per shape by their builders.
+_compiled: dict[tuple[int, str, tuple[str, ...]], tuple[Executable, _Compiled]] = {}
+MAX_COMPILED = 4096
 
 
 def _compile(statement: Executable, conn: AsyncConnection, keys: Sequence[str]) -> _Compiled:
     dialect = conn.dialect
     cache_key = (id(statement), dialect.name, tuple(keys))
     found = _compiled.get(cache_key)
-    if found is None:
-        compiled = statement.compile(dialect=dialect, column_keys=list(keys))  # type: ignore[attr-defined]
-        names = compiled.positiontup or list(compiled.params)
-        defaults = {name: value for name, value in compiled.params.items() if name not in keys}
-        found = _Compiled(compiled.string, names, bool(compiled.positional), defaults)
-        _compiled[cache_key] = found
-    return found
+    if found is not None and found[0] is statement:
+        return found[1]
+    compiled = statement.compile(dialect=dialect, column_keys=list(keys))  # type: ignore[attr-defined]
+    names = compiled.positiontup or list(compiled.params)
+    defaults = {name: value for name, value in compiled.params.items() if name not in keys}
+    ready = _Compiled(compiled.string, names, bool(compiled.positional), defaults)
+    if len(_compiled) >= MAX_COMPILED:
+        _compiled.clear()
+    _compiled[cache_key] = (statement, ready)
+    return ready
 
 
 def _driver(conn: AsyncConnection) -> Any:
@@ -58,36 +64,36 @@ def _driver(conn: AsyncConnection) -> Any:
 
 async def execute(conn: AsyncConnection, statement: Executable, values: dict[str, Any]) -> list[Row]:
     """Runs `statement` (built once, at import) with `values`; returns its rows (RETURNING)."""
-    driver = _driver(conn)
-    if driver is None:
+    connection = _driver(conn)
+    if connection is None:
         return [tuple(row) for row in (await conn.execute(statement, values)).fetchall()]
     compiled = _compile(statement, conn, list(values))
-    try:
-        if hasattr(driver, "run_statement"):
-            return await driver.run_statement(compiled.sql, compiled.parameters(values))
-        async with driver.cursor() as cursor:
-            await cursor.execute(compiled.sql, compiled.parameters(values))
-            return await cursor.fetchall() if cursor.description else []
-    except Exception as error:
-        raise as_dbapi_error(compiled.sql, error) from error
+    return await _run(connection, compiled, compiled.parameters(values), many=False)
 
 
 async def execute_many(conn: AsyncConnection, statement: Executable, rows: Sequence[dict[str, Any]]) -> None:
     """Runs an insert once per row (the rows share their keys); returns nothing."""
     if not rows:
         return
-    driver = _driver(conn)
-    if driver is None:
+    connection = _driver(conn)
+    if connection is None:
         await conn.execute(statement, list(rows))
         return
     compiled = _compile(statement, conn, list(rows[0]))
-    parameters = [compiled.parameters(row) for row in rows]
+    await _run(connection, compiled, [compiled.parameters(row) for row in rows], many=True)
+
+
+async def _run(connection: Any, compiled: _Compiled, parameters: Any, *, many: bool) -> list[Row]:
+    """One statement on the driver connection: SQLite (servicekit.sqlite_inline) or psycopg."""
     try:
-        if hasattr(driver, "run_statement"):
-            await driver.run_statement(compiled.sql, parameters, many=True)
-            return
-        async with driver.cursor() as cursor:
-            await cursor.executemany(compiled.sql, parameters)
+        if hasattr(connection, "run_statement"):
+            return await connection.run_statement(compiled.sql, parameters, many=many)
+        async with connection.cursor() as cursor:
+            if many:
+                await cursor.executemany(compiled.sql, parameters)
+                return []
+            await cursor.execute(compiled.sql, parameters)
+            return await cursor.fetchall() if cursor.description else []
     except Exception as error:
         raise as_dbapi_error(compiled.sql, error) from error
 
