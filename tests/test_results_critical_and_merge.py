@@ -290,6 +290,13 @@ class TestFollowingMerges:
         both = await api.get("Observation", params={"patient": target, "_total": "accurate"}, organization=LAB,
                              level="center")
         assert {f"Observation/{e['resource']['id']}" for e in both.json()["entry"]} == {result, later}
+        # A new version of the old result is re-indexed from scratch: it stays the target's.
+        stored["note"] = [{"text": "复核"}]
+        updated = await api.put(result, stored, organization=LAB, level="center")
+        assert updated.status_code == 200 and updated.json()["meta"]["versionId"] == "2", updated.text
+        again = await api.get("Observation", params={"patient": target, "_id": stored["id"]}, organization=LAB,
+                              level="center")
+        assert again.json()["total"] == 1, again.text
 
     async def test_a_recognition_check_grant_opens_the_sources_result(self, api: Any) -> None:
         _, target, result, _, _ = await merged_pair(api)

@@ -17,6 +17,7 @@ from sqlalchemy import bindparam, delete, insert, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from fhirkit.errors import BusinessRuleViolation
+from fhirkit.store import driver
 from fhirkit.store.hooks import WriteContext
 from results_sharing import db
 from results_sharing.vocabulary import CATEGORIES, LOINC, RECOGNITION_ITEM, SCOPES, loinc_check_digit_valid
@@ -133,6 +134,7 @@ def _item(concept: dict[str, Any], version: str, path: str) -> CatalogItem:
 
 
 async def _replace_items(conn: AsyncConnection, code_system_id: str, found: list[CatalogItem]) -> None:
+    driver.transaction_memo(conn, MEMO).clear()
     await conn.execute(delete(db.catalog_item))
     await conn.execute(insert(db.catalog_item), [
         {"code": i.code, "version": i.version, "code_system_id": code_system_id, "display": i.display,
@@ -144,19 +146,29 @@ async def _replace_items(conn: AsyncConnection, code_system_id: str, found: list
 
 
 async def find_item(conn: AsyncConnection, system: str | None, code: str) -> CatalogItem | None:
-    """The item in force for a catalog code or a LOINC code (one indexed look-up)."""
+    """The item in force for a catalog code or a LOINC code (one indexed look-up, once per
+    transaction: a bundle of results repeats its codes)."""
     stmt = _ITEM_BY.get(system or "")
     if stmt is None:
         return None
-    row = (await conn.execute(stmt, {"code": code})).first()
-    return _from_row(row) if row else None
+    memo = driver.transaction_memo(conn, MEMO)
+    key = (system, code)
+    if key not in memo:
+        rows = await driver.execute(conn, stmt, {"code": code})
+        memo[key] = _from_row(rows[0]) if rows else None
+    return memo[key]
 
 
 # Built once: every stored result looks its item up.
+_ITEM_COLUMNS = ("code", "version", "display", "category", "loinc", "validity_days", "validity_days_emergency",
+                 "validity_days_inpatient", "scope_required", "price")
 _ITEM_BY = {
-    RECOGNITION_ITEM: select(db.catalog_item).where(db.catalog_item.c.code == bindparam("code")),
-    LOINC: select(db.catalog_item).where(db.catalog_item.c.loinc == bindparam("code")),
+    RECOGNITION_ITEM: select(*(db.catalog_item.c[name] for name in _ITEM_COLUMNS))
+    .where(db.catalog_item.c.code == bindparam("code")).limit(1),
+    LOINC: select(*(db.catalog_item.c[name] for name in _ITEM_COLUMNS))
+    .where(db.catalog_item.c.loinc == bindparam("code")).limit(1),
 }
+MEMO = "recognition-catalog"
 
 
 async def find_items(conn: AsyncConnection, codes: set[str]) -> dict[str, CatalogItem]:
@@ -167,6 +179,8 @@ async def find_items(conn: AsyncConnection, codes: set[str]) -> dict[str, Catalo
 
 
 def _from_row(row: Any) -> CatalogItem:
-    return CatalogItem(row.code, row.version, row.display, row.category, row.loinc, row.validity_days,
-                       row.validity_days_emergency, row.validity_days_inpatient, row.scope_required,
-                       Decimal(row.price))
+    """A catalog row: a SQLAlchemy Row, or a driver tuple in `_ITEM_COLUMNS` order."""
+    values = row._mapping if hasattr(row, "_mapping") else dict(zip(_ITEM_COLUMNS, row, strict=True))
+    # str() first: a driver may hand NUMERIC back as a float (SQLite), which Decimal would keep inexact.
+    return CatalogItem(**{name: values[name] for name in _ITEM_COLUMNS if name != "price"},
+                       price=Decimal(str(values["price"])))

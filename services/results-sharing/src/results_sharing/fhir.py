@@ -26,9 +26,8 @@ DEFINITION = ServiceDefinition(
     name="results-sharing",
     title="Results sharing and mutual recognition (检查检验结果互认)",
     resource_types=topology.RESULTS_SHARING_TYPES,
-    # Sterile supply wraps the service's other hooks (pass them as the dict argument); following
-    # patient merges wraps every type's, so that their alias index rows survive each write.
-    hooks=merges.following_merges(sterile.with_sterile_supply(RECOGNITION_HOOKS), topology.RESULTS_SHARING_TYPES),
+    # Sterile supply wraps the service's other hooks (pass them as the dict argument).
+    hooks=sterile.with_sterile_supply(RECOGNITION_HOOKS),
     operations=[
         *sterile.OPERATIONS,
         Operation("recognition-check", recognition.recognition_check, system=True, methods=("GET", "POST"),

@@ -20,9 +20,9 @@ a Provenance): the results stay exactly as their producers wrote them (a read re
 center sent, its ETag does not move under it, a re-send by identifier from the center's LIS, which
 still knows the old patient id, neither conflicts nor reverts anything), a merge costs one
 INSERT … SELECT instead of one new version per result, and the merge is undone-able in principle by
-deleting rows. The engine rebuilds a resource's index rows on each of its writes, so the store
-hook `FollowMerges` adds the alias rows again after every write (one indexed statement, only for
-resources that refer to a Patient).
+deleting rows. The engine rebuilds a resource's index rows on each of its writes, so a trigger on
+the reference index (migration `results_sharing_0005_trigger`) adds the alias row of every
+row written to a merged-away patient, in the same statement: no extra round trip per write.
 
 Alias rows are the reference rows this module writes with no `url`: every row the engine writes
 carries the reference text there. A merge is never undone by the directory (no unmerge); a
@@ -32,13 +32,10 @@ grant made for the merged-away record still opens only what is stored under that
 from typing import Any
 
 from fastapi import FastAPI
-from sqlalchemy import and_, bindparam, delete, exists, insert, literal, select, text, update
+from sqlalchemy import bindparam, delete, exists, insert, literal, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection
-from sqlalchemy.sql.dml import Insert
 
-from fhirkit.store import driver
-from fhirkit.store.hooks import NoHooks, ResourceHooks, WriteContext
-from fhirkit.store.tables import reference_index, resource
+from fhirkit.store.tables import reference_index
 from results_sharing import db
 from servicekit.events import Event
 
@@ -145,45 +142,3 @@ async def subscribe(app: FastAPI) -> None:
     """Start-up hook: follow the directory's merges (a new NATS consumer catches up on the stream)."""
     await app.state.events.subscribe(CONSUMER, SUBJECT, apply_patient_event)
 
-
-# --- the store hook: alias rows survive the engine's re-indexing --------------------------------
-
-def _alias_rows_of_one() -> Insert:
-    """INSERT … SELECT of the alias rows of one resource (built once: it runs on every write)."""
-    ref, present, merge = reference_index, reference_index.alias(), db.patient_merge
-    rid = (select(resource.c.rid)
-           .where(resource.c.resource_type == bindparam("b_type"), resource.c.resource_id == bindparam("b_id"))
-           .scalar_subquery())
-    already = exists(select(present.c.rid).where(
-        present.c.rid == ref.c.rid, present.c.param == ref.c.param,
-        present.c.target_type == "Patient", present.c.target_id == merge.c.survivor_id))
-    rows = (select(ref.c.rid, ref.c.resource_type, ref.c.param, literal("Patient"), merge.c.survivor_id)
-            .join(merge, and_(ref.c.target_type == "Patient", merge.c.merged_id == ref.c.target_id))
-            .where(ref.c.rid == rid, ~already)
-            .distinct())
-    return insert(reference_index).from_select(["rid", "resource_type", "param", "target_type", "target_id"], rows)
-
-
-_ALIAS_ROWS_OF_ONE = _alias_rows_of_one()
-
-
-class FollowMerges:
-    """Wraps a type's hooks: after the engine indexed a write, add its alias rows."""
-
-    def __init__(self, inner: ResourceHooks | None = None) -> None:
-        self.inner: ResourceHooks = inner or NoHooks()
-
-    async def before_write(self, repo: Any, body: dict[str, Any] | None, context: WriteContext) -> None:
-        await self.inner.before_write(repo, body, context)
-
-    async def after_write(self, repo: Any, body: dict[str, Any] | None, context: WriteContext) -> None:
-        await self.inner.after_write(repo, body, context)
-        stored = context.stored
-        # Only what refers to a patient can need an alias row: skip the statement for the rest.
-        if body is not None and stored is not None and b"Patient/" in (stored.content or b""):
-            await driver.execute(repo.conn, _ALIAS_ROWS_OF_ONE, {"b_type": context.resource_type, "b_id": context.resource_id})
-
-
-def following_merges(hooks: dict[str, ResourceHooks], resource_types: frozenset[str]) -> dict[str, ResourceHooks]:
-    """Every type of the service, with its hooks wrapped by FollowMerges."""
-    return {resource_type: FollowMerges(hooks.get(resource_type)) for resource_type in sorted(resource_types)}

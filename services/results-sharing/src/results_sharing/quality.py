@@ -22,6 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from fhirkit.errors import BusinessRuleViolation
 from fhirkit.search.values import date_range
+from fhirkit.store import driver
 from fhirkit.store.hooks import WriteContext
 from results_sharing import catalog, db
 from results_sharing.catalog import CatalogItem
@@ -71,6 +72,7 @@ class QualityHooks:
                     expression=["VerificationResult.extension"])
 
     async def after_write(self, repo: Any, resource: dict[str, Any] | None, context: WriteContext) -> None:
+        driver.transaction_memo(repo.conn, MEMO).clear()
         await repo.conn.execute(delete(db.quality).where(db.quality.c.record_id == context.resource_id))
         if resource is None or evaluation(resource) is None or resource.get("status") != "validated":
             return
@@ -111,6 +113,9 @@ def _records(resource: dict[str, Any], record_id: str) -> list[QualityRecord]:
               "valid_from": start[0], "valid_to": end[1]}
     return ([QualityRecord(item_code=i, category=None, **common) for i in items]
             + [QualityRecord(item_code=None, category=c, **common) for c in categories])
+
+
+MEMO = "quality-records"  # a center's records for an item, per transaction (results.py)
 
 
 async def records_for(conn: AsyncConnection, producers: set[str], item: CatalogItem) -> dict[str, list[QualityRecord]]:
