@@ -60,6 +60,11 @@ async def _practitioner_role(api: Any, organization: str, title: str, specialty:
 
 @pytest.fixture
 async def alliance(api: Any) -> Alliance:
+    return await new_alliance(api)
+
+
+async def new_alliance(api: Any) -> Alliance:
+    """A fresh alliance (fresh organization ids and patient), so tests never see each other's."""
     province = await create_organization(api, "provincial-hospital", None, "省人民医院", id_prefix="tm")
     city = await create_organization(api, "city-hospital", province, "市中心医院", id_prefix="tm")
     county = await create_organization(api, "county-hospital", city, "县人民医院", id_prefix="tm")
@@ -426,24 +431,27 @@ def appointment(alliance: Alliance, request: dict, slot: str, invited: Party, pr
     }
 
 
-class TestScheduling:
-    async def _setup(self, alliance: Alliance) -> tuple[dict, list[str]]:
-        request, _, _ = await invite(alliance, "teleconsultation", alliance.county)
-        schedule = await alliance.county.call("POST", "Schedule", {
-            "resourceType": "Schedule", "active": True,
-            "actor": [{"reference": alliance.county.reference}]})
-        assert schedule.status_code == 201, schedule.text
-        reference = f"Schedule/{schedule.json()['id']}"
-        slots = []
-        for hour in (14, 15):
-            slot = await alliance.county.call("POST", "Slot", slot_body(
-                reference, f"2030-06-01T{hour}:00:00+08:00", f"2030-06-01T{hour}:30:00+08:00"))
-            assert slot.status_code == 201, slot.text
-            slots.append(f"Slot/{slot.json()['id']}")
-        return request, slots
+async def invitation_with_slots(alliance: Alliance) -> tuple[dict, list[str]]:
+    """A teleconsultation to the county hospital, which publishes two free half-hour Slots
+    (14:00 and 15:00 on 2030-06-01, +08:00)."""
+    request, _, _ = await invite(alliance, "teleconsultation", alliance.county)
+    schedule = await alliance.county.call("POST", "Schedule", {
+        "resourceType": "Schedule", "active": True,
+        "actor": [{"reference": alliance.county.reference}]})
+    assert schedule.status_code == 201, schedule.text
+    reference = f"Schedule/{schedule.json()['id']}"
+    slots = []
+    for hour in (14, 15):
+        slot = await alliance.county.call("POST", "Slot", slot_body(
+            reference, f"2030-06-01T{hour}:00:00+08:00", f"2030-06-01T{hour}:30:00+08:00"))
+        assert slot.status_code == 201, slot.text
+        slots.append(f"Slot/{slot.json()['id']}")
+    return request, slots
 
+
+class TestScheduling:
     async def test_find_book_cancel_reschedule(self, alliance: Alliance, api: Any) -> None:
-        request, slots = await self._setup(alliance)
+        request, slots = await invitation_with_slots(alliance)
         county_role = await _practitioner_role(api, alliance.county.reference, "chief-physician", "cardiology")
         found = await alliance.township.call("GET", "Appointment/$find", params={
             "start": "2030-06-01T00:00:00+08:00", "end": "2030-06-01T23:59:00+08:00",
@@ -490,7 +498,7 @@ class TestScheduling:
         assert rebooked.status_code == 201, rebooked.text
 
     async def test_concurrent_bookings_of_one_slot_exactly_one_wins(self, alliance: Alliance, api: Any) -> None:
-        request, slots = await self._setup(alliance)
+        request, slots = await invitation_with_slots(alliance)
         county_role = await _practitioner_role(api, alliance.county.reference, "chief-physician", "cardiology")
         body = appointment(alliance, request, slots[0], alliance.county, county_role)
         responses = await asyncio.gather(*(alliance.township.call("POST", "Appointment/$book", body) for _ in range(6)))

@@ -63,6 +63,20 @@ class OperationCall:
         return None
 
 
+def require_parameter_shape(parts: Any, path: str) -> None:
+    """A Parameters body's `parameter` (and each `part`) is a list of objects with a name: anything
+    else is the client's error (400), not a crash in the operation that reads it."""
+    if parts is None:
+        return
+    if not isinstance(parts, list):
+        raise InvalidRequest(f"{path} must be an array of parameters", expression=[path])
+    for index, part in enumerate(parts):
+        where = f"{path}[{index}]"
+        if not isinstance(part, dict) or not isinstance(part.get("name"), str):
+            raise InvalidRequest(f"{where} must be an object with a name", expression=[where])
+        require_parameter_shape(part.get("part"), f"{where}.part")
+
+
 def _parameter_value(part: dict[str, Any]) -> Any:
     for key, value in part.items():
         if key.startswith("value") or key == "resource":
@@ -212,6 +226,8 @@ class InteractionContext:
 
         async def invoke(call: InteractionCall) -> Result:
             body = call.body() if call.raw.strip() else None
+            if isinstance(body, dict) and body.get("resourceType") == "Parameters":
+                require_parameter_shape(body.get("parameter"), "Parameters.parameter")
             op_call = OperationCall(call.repo, request, call.options, call.caller, resource_type, resource_id, body, call.params)
             return await op.handler(op_call)
 

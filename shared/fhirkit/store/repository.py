@@ -523,10 +523,14 @@ class Repository:
             self._require_local(flt)
         target = _SEARCH_TARGET
         base = query.base_search(target, request, self.visibility)
-        total = await self._total(base) if request.total != "none" or request.summary == "count" else None
         if request.summary == "count" or request.count == 0:
-            return SearchPage([], [], total, None, None)
+            return SearchPage([], [], await self._total(base), None, None)
         matches, next_cursor, previous_cursor = await self._page(target, base, request)
+        total = None
+        if request.total != "none":
+            # A first page that holds every match is its own count: most searches need no COUNT.
+            whole = request.cursor is None and next_cursor is None
+            total = len(matches) if whole else await self._total(base)
         warnings: list[str] = []
         included = await self._included(matches, request, warnings)
         return SearchPage(matches, included, total, next_cursor, previous_cursor, warnings)
