@@ -80,7 +80,7 @@ class AccessPolicy:
     def _visible(self, caller: Any, organization: str, target: FromClause, now: int) -> Clause:
         clauses = [target.c.owner == organization, *self._party_clauses(organization, target)]
         if self.follows:
-            clauses.append(self._follows_clause(organization, target))
+            clauses.append(self._follows_clause(organization, target, now))
         if self.public_types:
             clauses.append(target.c.resource_type.in_(sorted(self.public_types)))
         if self.grant_scopes:
@@ -110,18 +110,24 @@ class AccessPolicy:
             clauses.append(self._chain_clause(target, org_id))
         return clauses
 
-    def _follows_clause(self, organization: str, target: FromClause) -> Clause:
+    def _follows_clause(self, organization: str, target: FromClause, now: int) -> Clause:
+        """A resource of a following type is visible with what it is about: owned by the caller,
+        naming it as a party, or opened to it by a grant (a signature's Provenance with the
+        report a referral opened). The type test first keeps the EXISTS off every other row."""
         ref, followed = reference_index.alias(), _resource_alias()
-        return exists(
+        seen = [followed.c.owner == organization, *self._party_clauses(organization, followed)]
+        if self.grant_scopes:
+            seen.append(self._granted(organization, followed, now))
+        return and_(target.c.resource_type.in_(sorted(self.follows)), exists(
             select(ref.c.rid)
             .join(followed, and_(followed.c.resource_type == ref.c.target_type, followed.c.resource_id == ref.c.target_id))
             .where(
                 ref.c.rid == target.c.rid,
                 _param_of(ref, self.follows),
                 followed.c.deleted == false(),
-                or_(followed.c.owner == organization, *self._party_clauses(organization, followed)),
+                or_(*seen),
             )
-        )
+        ))
 
     def _chain_clause(self, target: FromClause, org_id: str) -> Clause:
         """Some record of the same chain (same token value) names the organization, or was

@@ -3,7 +3,7 @@
 The producing center owns what it posts and always reads it. Another organization reads a
 patient's results only through a grant of scope `results`: an open or recent referral or
 teleconsultation involving it (granted from those services' Task events), or a recognition
-check it made for the patient. Catalogs, code systems, quality records and device records
+check it made for the patient. A Provenance (a report's signature) is visible with its target. Catalogs, code systems, quality records and device records
 (sterile packs and sterilizers) carry no patient data and are read by every member.
 """
 
@@ -25,6 +25,8 @@ POLICY = AccessPolicy(
         "ServiceRequest": ("requester", "performer"),
     },
     grant_scopes=frozenset({RESULTS_SCOPE}),
+    # A report's signature is read with the report (the inviting party checks who signed it).
+    follows={"Provenance": ("target",)},
 )
 
 GRANTS = TaskGrants(RESULTS_SCOPE, from_services=("referral", "telemedicine"))
