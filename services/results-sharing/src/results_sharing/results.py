@@ -169,7 +169,8 @@ class ResultHooks:
 
     async def after_write(self, repo: Any, body: dict[str, Any] | None, context: WriteContext) -> None:
         conn = repo.conn
-        await driver.execute(conn, _FORGET_RESULT, {"b_type": context.resource_type, "b_id": context.resource_id})
+        if context.previous is not None:  # a first version has no rows yet (a delete forgot its own)
+            await driver.execute(conn, _FORGET_RESULT, {"b_type": context.resource_type, "b_id": context.resource_id})
         result = shared_result(body) if body is not None else None
         if result is not None and result.indexable:
             critical = result.critical or await _any_result_critical(conn, body or {})
