@@ -114,6 +114,33 @@ class TestAcknowledgeCritical:
         events = [e["resource"] for e in audit.json().get("entry", [])]
         assert any(e["subtype"][0]["code"] == "operation" and e["action"] == "E" for e in events), audit.text
 
+    @pytest.mark.parametrize("report_first", [False, True])
+    async def test_a_report_is_critical_while_its_result_is_whatever_the_bundle_order(
+            self, api: Any, system: Any, report_first: bool) -> None:
+        from sqlalchemy import select
+
+        from results_sharing import db
+
+        patient = f"Patient/pat-016{int(report_first)}"
+        obs = observation(patient, LAB, "2823-3", "钾", value=2.5, interpretation="LL")
+        rep = report(patient, LAB, "24323-8", "生化检验报告", "CH", [])
+        bundle, urls = transaction(*((rep, obs) if report_first else (obs, rep)))
+        rep["result"] = [{"reference": urls[1] if report_first else urls[0]}]
+        written = locations(await upload(api, LAB, bundle))
+        report_id = next(r for r in written if r.startswith("DiagnosticReport/")).split("/")[1]
+        result = next(r for r in written if r.startswith("Observation/"))
+
+        async def report_critical() -> bool:
+            engine = system.state.apps["results-sharing"].state.database.engine
+            async with engine.connect() as conn:
+                rows = await conn.execute(select(db.result.c.critical_open).where(
+                    db.result.c.resource_type == "DiagnosticReport", db.result.c.resource_id == report_id))
+                return any(row[0] for row in rows)
+
+        assert await report_critical()
+        assert (await acknowledge(api, result)).status_code == 200
+        assert not await report_critical()
+
     async def test_a_second_call_answers_the_current_version_and_writes_nothing(self, api: Any) -> None:
         result, _ = await critical_result(api, "Patient/pat-0151")
         first = await acknowledge(api, result)

@@ -172,6 +172,7 @@ class ResultHooks:
         if context.previous is not None:  # a first version has no rows yet (a delete forgot its own)
             await driver.execute(conn, _FORGET_RESULT, {"b_type": context.resource_type, "b_id": context.resource_id})
         result = shared_result(body) if body is not None else None
+        critical = False
         if result is not None and result.indexable:
             critical = result.critical or await _any_result_critical(conn, body or {})
             mark = _mark_label(body or {})
@@ -182,7 +183,9 @@ class ResultHooks:
                  "diagnostic_conclusion": result.diagnostic_conclusion, "mark_label": mark}
                 for system, code in result.codes
             ])
-        if context.resource_type == "Observation":
+        # A report written earlier (in the same bundle) naming a new, non-critical result was
+        # judged right without it: only a change, or a new critical value, moves its flag.
+        if context.resource_type == "Observation" and (context.previous is not None or critical):
             await _refresh_reports_of(conn, context.resource_id)
 
 
