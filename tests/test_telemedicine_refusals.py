@@ -68,11 +68,12 @@ class TestInvitationRefusals:
         accepted = await operate(alliance.county, task, "accept")  # the same call, well formed, goes through
         assert accepted.status_code == 200, accepted.text
 
-    async def test_a_parameters_body_of_the_wrong_shape_is_400(self, alliance: Alliance) -> None:
+    async def test_a_body_that_is_not_well_formed_parameters_is_400(self, alliance: Alliance) -> None:
         _, task, _ = await invite(alliance, "teleconsultation", alliance.county)
         for body in ({"resourceType": "Parameters", "parameter": "reason"},
                      {"resourceType": "Parameters", "parameter": [1]},
-                     {"resourceType": "Parameters", "parameter": [{"name": "reason", "part": "x"}]}):
+                     {"resourceType": "Parameters", "parameter": [{"name": "reason", "part": "x"}]},
+                     {"resourceType": "Patient"}, [{"name": "reason"}], "accept"):
             for name in ("accept", "reject", "assign-practitioner"):
                 response = await operate(alliance.county, task, name, body)
                 assert response.status_code == 400, (name, body, response.text)

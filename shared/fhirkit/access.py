@@ -102,12 +102,15 @@ class AccessPolicy:
         return [extra] if extra is not None else []
 
     def _party_clauses(self, organization: str, target: FromClause, *, chains: bool = True) -> list[Clause]:
+        """Each behind a test of the row's type: PostgreSQL may turn a party EXISTS into a hashed
+        set of every index row naming the organization (all of a lab's results name it as
+        performer), built on first use; a row of another type then never builds it."""
         if not self.parties:
             return []
         org_id = organization.split("/", 1)[1]
-        clauses = [_names_party(target, self.parties, org_id)]
+        clauses = [and_(target.c.resource_type.in_(sorted(self.parties)), _names_party(target, self.parties, org_id))]
         if chains and self.chains:
-            clauses.append(self._chain_clause(target, org_id))
+            clauses.append(and_(target.c.resource_type.in_(sorted(self.chains)), self._chain_clause(target, org_id)))
         return clauses
 
     def _follows_clause(self, organization: str, target: FromClause, now: int) -> Clause:

@@ -63,6 +63,19 @@ class OperationCall:
         return None
 
 
+def require_operation_body(op: "Operation", body: Any) -> None:
+    """An operation's body is Parameters (or the resource it takes): another body would be
+    ignored without a word, and a malformed one would fail inside the operation."""
+    if body is None:
+        return
+    kind = body.get("resourceType") if isinstance(body, dict) else None
+    if kind == "Parameters":
+        require_parameter_shape(body.get("parameter"), "Parameters.parameter")
+    elif not (op.takes_resource and isinstance(kind, str)):
+        raise InvalidRequest(f"${op.name} takes a Parameters body" + (" or a resource" if op.takes_resource else "")
+                             + (f", not {kind[:64]}" if isinstance(kind, str) else ""))
+
+
 def require_parameter_shape(parts: Any, path: str) -> None:
     """A Parameters body's `parameter` (and each `part`) is a list of objects with a name: anything
     else is the client's error (400), not a crash in the operation that reads it."""
@@ -98,6 +111,8 @@ class Operation:
     # A GET that records something besides answering (a recognition check grants access to what
     # it returned): run in a write transaction as a POST is.
     records_on_get: bool = False
+    # The body may be a resource ($validate's, $book's Appointment), not only Parameters.
+    takes_resource: bool = False
 
 
 @dataclass
@@ -142,6 +157,7 @@ def _standard_operations(store: StoreConfig) -> list[Operation]:
         instance=True,
         type_level=True,
         writes=False,
+        takes_resource=True,
         definition="http://hl7.org/fhir/OperationDefinition/Resource-validate",
     )
     return [validate]
@@ -226,8 +242,7 @@ class InteractionContext:
 
         async def invoke(call: InteractionCall) -> Result:
             body = call.body() if call.raw.strip() else None
-            if isinstance(body, dict) and body.get("resourceType") == "Parameters":
-                require_parameter_shape(body.get("parameter"), "Parameters.parameter")
+            require_operation_body(op, body)
             op_call = OperationCall(call.repo, request, call.options, call.caller, resource_type, resource_id, body, call.params)
             return await op.handler(op_call)
 

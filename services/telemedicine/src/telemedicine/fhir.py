@@ -37,7 +37,7 @@ DEFINITION = ServiceDefinition(
                   definition=f"{OPERATION_BASE}/Task-convert-to-referral"),
         Operation("find", scheduling.appointment_find, ("Appointment",), type_level=True, methods=("GET", "POST"),
                   writes=False, definition=f"{IHE_SCHEDULING}/appointment-find"),
-        Operation("book", scheduling.appointment_book, ("Appointment",), type_level=True,
+        Operation("book", scheduling.appointment_book, ("Appointment",), type_level=True, takes_resource=True,
                   definition=f"{IHE_SCHEDULING}/appointment-book"),
         Operation("telemedicine-statistics", statistics.telemedicine_statistics, system=True, methods=("GET", "POST"),
                   writes=False, definition=f"{OPERATION_BASE}/telemedicine-statistics"),
