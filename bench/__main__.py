@@ -85,6 +85,7 @@ def _report_header(args: argparse.Namespace, postgres: str | None) -> dict[str, 
         "machine": {"cpu_count": os.cpu_count(), "cpu_model": system.cpu_model(), "arch": platform.machine(),
                     "python": platform.python_version()},
         "database": args.database, "database_version": system.database_version(postgres),
+        "autovacuum": system.autovacuum(postgres),
         "workers": args.workers, "seconds": args.seconds, "warmup": args.warmup, "wrk_threads": args.threads,
         "sizes": args.sizes, "per_patient": args.per_patient, "loaders": args.loaders,
         "rows": [], "loads": [], "memory": {},
@@ -109,6 +110,7 @@ def embedded(args: argparse.Namespace, postgres: str | None, logs: Path, stack: 
     dataset = data.Dataset(run, data.lab_items())
     for size in args.sizes:
         result["loads"].append(load_to(args, server.url, tokens, dataset, size))
+        _timed("analyze", lambda: system.analyze(urls.values()))
         result["rows"] += [search(args, server.url, tokens, dataset), check(args, server.url, tokens, dataset)]
     result["memory"]["embedded"] = _memory(server, {"stored_observations": dataset.observations})
     stored = _stored_bytes(server.url, tokens, dataset.observation_ids[:READ_SAMPLE])

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -69,6 +70,29 @@ def database_version(base_url: str | None) -> str:
     with psycopg.connect(admin_url(base_url)) as conn:
         row = conn.execute("SHOW server_version").fetchone()
     return f"PostgreSQL {row[0] if row else '?'}"
+
+
+def analyze(urls: Any) -> None:
+    """ANALYZE every service database after a load, as an operator does after a bulk import (and
+    autovacuum does on its own within a minute). Without statistics PostgreSQL plans a search by
+    patient and code as if every index held one row: a nested loop over all rows of the code.
+    The machine this suite was written on runs PostgreSQL with autovacuum off. SQLite: nothing."""
+    import psycopg
+
+    for url in urls:
+        if url.startswith("postgresql"):
+            with psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://"), autocommit=True) as conn:
+                conn.execute("ANALYZE")
+
+
+def autovacuum(base_url: str | None) -> str | None:
+    if base_url is None:
+        return None
+    import psycopg
+
+    with psycopg.connect(admin_url(base_url)) as conn:
+        row = conn.execute("SHOW autovacuum").fetchone()
+    return str(row[0]) if row else None
 
 
 def environment(data_dir: Path, database_urls: dict[str, str], **extra: str) -> dict[str, str]:
