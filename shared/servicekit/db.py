@@ -10,11 +10,12 @@ otherwise wait seconds while newcomers slip in ahead of them.
 """
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from sqlalchemy import event, make_url
+from sqlalchemy import event, make_url, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.util import await_only
 
@@ -92,6 +93,20 @@ class Database:
                 connect_args=options,
             )
             self._read = self._write
+            await self._warn_without_autovacuum()
+
+    async def _warn_without_autovacuum(self) -> None:
+        """Without autovacuum nothing keeps the planner's statistics current, and searches are
+        planned as if the tables were empty (docs/operations.md, "PostgreSQL statistics")."""
+        try:
+            async with self.engine.connect() as conn:
+                setting = (await conn.execute(text("SHOW autovacuum"))).scalar()
+        except Exception:  # the database may not be up yet: readiness reports that
+            return
+        if setting != "on":
+            logging.getLogger("alliance.db").warning(
+                "PostgreSQL autovacuum is %s on %s: run ANALYZE after loads, or turn autovacuum on",
+                setting, make_url(self.url).database)
 
     async def stop(self) -> None:
         for engine in {id(e): e for e in (self._write, self._read) if e is not None}.values():
