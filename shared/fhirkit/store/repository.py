@@ -10,7 +10,19 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from sqlalchemy import ColumnElement, bindparam, delete, exists, false, func, insert, select, tuple_, update
+from sqlalchemy import (
+    ColumnElement,
+    bindparam,
+    delete,
+    exists,
+    false,
+    func,
+    insert,
+    select,
+    text,
+    tuple_,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -523,6 +535,8 @@ class Repository:
             self._require_local(flt)
         target = _SEARCH_TARGET
         base = query.base_search(target, request, self.visibility)
+        if self._is_postgres:
+            await driver.execute(self.conn, _CUSTOM_PLANS, {})
         if request.summary == "count" or request.count == 0:
             return SearchPage([], [], await self._total(base), None, None)
         matches, next_cursor, previous_cursor = await self._page(target, base, request)
@@ -744,6 +758,12 @@ _CURRENT = select(resource).where(
 _CURRENT_FOR_UPDATE = _CURRENT.with_for_update()
 _INSERT_HISTORY = insert(resource_history)
 _SEARCH_TARGET = resource.alias(SEARCH_ALIAS)  # one object, so the access condition on it is reused
+# A search is planned for its values. psycopg prepares a statement after five runs, and PostgreSQL
+# then may settle on a generic plan that cannot tell a patient (a few rows) from a lab code (a
+# share of the store): it drove `Observation?patient&code` from every row of the code, 17 ms at
+# 40,000 results against 1.5 ms planned for the values, and growing with the store. Planning
+# costs 2–4 ms; a generic plan's cost grows without bound. For the rest of the transaction.
+_CUSTOM_PLANS = text("SET LOCAL plan_cache_mode = force_custom_plan")
 _NEXT_VERSION = (
     update(resource)
     .where(
