@@ -162,11 +162,10 @@ async def find_item(conn: AsyncConnection, system: str | None, code: str) -> Cat
 # Built once: every stored result looks its item up.
 _ITEM_COLUMNS = ("code", "version", "display", "category", "loinc", "validity_days", "validity_days_emergency",
                  "validity_days_inpatient", "scope_required", "price")
+_ITEMS = select(*(db.catalog_item.c[name] for name in _ITEM_COLUMNS))
 _ITEM_BY = {
-    RECOGNITION_ITEM: select(*(db.catalog_item.c[name] for name in _ITEM_COLUMNS))
-    .where(db.catalog_item.c.code == bindparam("code")).limit(1),
-    LOINC: select(*(db.catalog_item.c[name] for name in _ITEM_COLUMNS))
-    .where(db.catalog_item.c.loinc == bindparam("code")).limit(1),
+    RECOGNITION_ITEM: _ITEMS.where(db.catalog_item.c.code == bindparam("code")).limit(1),
+    LOINC: _ITEMS.where(db.catalog_item.c.loinc == bindparam("code")).limit(1),
 }
 MEMO = "recognition-catalog"
 
@@ -174,13 +173,12 @@ MEMO = "recognition-catalog"
 async def find_items(conn: AsyncConnection, codes: set[str]) -> dict[str, CatalogItem]:
     if not codes:
         return {}
-    rows = await conn.execute(select(db.catalog_item).where(db.catalog_item.c.code.in_(sorted(codes))))
-    return {row.code: _from_row(row) for row in rows}
+    rows = await conn.execute(_ITEMS.where(db.catalog_item.c.code.in_(sorted(codes))))
+    return {item.code: item for item in (_from_row(tuple(row)) for row in rows)}
 
 
-def _from_row(row: Any) -> CatalogItem:
-    """A catalog row: a SQLAlchemy Row, or a driver tuple in `_ITEM_COLUMNS` order."""
-    values = row._mapping if hasattr(row, "_mapping") else dict(zip(_ITEM_COLUMNS, row, strict=True))
+def _from_row(row: tuple[Any, ...]) -> CatalogItem:
+    """A catalog row in `_ITEM_COLUMNS` order."""
+    values = dict(zip(_ITEM_COLUMNS, row, strict=True))
     # str() first: a driver may hand NUMERIC back as a float (SQLite), which Decimal would keep inexact.
-    return CatalogItem(**{name: values[name] for name in _ITEM_COLUMNS if name != "price"},
-                       price=Decimal(str(values["price"])))
+    return CatalogItem(**{**values, "price": Decimal(str(values["price"]))})

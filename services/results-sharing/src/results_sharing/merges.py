@@ -105,7 +105,7 @@ async def _wait_for_writers(conn: AsyncConnection) -> None:
     A write that began before the merge row is committed adds no alias row (it saw no merge), and
     on PostgreSQL the backfill below would not see its index rows either if it ran before that
     write committed. SHARE mode waits for every transaction that is writing index rows and holds
-    new ones until the merge commits, after which their hook sees it. Merges are rare and this
+    new ones until the merge commits, after which the alias trigger sees it. Merges are rare and this
     lasts one statement's time. SQLite runs write transactions one at a time already."""
     if conn.dialect.name == "postgresql":
         await conn.execute(text(f"LOCK TABLE {reference_index.name} IN SHARE MODE"))

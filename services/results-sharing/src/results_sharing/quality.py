@@ -115,7 +115,17 @@ def _records(resource: dict[str, Any], record_id: str) -> list[QualityRecord]:
             + [QualityRecord(item_code=None, category=c, **common) for c in categories])
 
 
-MEMO = "quality-records"  # a center's records for an item, per transaction (results.py)
+MEMO = "quality-records"  # a center's records for an item, per transaction
+
+
+async def records_of(conn: AsyncConnection, producer: str, item: CatalogItem) -> list[QualityRecord]:
+    """One center's records for the item, read once per transaction: a bundle of one center's
+    results asks again and again (the hook above clears it when records change)."""
+    memo = driver.transaction_memo(conn, MEMO)
+    key = (producer, item.code, item.category)
+    if key not in memo:
+        memo[key] = (await records_for(conn, {producer}, item))[producer]
+    return memo[key]
 
 
 async def records_for(conn: AsyncConnection, producers: set[str], item: CatalogItem) -> dict[str, list[QualityRecord]]:

@@ -256,12 +256,7 @@ async def _catalog_item(conn: AsyncConnection, body: dict[str, Any], result: Sha
 async def _quality_standing(conn: AsyncConnection, result: SharedResult, item: CatalogItem | None) -> Any:
     if item is None or result.producer_id is None or result.effective is None:
         return None
-    # A bundle of one center's results asks for the same records again and again.
-    memo = driver.transaction_memo(conn, quality.MEMO)
-    key = (result.producer_id, item.code, item.category)
-    if key not in memo:
-        memo[key] = (await quality.records_for(conn, {result.producer_id}, item))[result.producer_id]
-    return quality.standing_at(memo[key], result.effective)
+    return quality.standing_at(await quality.records_of(conn, result.producer_id, item), result.effective)
 
 
 def _stamp_mark(body: dict[str, Any], result: SharedResult, item: CatalogItem | None, standing: Any) -> None:

@@ -50,7 +50,8 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    op.execute("DROP TRIGGER IF EXISTS results_alias_merged_patient" + (
-        " ON fhir_reference_index" if op.get_bind().dialect.name == "postgresql" else ""))
     if op.get_bind().dialect.name == "postgresql":
+        op.execute("DROP TRIGGER IF EXISTS results_alias_merged_patient ON fhir_reference_index")
         op.execute("DROP FUNCTION IF EXISTS results_alias_merged_patient()")
+    else:
+        op.execute("DROP TRIGGER IF EXISTS results_alias_merged_patient")
