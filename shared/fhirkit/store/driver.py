@@ -14,7 +14,7 @@ a version's history-and-index statement (hundreds of parameters) cost half of th
 """
 
 import re
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from psycopg import AsyncRawCursor
@@ -108,6 +108,9 @@ async def execute_many(conn: AsyncConnection, statement: Executable, rows: Seque
         await conn.execute(statement, list(rows))
         return
     compiled = _compile(statement, conn, list(rows[0]))
+    if len(rows) == 1:  # psycopg's executemany enters pipeline mode: costly for one row
+        await _run(connection, compiled, compiled.parameters(rows[0]), many=False)
+        return
     await _run(connection, compiled, [compiled.parameters(row) for row in rows], many=True)
 
 
@@ -144,3 +147,11 @@ def transaction_memo(conn: AsyncConnection, name: str) -> dict[Any, Any]:
         memos = (transaction, {})
         conn.info["transaction_memos"] = memos
     return memos[1].setdefault(name, {})
+
+
+async def memoised(conn: AsyncConnection, name: str, key: Any, load: Callable[[], Awaitable[Any]]) -> Any:
+    """`load()`'s answer for `key`, loaded once per transaction (see `transaction_memo`)."""
+    memo = transaction_memo(conn, name)
+    if key not in memo:
+        memo[key] = await load()
+    return memo[key]

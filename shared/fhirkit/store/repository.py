@@ -403,6 +403,9 @@ class Repository:
     async def _write_version(
         self, current: StoredResource, body: dict[str, Any] | None, method: str
     ) -> StoredResource:
+        # What this transaction confirmed of the resource may no longer hold (it may be deleted,
+        # or no longer visible).
+        _forget_confirmed(self.conn, current.resource_type, current.resource_id)
         version = current.version_id + 1
         now = max(self._now(), current.last_updated + 1)
         content = _content(body, version, now) if body is not None else None
@@ -495,9 +498,14 @@ class Repository:
             )
 
     async def _missing_local(self, wanted: dict[tuple[str, str], str]) -> dict[tuple[str, str], str]:
-        if not wanted:
+        """The wanted references that are absent or invisible to the caller. What one entry of a
+        bundle confirmed is not asked again for the next (a hundred results naming one
+        VerificationResult): confirmations last for the transaction, keyed by the caller."""
+        confirmed = driver.transaction_memo(self.conn, _CONFIRMED)
+        caller = id(self.caller)
+        keys = [key for key in wanted if (caller, *key) not in confirmed]
+        if not keys:
             return {}
-        keys = list(wanted)
         # A reference to what the caller may not see is refused as if it did not exist: the
         # answer must not tell it apart from a missing resource.
         visible = self.visibility(resource)
@@ -507,6 +515,7 @@ class Repository:
             *([visible] if visible is not None else []),
         )
         found = {(row[0], row[1]) for row in await self.conn.execute(stmt)}
+        confirmed.update(((caller, *key), True) for key in found)
         return {key: wanted[key] for key in keys if key not in found}
 
     # --- search -----------------------------------------------------------------------------
@@ -882,6 +891,15 @@ def _same_content(previous: dict[str, Any], body: dict[str, Any]) -> bool:
         return {**rest, "meta": meta} if meta else rest
 
     return strip(previous) == strip(body)
+
+
+_CONFIRMED = "confirmed-references"  # (id of the caller, type, id) seen present and visible
+
+
+def _forget_confirmed(conn: AsyncConnection, resource_type: str, resource_id: str) -> None:
+    confirmed = driver.transaction_memo(conn, _CONFIRMED)
+    for key in [k for k in confirmed if k[1:] == (resource_type, resource_id)]:
+        del confirmed[key]
 
 
 def _outside_entries(body: dict[str, Any]) -> dict[str, Any]:

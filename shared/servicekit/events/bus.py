@@ -10,6 +10,7 @@ import asyncio
 import logging
 import time
 import weakref
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 from servicekit.events.consumers import Consumer, Outcome
@@ -27,7 +28,16 @@ STARTUP_GRACE_SECONDS = 30.0
 
 
 class BusUnavailable(Exception):
-    """The bus did not accept the event; its outbox row stays unpublished and is retried."""
+    """The bus did not accept an event; its outbox row stays unpublished and is retried.
+    `accepted` counts the events of the same `publish` that the bus accepted before it."""
+
+    def __init__(self, message: str = "", accepted: int = 0) -> None:
+        super().__init__(message)
+        self.accepted = accepted
+
+
+# At most this many queued events are handled in one consumer transaction.
+MAX_BATCH = 100
 
 
 class EventBus(Protocol):
@@ -40,8 +50,9 @@ class EventBus(Protocol):
     async def stop(self, member: str) -> None:
         """Stop the member's consumers; unacknowledged deliveries are redelivered later."""
 
-    async def publish(self, event: Event) -> None:
-        """Return once the event is durably accepted; raise BusUnavailable otherwise."""
+    async def publish(self, events: Sequence[Event]) -> None:
+        """Return once every event is durably accepted, in order; raise BusUnavailable (saying
+        how many were accepted before) otherwise."""
 
     async def subscribe(self, member: str, consumer: Consumer) -> None:
         """Deliver every event whose subject matches `consumer.subject_filter`, at least once."""
@@ -95,16 +106,21 @@ class InProcessBus:
             raise ValueError(f"A consumer named {consumer.name!r} is already subscribed")
         self._consumers[consumer.name] = _LocalConsumer(member, consumer)
 
-    async def publish(self, event: Event) -> None:
+    async def publish(self, events: Sequence[Event]) -> None:
         await self._wait_until_open()
-        subject = event.subject
+        consumers = list(self._consumers.values())
+        # Queued all at once, so that each consumer can handle them in batches.
         settling = [
-            local.deliver(event)
-            for local in list(self._consumers.values())
-            if subject_matches(local.consumer.subject_filter, subject)
+            [local.deliver(event) for local in consumers if subject_matches(local.consumer.subject_filter, event.subject)]
+            for event in events
         ]
-        if settling:
-            await asyncio.gather(*settling)
+        outcomes = await asyncio.gather(*(f for futures in settling for f in futures), return_exceptions=True)
+        position = 0
+        for accepted, futures in enumerate(settling):
+            failures = [o for o in outcomes[position:position + len(futures)] if isinstance(o, BaseException)]
+            position += len(futures)
+            if failures:
+                raise BusUnavailable(str(failures[0]), accepted=accepted) from failures[0]
 
     async def _wait_until_open(self) -> None:
         while True:
@@ -133,14 +149,15 @@ class InProcessBus:
 
 
 class _LocalConsumer:
-    """One consumer's queue: events are settled one at a time, in publication order; a failed
+    """One consumer's queue, settled in publication order: what is queued is handled in batches
+    (one transaction each); a batch that fails is settled one event at a time, and a failed
     delivery is retried in place after the consumer's backoff (which also keeps the order)."""
 
     def __init__(self, member: str, consumer: Consumer) -> None:
         self.member = member
         self.consumer = consumer
         self._queue: asyncio.Queue[tuple[Event, asyncio.Future[None]]] = asyncio.Queue()
-        self._current: asyncio.Future[None] | None = None
+        self._current: list[asyncio.Future[None]] = []
         self._task = asyncio.create_task(self._run(), name=f"consumer:{consumer.name}")
 
     def deliver(self, event: Event) -> "asyncio.Future[None]":
@@ -150,7 +167,7 @@ class _LocalConsumer:
 
     async def close(self) -> None:
         await stop_task(self._task)
-        pending = [self._current] if self._current is not None else []
+        pending = list(self._current)
         while not self._queue.empty():
             pending.append(self._queue.get_nowait()[1])
         for settled in pending:
@@ -159,14 +176,19 @@ class _LocalConsumer:
 
     async def _run(self) -> None:
         while True:
-            event, settled = await self._queue.get()
-            if settled.done():
-                continue  # the publisher gave up (stopped); the event will be published again
-            self._current = settled
-            await self._settle(event)
-            self._current = None
-            if not settled.done():
-                settled.set_result(None)
+            queued = [await self._queue.get()]
+            while len(queued) < MAX_BATCH and not self._queue.empty():
+                queued.append(self._queue.get_nowait())
+            # A publisher that gave up (stopped) publishes its events again later.
+            batch = [(event, settled) for event, settled in queued if not settled.done()]
+            self._current = [settled for _, settled in batch]
+            if len(batch) > 1 and await self.consumer.process_batch([event for event, _ in batch]):
+                _resolve(settled for _, settled in batch)
+            else:
+                for event, settled in batch:
+                    await self._settle(event)
+                    _resolve([settled])
+            self._current = []
 
     async def _settle(self, event: Event) -> None:
         attempt = 1
@@ -176,6 +198,12 @@ class _LocalConsumer:
                 return
             await asyncio.sleep(settlement.delay)
             attempt += 1
+
+
+def _resolve(settled: Iterable["asyncio.Future[None]"]) -> None:
+    for future in settled:
+        if not future.done():
+            future.set_result(None)
 
 
 _SHARED: dict[int, EventBus] = {}

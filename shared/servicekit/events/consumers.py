@@ -10,7 +10,7 @@ A handler that raises rolls everything back and the bus redelivers after a backo
 import asyncio
 import enum
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,6 +75,21 @@ class Consumer:
         except Exception as exc:
             return await self._after_failure(event, attempt, exc)
 
+    async def process_batch(self, events: Sequence[Event]) -> bool:
+        """Handle several first deliveries in one transaction (their effects and inbox rows commit
+        together): a bundle's hundred events cost one transaction, not a hundred. False, with
+        nothing committed, if any of them failed: the caller then settles them one at a time,
+        so a bad event is retried and parked on its own and never holds back the others."""
+        try:
+            await uninterrupted(self._handle_together(events))
+            return True
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.info("consumer %s: a batch of %d events failed (%s); handling them one by one",
+                     self.name, len(events), _describe(exc))
+            return False
+
     async def _after_failure(self, event: Event, attempt: int, error: Exception) -> Settlement:
         delay = self.policy.delay(attempt)
         if attempt < self.policy.max_attempts:
@@ -105,6 +120,16 @@ class Consumer:
                     await self.handler(event, conn)
         finally:
             request_id_var.reset(token)
+
+    async def _handle_together(self, events: Sequence[Event]) -> None:
+        async with self.database.transaction(write=True) as conn:
+            for event in events:
+                token = request_id_var.set(event.request_id or f"event-{event.id}")
+                try:
+                    if await claim(conn, self.name, event.id):
+                        await self.handler(event, conn)
+                finally:
+                    request_id_var.reset(token)
 
     async def _park(self, event: Event, attempts: int, error: BaseException) -> None:
         values = {

@@ -1,7 +1,7 @@
 """The dispatcher: publishes a service's outbox rows, at least once and in sequence order.
 
-Rows are read in sequence order, published one at a time (each waits for the bus's
-acknowledgement) and marked published afterwards; no transaction is held while publishing, so
+Rows are read in sequence order, published a batch at a time (the bus acknowledges them in
+order) and marked published afterwards; no transaction is held while publishing, so
 consumers writing to the same SQLite file never wait for the dispatcher. A crash before the mark
 publishes the rows again (consumers deduplicate by event id); a crash before the publish loses
 nothing, since the rows are still unpublished.
@@ -154,19 +154,17 @@ class OutboxDispatcher:
         """Publish one batch of unpublished rows in sequence order; returns how many the bus
         acknowledged. Raises BusUnavailable after marking those acknowledged before it failed."""
         events = await uninterrupted(self._unpublished())
-        acknowledged: list[int] = []
+        if not events:
+            return 0
         try:
-            for event in events:
-                await self.bus.publish(event)
-                acknowledged.append(event.seq)
-        except BusUnavailable:
-            if acknowledged:
-                await uninterrupted(self._mark_published(acknowledged))
+            await self.bus.publish(events)
+        except BusUnavailable as exc:
+            if exc.accepted:
+                await uninterrupted(self._mark_published([e.seq for e in events[:exc.accepted]]))
             raise
         # Not on cancellation (stop): those rows are simply published again after the restart.
-        if acknowledged:
-            await uninterrupted(self._mark_published(acknowledged))
-        return len(acknowledged)
+        await uninterrupted(self._mark_published([e.seq for e in events]))
+        return len(events)
 
     async def _unpublished(self) -> list[Event]:
         async with self.database.transaction(write=False) as conn:

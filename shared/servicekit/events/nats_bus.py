@@ -12,6 +12,7 @@ outbox rows stay unpublished and the dispatcher retries.
 
 import asyncio
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import nats
@@ -181,7 +182,15 @@ class NatsBus:
 
     # --- publishing --------------------------------------------------------------------------
 
-    async def publish(self, event: Event) -> None:
+    async def publish(self, events: Sequence[Event]) -> None:
+        for accepted, event in enumerate(events):
+            try:
+                await self._publish_one(event)
+            except BusUnavailable as exc:
+                exc.accepted = accepted
+                raise
+
+    async def _publish_one(self, event: Event) -> None:
         try:
             js = await self._connected()
             await js.publish(
@@ -222,8 +231,7 @@ class NatsBus:
                 subscription = await _drop(subscription)
                 await asyncio.sleep(RETRY_PAUSE_SECONDS)
                 continue
-            for message in messages:
-                await self._settle(consumer, message)
+            await self._settle_fetched(consumer, messages)
 
     async def _pull_subscription(self, consumer: Consumer) -> JetStreamContext.PullSubscription:
         js = await self._connected()
@@ -240,6 +248,16 @@ class NatsBus:
             filter_subject=subject,
         )
         return await js.pull_subscribe(subject, durable=consumer.name, stream=self.stream, config=config)
+
+    async def _settle_fetched(self, consumer: Consumer, messages: list[Msg]) -> None:
+        """A fetch's messages in one consumer transaction when they all handle; otherwise one by one."""
+        events = [_event_or_none(message) for message in messages]
+        if len(messages) > 1 and None not in events and await consumer.process_batch(events):  # type: ignore[arg-type]
+            for message in messages:
+                await _reply(message.ack())
+            return
+        for message in messages:
+            await self._settle(consumer, message)
 
     async def _settle(self, consumer: Consumer, message: Msg) -> None:
         try:
@@ -261,6 +279,13 @@ class NatsBus:
         else:
             # A lost acknowledgement means a redelivery, which the inbox absorbs.
             await _reply(message.ack())
+
+
+def _event_or_none(message: Msg) -> Event | None:
+    try:
+        return event_from_message(message.headers, message.data)
+    except (KeyError, ValueError):
+        return None  # `_settle` terminates it, loudly
 
 
 async def _reply(reply: Any) -> None:

@@ -235,13 +235,16 @@ class Recorder:
     fail_once_for: set[str] = field(default_factory=set)  # resource ids whose first delivery fails
     fail_always_for: set[str] = field(default_factory=set)  # resource ids that always fail
     calls: list[str] = field(default_factory=list)  # event id of every call, committed or not
+    failures: list[str] = field(default_factory=list)  # resource id of every call that failed
 
     async def __call__(self, event: Event, conn: AsyncConnection) -> None:
         self.calls.append(event.id)
         if event.resource_id in self.fail_always_for:
+            self.failures.append(event.resource_id)
             raise RuntimeError(f"refusing {event.subject} on purpose")
         if event.resource_id in self.fail_once_for:
             self.fail_once_for.discard(event.resource_id)
+            self.failures.append(event.resource_id)
             raise RuntimeError(f"failing {event.subject} once on purpose")
         await conn.execute(
             text(

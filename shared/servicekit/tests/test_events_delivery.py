@@ -5,13 +5,17 @@ poisoned, filtered by subject, and nothing missed by a consumer that starts late
 import asyncio
 import time
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 import pytest_asyncio
+from sqlalchemy.ext.asyncio import AsyncConnection
 
+from fhirkit.store import driver
 from fhirkit.store.repository import Repository
 from servicekit.db import Database
-from servicekit.events import EventBus, ServiceEvents, emit, unpublished_count
+from servicekit.events import Event, EventBus, InProcessBus, ServiceEvents, emit, unpublished_count
 from servicekit.events.testing import (
     DatabaseTemplates,
     Recorder,
@@ -97,7 +101,9 @@ async def test_a_failed_handler_gets_the_event_again_and_handles_it_once(
 
     handled = await effects(database, "flaky")
     assert sorted(row["resource_id"] for row in handled) == [f"p-{index}" for index in range(5)]
-    assert len(recorder.calls) == 7  # two failed first deliveries came back once each
+    # The two failed first deliveries came back and succeeded (a batch they were in was rolled
+    # back whole, so its other events may have been called twice, but took effect once).
+    assert sorted(recorder.failures) == ["p-1", "p-3"]
     assert await count(database, "servicekit_dead_letter") == 0
 
 
@@ -120,7 +126,8 @@ async def test_a_poison_event_is_parked_not_dropped_and_can_be_replayed(
             [parked] = list(await conn.execute(select(dead_letter)))
         assert parked.resource_id == "p-2" and parked.attempts == 3 and "on purpose" in parked.error
         assert parked.payload is not None and b'"p-2"' in parked.payload
-        assert recorder.calls.count(parked.event_id) == 3
+        # Three deliveries, and perhaps a batch it failed in before them (rolled back whole).
+        assert recorder.calls.count(parked.event_id) in (3, 4)
 
         recorder.fail_always_for.clear()  # the bug is fixed
         assert await referral.replay_dead_letters("strict") == 1
@@ -215,3 +222,63 @@ async def _no_backlog(database: Database) -> bool:
 
 async def _parked(database: Database, consumer: str) -> bool:
     return await count(database, "servicekit_dead_letter", "consumer = :c", c=consumer) > 0
+
+
+# --- batches: events committed together are handled together ----------------------------------
+
+
+@dataclass
+class TransactionRecorder(Recorder):
+    """Also records which consumer transaction handled each call (the transaction's memo dict,
+    kept alive so that no two transactions are taken for one)."""
+
+    transactions: list[dict[str, Any]] = field(default_factory=list)
+
+    async def __call__(self, event: Event, conn: AsyncConnection) -> None:
+        memo = driver.transaction_memo(conn, "test-batch")
+        if not any(memo is seen for seen in self.transactions):
+            self.transactions.append(memo)
+        await super().__call__(event, conn)
+
+
+async def _write_patients_together(database: Database, store: Any, count_: int) -> None:
+    async with database.transaction(write=True) as conn:
+        repo = Repository(conn, store, owner="Organization/test")
+        for index in range(count_):
+            await repo.create({"resourceType": "Patient", "active": True}, resource_id=f"p-{index}")
+
+
+async def test_events_committed_together_are_handled_in_one_consumer_transaction(database: Database) -> None:
+    referral = ServiceEvents("referral", database, InProcessBus(), fast_options())
+    recorder = TransactionRecorder("batched")
+    await referral.subscribe("batched", "referral.Patient.create", recorder)
+    async with started(referral):
+        await _write_patients_together(database, store_for(referral), 30)
+        await wait_for(lambda: _effect_count(database, "batched", 30))
+        await wait_for(lambda: _no_backlog(database))
+
+    handled = await effects(database, "batched")
+    assert [row["resource_id"] for row in sorted(handled, key=lambda r: r["seq"])] == [f"p-{i}" for i in range(30)]
+    assert len(recorder.calls) == 30 and len(recorder.transactions) == 1
+    assert await count(database, "servicekit_inbox", "consumer = :c", c="batched") == 30
+
+
+async def test_a_failure_in_a_batch_rolls_it_back_and_its_events_are_handled_one_by_one(
+    database: Database,
+) -> None:
+    referral = ServiceEvents("referral", database, InProcessBus(), fast_options())
+    recorder = TransactionRecorder("batched", fail_once_for={"p-7"})
+    await referral.subscribe("batched", "referral.Patient.create", recorder)
+    async with started(referral):
+        await _write_patients_together(database, store_for(referral), 12)
+        await wait_for(lambda: _effect_count(database, "batched", 12))
+        await wait_for(lambda: _no_backlog(database))
+
+    handled = await effects(database, "batched")
+    # p-0 … p-6 were called in the failed batch and again alone: each took effect once.
+    assert sorted(row["resource_id"] for row in handled) == sorted(f"p-{i}" for i in range(12))
+    assert len({row["event_id"] for row in handled}) == 12
+    assert recorder.failures == ["p-7"]
+    assert len(recorder.calls) == 8 + 12  # the batch up to p-7, then each alone
+    assert await count(database, "servicekit_inbox", "consumer = :c", c="batched") == 12
+    assert await count(database, "servicekit_dead_letter") == 0

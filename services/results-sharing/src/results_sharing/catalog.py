@@ -151,12 +151,12 @@ async def find_item(conn: AsyncConnection, system: str | None, code: str) -> Cat
     stmt = _ITEM_BY.get(system or "")
     if stmt is None:
         return None
-    memo = driver.transaction_memo(conn, MEMO)
-    key = (system, code)
-    if key not in memo:
+
+    async def load() -> CatalogItem | None:
         rows = await driver.execute(conn, stmt, {"code": code})
-        memo[key] = _from_row(rows[0]) if rows else None
-    return memo[key]
+        return _from_row(rows[0]) if rows else None
+
+    return await driver.memoised(conn, MEMO, (system, code), load)
 
 
 # Built once: every stored result looks its item up.

@@ -17,7 +17,7 @@ setting another status (e.g. `val-fail`) withdraws the record.
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import delete, insert, or_, select
+from sqlalchemy import bindparam, delete, insert, or_, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from fhirkit.errors import BusinessRuleViolation
@@ -115,17 +115,26 @@ def _records(resource: dict[str, Any], record_id: str) -> list[QualityRecord]:
             + [QualityRecord(item_code=None, category=c, **common) for c in categories])
 
 
-MEMO = "quality-records"  # a center's records for an item, per transaction
+MEMO = "quality-records"  # a center's records, per transaction
 
 
 async def records_of(conn: AsyncConnection, producer: str, item: CatalogItem) -> list[QualityRecord]:
-    """One center's records for the item, read once per transaction: a bundle of one center's
-    results asks again and again (the hook above clears it when records change)."""
-    memo = driver.transaction_memo(conn, MEMO)
-    key = (producer, item.code, item.category)
-    if key not in memo:
-        memo[key] = (await records_for(conn, {producer}, item))[producer]
-    return memo[key]
+    """One center's records for the item. A center's records (a few dozen) are read once per
+    transaction: a bundle of one center's results asks again and again, for item after item
+    (the hook above clears the memo when records change)."""
+
+    async def load() -> list[QualityRecord]:
+        return [QualityRecord(*row) for row in await driver.execute(conn, _RECORDS_OF, {"organization_id": producer})]
+
+    records = await driver.memoised(conn, MEMO, producer, load)
+    return [r for r in records if r.item_code == item.code or r.category == item.category]
+
+
+# Built once: every stored result of a center reads its records (once per transaction).
+_RECORDS_OF = select(
+    db.quality.c.record_id, db.quality.c.organization_id, db.quality.c.item_code, db.quality.c.category,
+    db.quality.c.scope, db.quality.c.valid_from, db.quality.c.valid_to,
+).where(db.quality.c.organization_id == bindparam("organization_id"))
 
 
 async def records_for(conn: AsyncConnection, producers: set[str], item: CatalogItem) -> dict[str, list[QualityRecord]]:
