@@ -110,20 +110,13 @@ def dumps(value: Any) -> bytes:
     try:
         return orjson.dumps(value)
     except TypeError:
-        return _dumps_precise(value).encode("utf-8")
+        return orjson.dumps(value, default=_decimal_text)
 
 
-def _dumps_precise(value: Any) -> str:
-    if isinstance(value, dict):
-        return "{" + ",".join(f"{_string(k)}:{_dumps_precise(v)}" for k, v in value.items()) + "}"
-    if isinstance(value, list):
-        return "[" + ",".join(_dumps_precise(v) for v in value) + "]"
+def _decimal_text(value: Any) -> orjson.Fragment:
+    # Written as the text it was parsed from: orjson copies a Fragment into the output as it is.
     if isinstance(value, FhirDecimal):
-        return value.text
+        return orjson.Fragment(value.text)
     if isinstance(value, Decimal):
-        return str(value)
-    return orjson.dumps(value).decode("utf-8")
-
-
-def _string(key: str) -> str:
-    return orjson.dumps(key).decode("utf-8")
+        return orjson.Fragment(str(value))
+    raise TypeError(f"{type(value).__name__} is not JSON")
