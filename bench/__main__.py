@@ -109,7 +109,7 @@ def embedded(args: argparse.Namespace, postgres: str | None, logs: Path, stack: 
     tokens = system.Tokens(server.url, data_dir)
     dataset = data.Dataset(run, data.lab_items())
     for size in args.sizes:
-        result["loads"].append(load_to(args, server.url, tokens, dataset, size))
+        result["loads"].append(load_to(args, server, tokens, dataset, size))
         _timed("analyze", lambda: system.analyze(urls.values()))
         result["rows"] += [search(args, server.url, tokens, dataset), check(args, server.url, tokens, dataset)]
     result["memory"]["embedded"] = _memory(server, {"stored_observations": dataset.observations})
@@ -136,20 +136,25 @@ def _timed(label: str, action: Any) -> Any:
     return value
 
 
-def load_to(args: argparse.Namespace, base: str, tokens: system.Tokens, dataset: data.Dataset,
+def load_to(args: argparse.Namespace, server: system.Server, tokens: system.Tokens, dataset: data.Dataset,
             size: int) -> dict[str, Any]:
     """Patients for the new Observations first, then the Observations, spread over the new
     patients only: every patient ends up with about --per-patient results at every size."""
     count = size - dataset.observations
     new_patients = max(1, count // args.per_patient)
+    base = server.url
     print(f"loading {new_patients:,} patients and {count:,} observations (to {size:,})", flush=True)
     patients = asyncio.run(data.add_patients(base, tokens, dataset, new_patients, args.loaders))
     fresh = dataset.patients[-new_patients:]
+    cpu_before = server.cpu_seconds()
     observations = asyncio.run(data.add_observations(base, tokens, dataset, count, fresh, args.loaders))
+    cpu = {pid: round(seconds - cpu_before.get(pid, 0.0), 1) for pid, seconds in server.cpu_seconds().items()}
     load = {"stored": size, "bundle": data.BUNDLE, "patients": patients.summary(args.loaders),
-            "observations": observations.summary(args.loaders)}
+            "observations": observations.summary(args.loaders), "cpu_seconds_per_process": cpu}
     print(f"  {load['observations']['resources_per_s']} observations/s, {load['patients']['resources_per_s']} "
-          f"patients/s, {observations.failed_bundles + patients.failed_bundles} failed bundles", flush=True)
+          f"patients/s, {observations.failed_bundles + patients.failed_bundles} failed bundles; "
+          f"CPU seconds per server process during the Observations: {sorted(cpu.values(), reverse=True)}",
+          flush=True)
     return load
 
 

@@ -130,6 +130,11 @@ class Server:
         """VmRSS of the server and every process under it (uvicorn's workers)."""
         return {pid: _vm_rss_kb(pid) for pid in _process_tree(self.process.pid)}
 
+    def cpu_seconds(self) -> dict[int, float]:
+        """User + system CPU seconds so far of the server and every process under it: how the
+        work spread over the workers."""
+        return {pid: _cpu_seconds(pid) for pid in _process_tree(self.process.pid)}
+
 
 def start(name: str, command: list[str], env: dict[str, str], port: int, log_dir: Path,
           ready_path: str = "/healthz", timeout: float = 90) -> Server:
@@ -191,6 +196,14 @@ def _process_tree(root: int) -> list[int]:
         except OSError:
             continue
     return found
+
+
+def _cpu_seconds(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
 
 
 def _vm_rss_kb(pid: int) -> int:
