@@ -732,3 +732,46 @@ class TestDemo:
         assert value(answer["parameter"], "recognizable") is True
         candidates = [c for c in answer["parameter"] if c["name"] == "candidate"]
         assert len(candidates) == 1 and value(candidates[0]["part"], "producer")["reference"] == DEMO_LAB
+
+
+class TestBundleReferences:
+    """A center's transaction names many patients: the directory is asked about them together."""
+
+    async def new_patients(self, api: Any, count: int) -> list[str]:
+        created = []
+        for index in range(count):
+            response = await api.post("Patient", {"resourceType": "Patient", "gender": "female",
+                                                  "name": [{"family": "周", "given": [f"批{index}"]}]})
+            assert response.status_code == 201, response.text
+            created.append(f"Patient/{response.json()['id']}")
+        return created
+
+    async def test_the_patients_of_a_transaction_are_asked_for_in_one_search(self, api: Any, system: Any) -> None:
+        patients = await self.new_patients(api, 5)  # results-sharing has never seen them
+        peers = system.state.apps["results-sharing"].state.peers
+        asked: list[str] = []
+        original = peers._get
+
+        async def counting(service: str, path: str) -> Any:
+            asked.append(path)
+            return await original(service, path)
+
+        peers._get = counting
+        try:
+            bundle, _ = transaction(*(observation(p, LAB, "2823-3", "钾", value=4.0) for p in patients))
+            await upload(api, LAB, bundle)
+        finally:
+            del peers._get
+        patient_requests = [path for path in asked if path.startswith("/fhir/Patient")]
+        assert len(patient_requests) == 1 and "_id=" in patient_requests[0], asked
+
+    async def test_a_missing_patient_among_known_ones_is_still_refused(self, api: Any) -> None:
+        patients = await self.new_patients(api, 3)
+        missing = f"Patient/nobody-{uuid.uuid4().hex[:8]}"
+        bundle, _ = transaction(*(observation(p, LAB, "2823-3", "钾", value=4.0) for p in [*patients, missing]))
+        response = await upload(api, LAB, bundle, expected=422)
+        assert f"refers to {missing}, which does not exist" in response.text
+        # Nothing of the transaction was kept.
+        for patient in patients:
+            found = await api.get(f"Observation?subject={patient}", organization=LAB, level="center")
+            assert found.json().get("total") == 0, found.text

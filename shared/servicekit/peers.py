@@ -5,9 +5,11 @@ in-process ASGI app; in distributed mode it is HTTP to `ALLIANCE_<SERVICE>_URL`.
 are cached briefly: a resource that existed a few seconds ago may be referenced.
 """
 
+import re
 import time
-from collections.abc import MutableMapping
+from collections.abc import Iterable, MutableMapping
 from typing import Any
+from urllib.parse import urlencode
 
 import httpx
 import orjson
@@ -15,6 +17,9 @@ import orjson
 from fhirkit.errors import UpstreamTimeout, UpstreamUnavailable
 from servicekit import topology
 from servicekit.identity import IDENTITY_HEADER, CallerIdentity, sign_identity
+
+IDS_PER_SEARCH = 100
+_FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 
 SYSTEM_IDENTITY = CallerIdentity(
     client_id="alliance-internal", organization="Organization/alliance-system", scopes=("system/*.cruds",), level=None, roles=("system",)
@@ -54,6 +59,32 @@ class Peers:
                 return True
         return False
 
+    async def exists_many(self, keys: Iterable[tuple[str, str]]) -> None:
+        """Learn at once which of many resources exist: one search by `_id` per owning service
+        and type (100 ids a search) instead of a read each. What is found is remembered as
+        `exists` remembers it; what is not is left for `exists` to ask (and refuse) itself."""
+        now = time.monotonic()
+        wanted: dict[tuple[str, str], set[str]] = {}
+        for resource_type, resource_id in keys:
+            seen = self._seen.get((resource_type, resource_id))
+            if (seen is not None and now - seen < self.cache_seconds) or not _FHIR_ID.fullmatch(resource_id):
+                continue
+            candidates = self._candidates(resource_type, resource_id)
+            if len(candidates) == 1:
+                wanted.setdefault((candidates[0], resource_type), set()).add(resource_id)
+        for (service, resource_type), ids in wanted.items():
+            ordered = sorted(ids)
+            for start in range(0, len(ordered), IDS_PER_SEARCH):
+                chunk = ordered[start:start + IDS_PER_SEARCH]
+                query = urlencode({"_id": ",".join(chunk), "_count": len(chunk), "_elements": "id", "_total": "none"})
+                response = await self._get(service, f"/fhir/{resource_type}?{query}")
+                if response.status_code != 200:
+                    return  # each is asked on its own, as without this
+                for entry in orjson.loads(response.content).get("entry", []):
+                    found = (entry.get("resource") or {}).get("id")
+                    if found in ids:
+                        self._seen[(resource_type, found)] = time.monotonic()
+
     async def read(self, resource_type: str, resource_id: str, *, fresh: bool = False) -> dict[str, Any] | None:
         """The current content of a resource another service holds (None: absent), cached briefly;
         `fresh` for what must never be stale (a Consent that may just have been withdrawn)."""
@@ -77,7 +108,6 @@ class Peers:
     ) -> list[dict[str, Any]]:
         """The first page of a search at the owning service (callers ask narrow questions). For a
         type several services hold (Provenance, Task, ServiceRequest) `service` names the one to ask."""
-        from urllib.parse import urlencode
 
         results: list[dict[str, Any]] = []
         services = [service] if service else [n for n in topology.owners(resource_type) if n != self.me][:1]

@@ -124,6 +124,7 @@ class BundleProcessor:
             written.append((entry, (self.repo.deferred_references or [])[before:]))
         self.repo.deferred_references = None
         # Every entry is written: now each reference must point at something that exists.
+        await self.repo.prefetch_references([body for _, bodies in written for body in bodies])
         for entry, bodies in written:
             for body in bodies:
                 await self._located(entry, self.repo.check_references(body))

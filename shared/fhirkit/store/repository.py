@@ -469,6 +469,35 @@ class Repository:
 
     async def check_references(self, body: dict[str, Any]) -> None:
         """A reference to a missing resource of a type the product holds is refused (422)."""
+        local, foreign = self._targets(body)
+        missing = await self._missing_local(local)
+        # A type several services hold (ServiceRequest, Task, Provenance) may live at another owner.
+        foreign.update((key, path) for key, path in missing.items() if self.config.references.holds(key[0]))
+        missing = {key: path for key, path in missing.items() if key not in foreign}
+        for key, path in foreign.items():
+            if not await self.config.references.exists(*key):
+                missing[key] = path
+        if missing:
+            (target_type, target_id), path = next(iter(missing.items()))
+            raise UnprocessableEntity(
+                f"{path} refers to {target_type}/{target_id}, which does not exist",
+                expression=[path],
+            )
+
+    async def prefetch_references(self, bodies: Sequence[dict[str, Any]]) -> None:
+        """Ask other services about the targets of many bodies at once (a transaction's hundred
+        results name up to a hundred patients), so that each body's check finds them answered.
+        Only a speed-up: whatever is not answered here is asked one by one as before."""
+        exists_many = getattr(self.config.references, "exists_many", None)
+        if exists_many is None:
+            return
+        wanted = {key for body in bodies for key in self._targets(body)[1]}
+        if len(wanted) > 1:
+            await exists_many(wanted)
+
+    def _targets(self, body: dict[str, Any]) -> tuple[dict[tuple[str, str], str], dict[tuple[str, str], str]]:
+        """The body's references to check, by (type, id), each with the path of its first
+        mention: those this store holds, and those other services hold."""
         local: dict[tuple[str, str], str] = {}
         foreign: dict[tuple[str, str], str] = {}
         for path, reference in _references(_outside_entries(body), body["resourceType"]):
@@ -483,19 +512,7 @@ class Repository:
                 local.setdefault(key, path)
             elif self.config.references.holds(target_type):
                 foreign.setdefault(key, path)
-        missing = await self._missing_local(local)
-        # A type several services hold (ServiceRequest, Task, Provenance) may live at another owner.
-        foreign.update((key, path) for key, path in missing.items() if self.config.references.holds(key[0]))
-        missing = {key: path for key, path in missing.items() if key not in foreign}
-        for key, path in foreign.items():
-            if not await self.config.references.exists(*key):
-                missing[key] = path
-        if missing:
-            (target_type, target_id), path = next(iter(missing.items()))
-            raise UnprocessableEntity(
-                f"{path} refers to {target_type}/{target_id}, which does not exist",
-                expression=[path],
-            )
+        return local, foreign
 
     async def _missing_local(self, wanted: dict[tuple[str, str], str]) -> dict[tuple[str, str], str]:
         """The wanted references that are absent or invisible to the caller. What one entry of a
