@@ -8,6 +8,7 @@ from sqlalchemy import Table, and_, bindparam, delete, func, insert, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from fhirkit.store import driver
 from gateway.subscriptions.criteria import SubscriptionConfig
 from gateway.subscriptions.notifications import NotificationEvent
 from gateway.subscriptions.tables import notification_event, pending_event, subscription_state
@@ -65,6 +66,7 @@ async def save_subscription(
 ) -> None:
     """Record a subscriber's write. `requested` starts over with a handshake (the numbering and
     the undelivered events stay: delivery resumes where it stopped)."""
+    driver.transaction_memo(conn, _COLLECTING_MEMO).clear()
     values: dict[str, Any] = {
         "organization": organization, "client_id": client_id, "topic": config.topic_url,
         "config": config.to_json(), "secret": secret, "status": status, "abandoned": False,
@@ -84,23 +86,29 @@ async def save_subscription(
 
 
 async def forget(conn: AsyncConnection, subscription_id: str) -> None:
+    driver.transaction_memo(conn, _COLLECTING_MEMO).clear()
     for table in (pending_event, notification_event, subscription_state):
         await conn.execute(delete(table).where(table.c.subscription_id == subscription_id))
 
 
 async def collecting_for(conn: AsyncConnection, topic_urls: list[str], occurred_at: int) -> list[SubscriptionState]:
     """Subscriptions to these topics that existed when the event happened (a NATS consumer that
-    is new replays the stream's history: older events are not theirs)."""
-    rows = await conn.execute(_COLLECTING, {"topics": topic_urls, "occurred_at": occurred_at})
-    return [_state(row) for row in rows]
+    is new replays the stream's history: older events are not theirs). Read once per consumer
+    transaction: a batch holds a bundle's hundred events, all asking about the same topics."""
+
+    async def load() -> list[SubscriptionState]:
+        return [_state(row) for row in await conn.execute(_COLLECTING, {"topics": topic_urls})]
+
+    states = await driver.memoised(conn, _COLLECTING_MEMO, tuple(topic_urls), load)
+    return [state for state in states if state.created_at <= occurred_at]
 
 
 # Built once: the hub runs it for every resource event of the alliance.
 _COLLECTING = select(subscription_state).where(
     subscription_state.c.topic.in_(bindparam("topics", expanding=True)),
     or_(subscription_state.c.status.in_(COLLECTING), subscription_state.c.abandoned.is_(True)),
-    subscription_state.c.created_at <= bindparam("occurred_at"),
 )
+_COLLECTING_MEMO = "collecting-subscriptions"  # cleared by the writers below
 
 
 async def enqueue(conn: AsyncConnection, subscription_id: str, event: Event) -> None:
