@@ -70,11 +70,16 @@ def _compile(statement: Executable, conn: AsyncConnection, keys: Sequence[str]) 
     if found is not None and found[0] is statement:
         return found[1]
     compiled = statement.compile(dialect=dialect, column_keys=list(keys))  # type: ignore[attr-defined]
-    sql, names, positional = compiled.string, compiled.positiontup or list(compiled.params), bool(compiled.positional)
+    sql, names, params = compiled.string, compiled.positiontup or list(compiled.params), compiled.params
+    if compiled.post_compile_params:
+        # IN lists of literal values (an access condition's types): one parameter per value.
+        expanded = compiled.construct_expanded_state({key: None for key in keys})
+        sql, names, params = expanded.statement, expanded.positiontup or list(expanded.parameters), expanded.parameters
+    positional = bool(compiled.positional)
     if dialect.driver == "psycopg" and not positional:
         sql, names = _numbered(sql)
         positional = True
-    defaults = {name: value for name, value in compiled.params.items() if name not in keys}
+    defaults = {name: value for name, value in params.items() if name not in keys}
     ready = _Compiled(sql, names, positional, defaults)
     if len(_compiled) >= MAX_COMPILED:
         _compiled.clear()
