@@ -18,6 +18,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from psycopg import AsyncRawCursor
+from sqlalchemy import Table, insert, text
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql import Executable
@@ -117,6 +119,53 @@ async def execute_many(conn: AsyncConnection, statement: Executable, rows: Seque
         await _run(connection, compiled, compiled.parameters(rows[0]), many=False)
         return
     await _run(connection, compiled, [compiled.parameters(row) for row in rows], many=True)
+
+
+async def insert_rows(
+    conn: AsyncConnection, table: Table, rows: Sequence[dict[str, Any]], returning: tuple[str, ...] = ()
+) -> list[Row]:
+    """Many rows (sharing their keys) into `table`. On PostgreSQL in one statement,
+    `INSERT … SELECT FROM unnest(one array per column)`, whose text does not change with the
+    number of rows (it is prepared once); elsewhere one insert per row. Returns the `returning`
+    columns of the rows, in no promised order."""
+    if not rows:
+        return []
+    if conn.dialect.name == "postgresql" and _driver(conn) is not None:
+        keys = tuple(name for name in table.c.keys() if any(name in row for row in rows))
+        statement = _unnest_insert(table, keys, returning)
+        return await execute(conn, statement, {key: [row.get(key) for row in rows] for key in keys})
+    if not returning:
+        await execute_many(conn, _plain_insert(table, ()), rows)
+        return []
+    statement = _plain_insert(table, returning)
+    return [found for row in rows for found in await execute(conn, statement, row)]
+
+
+# (table, columns, returning) → its statement, built once (the driver compiles by statement).
+_INSERTS: dict[tuple[str, tuple[str, ...], tuple[str, ...]], Any] = {}
+
+
+def _unnest_insert(table: Table, keys: tuple[str, ...], returning: tuple[str, ...]) -> Any:
+    found = _INSERTS.get((table.name, keys, returning))
+    if found is None:
+        dialect = postgresql.dialect()
+        arrays = ", ".join(f"CAST(:{key} AS {table.c[key].type.compile(dialect=dialect)}[])" for key in keys)
+        sql = f"INSERT INTO {table.name} ({', '.join(keys)}) SELECT * FROM unnest({arrays})"
+        found = _INSERTS[(table.name, keys, returning)] = text(sql + _returning(returning))
+    return found
+
+
+def _plain_insert(table: Table, returning: tuple[str, ...]) -> Any:
+    found = _INSERTS.get((table.name, (), returning))
+    if found is None:
+        statement = insert(table)
+        found = _INSERTS[(table.name, (), returning)] = (
+            statement.returning(*(table.c[name] for name in returning)) if returning else statement)
+    return found
+
+
+def _returning(columns: tuple[str, ...]) -> str:
+    return f" RETURNING {', '.join(columns)}" if columns else ""
 
 
 async def _run(connection: Any, compiled: _Compiled, parameters: Any, *, many: bool) -> list[Row]:

@@ -334,16 +334,18 @@ class Repository:
                 "resource_type": body["resourceType"], "resource_id": body["id"], "version_id": 1,
                 "last_updated": now, "deleted": False, "owner": self.owner, "content": _content(body, 1, now),
             }))
-        rids = [(await driver.execute(self.conn, _INSERT_RECORD, values))[0][0] for _, values in rows]
-        await driver.execute_many(
-            self.conn, _INSERT_HISTORY, [{"rid": rid, "method": "POST", **values} for rid, (_, values) in zip(rids, rows)]
-        )
+        inserted = await driver.insert_rows(self.conn, resource, [values for _, values in rows],
+                                            returning=("resource_id", "rid"))
+        rid_of = dict(inserted)
+        rids = [rid_of[values["resource_id"]] for _, values in rows]
+        await driver.insert_rows(self.conn, resource_history,
+                                 [{"rid": rid, "method": "POST", **values} for rid, (_, values) in zip(rids, rows)])
         by_kind: dict[str, list[dict[str, Any]]] = {}
         for rid, (body, _) in zip(rids, rows):
             for kind, index in indexing.index_rows(body).items():
                 by_kind.setdefault(kind, []).extend({"rid": rid, **row} for row in index)
         for kind, index in by_kind.items():
-            await driver.execute_many(self.conn, _INSERT_INDEX[kind], index)
+            await driver.insert_rows(self.conn, INDEX_TABLES[kind], index)
         return [(values["resource_id"], values["content"]) for _, values in rows]
 
     async def _insert(self, body: dict[str, Any], resource_id: str, method: str) -> WriteOutcome:
@@ -807,7 +809,6 @@ _NEXT_VERSION = (
     )
     .returning(resource.c.rid)
 )
-_INSERT_RECORD = insert(resource).returning(resource.c.rid)
 _INSERT_INDEX = {kind: insert(table) for kind, table in INDEX_TABLES.items()}
 _CLEAR_INDEXES = [delete(table).where(table.c.rid == bindparam("rid")) for table in INDEX_TABLES.values()]
 # PostgreSQL: the same deletes as one statement (data-modifying CTEs, one per index table).

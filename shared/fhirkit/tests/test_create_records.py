@@ -1,0 +1,65 @@
+"""`Repository.create_records`: a batch of server-written records (audit) stored in a few
+statements, each exactly as a single create would store it: row, history, index rows."""
+
+from collections.abc import AsyncIterator
+
+import orjson
+import pytest
+import pytest_asyncio
+from sqlalchemy import func, select
+
+from fhirkit.search.request import parse_search
+from fhirkit.store.repository import Repository, StoreConfig
+from fhirkit.store.tables import INDEX_TABLES, resource, resource_history
+from servicekit.db import Database
+from servicekit.events.testing import DatabaseTemplates, database_params, running
+
+STORE = StoreConfig(resource_types=frozenset({"AuditEvent"}))
+
+
+@pytest.fixture(scope="module")
+def templates(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[DatabaseTemplates]:
+    found = DatabaseTemplates(tmp_path_factory.mktemp("create-records"))
+    yield found
+    found.drop_all()
+
+
+@pytest_asyncio.fixture(params=database_params())
+async def database(request: pytest.FixtureRequest, templates: DatabaseTemplates) -> AsyncIterator[Database]:
+    async with running(templates.url(str(request.param))) as found:
+        yield found
+
+
+def audit(patient: str, action: str) -> dict[str, object]:
+    return {
+        "resourceType": "AuditEvent", "action": action, "recorded": "2026-11-23T08:00:00+08:00",
+        "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-event-type", "code": "rest"},
+        "agent": [{"requestor": True, "who": {"reference": "Organization/thc-xikou"}}],
+        "source": {"observer": {"reference": "Device/alliance-gateway"}},
+        "entity": [{"what": {"reference": patient}}, {"what": {"reference": "Observation/o1"}, "detail": [
+            {"type": "value", "valueString": "数量 4.0"}]}],
+    }
+
+
+async def test_a_batch_is_stored_row_history_and_indexes_each(database: Database) -> None:
+    bodies = [audit(f"Patient/p{i}", "R" if i % 2 else "E") for i in range(25)]
+    async with database.transaction(write=True) as conn:
+        stored = await Repository(conn, STORE).create_records(bodies)
+
+    assert len({resource_id for resource_id, _ in stored}) == 25
+    for (resource_id, content), body in zip(stored, bodies):
+        assert orjson.loads(content)["id"] == resource_id
+        assert orjson.loads(content)["entity"] == body["entity"]  # in order: the answer pairs with its body
+    async with database.transaction(write=False) as conn:
+        ids = [row[0] for row in await conn.execute(select(resource.c.resource_id).order_by(resource.c.rid))]
+        assert ids == [resource_id for resource_id, _ in stored]
+        assert (await conn.execute(select(func.count()).select_from(resource_history))).scalar_one() == 25
+        for table in INDEX_TABLES.values():
+            rids = {row[0] for row in await conn.execute(select(table.c.rid))}
+            assert rids <= {row[0] for row in await conn.execute(select(resource.c.rid))}
+        repo = Repository(conn, STORE)
+        for i in (0, 7, 24):
+            page = await repo.search(parse_search("AuditEvent", [("entity", f"Patient/p{i}")]))
+            assert [m.resource_id for m in page.matches] == [stored[i][0]]
+        page = await repo.search(parse_search("AuditEvent", [("action", "R"), ("_count", "100")]))
+        assert len(page.matches) == 12
