@@ -111,11 +111,11 @@ def embedded(args: argparse.Namespace, postgres: str | None, logs: Path, stack: 
     for size in args.sizes:
         result["loads"].append(load_to(args, server, tokens, dataset, size))
         _timed("analyze", lambda: system.analyze(urls.values()))
-        result["rows"] += [search(args, server.url, tokens, dataset), check(args, server.url, tokens, dataset)]
+        result["rows"] += [search(args, server, tokens, dataset), check(args, server, tokens, dataset)]
     result["memory"]["embedded"] = _memory(server, {"stored_observations": dataset.observations})
     stored = _stored_bytes(server.url, tokens, dataset.observation_ids[:READ_SAMPLE])
-    read_row = read(args, server.url, tokens, stored, dataset.observations)
-    create_row = create(args, server.url, tokens, dataset)
+    read_row = read(args, server, tokens, stored, dataset.observations)
+    create_row = create(args, server, tokens, dataset)
     system.stop(server)  # the floors get the machine to themselves
     floors = measure_floors(args, env, logs, stored, floor_url, dataset, run)
     result["rows"] = [*floors.values(), *_with_floors(result["rows"], read_row, create_row, floors)]
@@ -159,12 +159,19 @@ def load_to(args: argparse.Namespace, server: system.Server, tokens: system.Toke
 
 
 def measure(args: argparse.Namespace, key: str, name: str, base: str, load: wrk.Load, connections: int,
-            stored: int | None) -> dict[str, Any]:
+            stored: int | None, server: system.Server | None = None) -> dict[str, Any]:
+    """One wrk figure; with `server`, also the CPU seconds each of its processes spent on it (wrk's
+    connections stay with the worker that accepted them: one core or two may serve a figure)."""
     if args.warmup > 0:
         wrk.run(base, load, connections=connections, seconds=args.warmup, threads=args.threads)
+    cpu_before = server.cpu_seconds() if server is not None else {}
     row = wrk.run(base, load, connections=connections, seconds=args.seconds, threads=args.threads)
     row.update(key=key, name=name, stored=stored)
     print(report.row_line(row), flush=True)
+    if server is not None:
+        cpu = {pid: round(seconds - cpu_before.get(pid, 0.0), 1) for pid, seconds in server.cpu_seconds().items()}
+        row["cpu_seconds_per_process"] = cpu
+        print(f"  CPU seconds per server process: {sorted(cpu.values(), reverse=True)}", flush=True)
     return row
 
 
@@ -172,22 +179,23 @@ def _bearer(tokens: system.Tokens, client_id: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {tokens.get(client_id)}", "Content-Type": "application/fhir+json"}
 
 
-def search(args: argparse.Namespace, base: str, tokens: system.Tokens, dataset: data.Dataset) -> dict[str, Any]:
+def search(args: argparse.Namespace, server: system.Server, tokens: system.Tokens, dataset: data.Dataset) -> dict[str, Any]:
     """Observation?patient=…&code=… for (patient, code) pairs sampled from what was loaded, so
     every search finds at least one result; as the lab center, which may read its results."""
     paths = [f"/fhir/Observation?patient=Patient/{p}&code={quote(data.LOINC + '|' + c, safe='/:')}"
              for p, c in dataset.pairs]
     load = wrk.Load("GET", paths, _bearer(tokens, data.LAB))
-    return measure(args, "search", "search Observation?patient&code", base, load, args.connections,
-                   dataset.observations)
+    return measure(args, "search", "search Observation?patient&code", server.url, load, args.connections,
+                   dataset.observations, server)
 
 
-def check(args: argparse.Namespace, base: str, tokens: system.Tokens, dataset: data.Dataset) -> dict[str, Any]:
+def check(args: argparse.Namespace, server: system.Server, tokens: system.Tokens, dataset: data.Dataset) -> dict[str, Any]:
     """$recognition-check by a township health center, for the same sampled pairs."""
     paths = [f"/fhir/$recognition-check?patient=Patient/{p}&code={quote(data.LOINC + '|' + c, safe='/:')}"
              for p, c in dataset.pairs]
     load = wrk.Load("GET", paths, _bearer(tokens, TOWNSHIP))
-    return measure(args, "recognition", "$recognition-check", base, load, args.connections, dataset.observations)
+    return measure(args, "recognition", "$recognition-check", server.url, load, args.connections,
+                   dataset.observations, server)
 
 
 def _stored_bytes(base: str, tokens: system.Tokens, ids: list[str]) -> dict[str, str]:
@@ -201,10 +209,11 @@ def _stored_bytes(base: str, tokens: system.Tokens, ids: list[str]) -> dict[str,
     return stored
 
 
-def read(args: argparse.Namespace, base: str, tokens: system.Tokens, stored: dict[str, str],
+def read(args: argparse.Namespace, server: system.Server, tokens: system.Tokens, stored: dict[str, str],
          size: int) -> dict[str, Any]:
     load = wrk.Load("GET", [f"/fhir/Observation/{i}" for i in stored], _bearer(tokens, data.LAB))
-    return measure(args, "read", "read Observation by id (gateway)", base, load, args.read_connections, size)
+    return measure(args, "read", "read Observation by id (gateway)", server.url, load, args.read_connections, size,
+                   server)
 
 
 def create_load(headers: dict[str, str], dataset: data.Dataset) -> wrk.Load:
@@ -215,10 +224,10 @@ def create_load(headers: dict[str, str], dataset: data.Dataset) -> wrk.Load:
                     patients=dataset.patients[-5000:], codes=[code for code, _ in dataset.items])
 
 
-def create(args: argparse.Namespace, base: str, tokens: system.Tokens, dataset: data.Dataset) -> dict[str, Any]:
+def create(args: argparse.Namespace, server: system.Server, tokens: system.Tokens, dataset: data.Dataset) -> dict[str, Any]:
     load = create_load(_bearer(tokens, data.LAB), dataset)
-    return measure(args, "create", "create Observation (gateway)", base, load, args.connections,
-                   dataset.observations)
+    return measure(args, "create", "create Observation (gateway)", server.url, load, args.connections,
+                   dataset.observations, server)
 
 
 # --- floors -------------------------------------------------------------------------------------
