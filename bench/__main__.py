@@ -148,7 +148,7 @@ def load_to(args: argparse.Namespace, server: system.Server, tokens: system.Toke
     fresh = dataset.patients[-new_patients:]
     cpu_before = server.cpu_seconds()
     observations = asyncio.run(data.add_observations(base, tokens, dataset, count, fresh, args.loaders))
-    cpu = {pid: round(seconds - cpu_before.get(pid, 0.0), 1) for pid, seconds in server.cpu_seconds().items()}
+    cpu = server.cpu_seconds_since(cpu_before)
     load = {"stored": size, "bundle": data.BUNDLE, "patients": patients.summary(args.loaders),
             "observations": observations.summary(args.loaders), "cpu_seconds_per_process": cpu}
     print(f"  {load['observations']['resources_per_s']} observations/s, {load['patients']['resources_per_s']} "
@@ -169,7 +169,7 @@ def measure(args: argparse.Namespace, key: str, name: str, base: str, load: wrk.
     row.update(key=key, name=name, stored=stored)
     print(report.row_line(row), flush=True)
     if server is not None:
-        cpu = {pid: round(seconds - cpu_before.get(pid, 0.0), 1) for pid, seconds in server.cpu_seconds().items()}
+        cpu = server.cpu_seconds_since(cpu_before)
         row["cpu_seconds_per_process"] = cpu
         print(f"  CPU seconds per server process: {sorted(cpu.values(), reverse=True)}", flush=True)
     return row

@@ -135,6 +135,10 @@ class Server:
         work spread over the workers."""
         return {pid: _cpu_seconds(pid) for pid in _process_tree(self.process.pid)}
 
+    def cpu_seconds_since(self, before: dict[int, float]) -> dict[int, float]:
+        """Each process's CPU seconds since `before` (a `cpu_seconds()` taken earlier)."""
+        return {pid: round(seconds - before.get(pid, 0.0), 1) for pid, seconds in self.cpu_seconds().items()}
+
 
 def start(name: str, command: list[str], env: dict[str, str], port: int, log_dir: Path,
           ready_path: str = "/healthz", timeout: float = 90) -> Server:

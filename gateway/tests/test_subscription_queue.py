@@ -12,6 +12,7 @@ from gateway.subscriptions import queue
 from gateway.subscriptions.criteria import SubscriptionConfig
 from gateway.subscriptions.topics import TOPICS
 from servicekit.db import Database
+from servicekit.events.testing import running
 from servicekit.migrations import upgrade
 
 TOPIC = TOPICS[0].url
@@ -27,12 +28,8 @@ def config(endpoint: str) -> SubscriptionConfig:
 async def database(tmp_path: Path) -> AsyncIterator[Database]:
     url = f"sqlite+aiosqlite:///{tmp_path / 'platform.db'}"
     upgrade(url, service_definitions()["platform"].all_lineages)
-    found = Database(url)
-    await found.start()
-    try:
+    async with running(url) as found:
         yield found
-    finally:
-        await found.stop()
 
 
 async def save(conn: object, subscription_id: str, now: int) -> None:

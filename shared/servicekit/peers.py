@@ -5,7 +5,6 @@ in-process ASGI app; in distributed mode it is HTTP to `ALLIANCE_<SERVICE>_URL`.
 are cached briefly: a resource that existed a few seconds ago may be referenced.
 """
 
-import re
 import time
 from collections.abc import Iterable, MutableMapping
 from typing import Any
@@ -15,11 +14,11 @@ import httpx
 import orjson
 
 from fhirkit.errors import UpstreamTimeout, UpstreamUnavailable
+from fhirkit.resources import ID_PATTERN
 from servicekit import topology
 from servicekit.identity import IDENTITY_HEADER, CallerIdentity, sign_identity
 
 IDS_PER_SEARCH = 100
-_FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 
 SYSTEM_IDENTITY = CallerIdentity(
     client_id="alliance-internal", organization="Organization/alliance-system", scopes=("system/*.cruds",), level=None, roles=("system",)
@@ -50,8 +49,7 @@ class Peers:
 
     async def exists(self, resource_type: str, resource_id: str) -> bool:
         key = (resource_type, resource_id)
-        seen = self._seen.get(key)
-        if seen is not None and time.monotonic() - seen < self.cache_seconds:
+        if self._seen_lately(key):
             return True
         for service in self._candidates(resource_type, resource_id):
             if await self._ask(service, resource_type, resource_id):
@@ -63,11 +61,9 @@ class Peers:
         """Learn at once which of many resources exist: one search by `_id` per owning service
         and type (100 ids a search) instead of a read each. What is found is remembered as
         `exists` remembers it; what is not is left for `exists` to ask (and refuse) itself."""
-        now = time.monotonic()
         wanted: dict[tuple[str, str], set[str]] = {}
         for resource_type, resource_id in keys:
-            seen = self._seen.get((resource_type, resource_id))
-            if (seen is not None and now - seen < self.cache_seconds) or not _FHIR_ID.fullmatch(resource_id):
+            if self._seen_lately((resource_type, resource_id)) or not ID_PATTERN.fullmatch(resource_id):
                 continue
             candidates = self._candidates(resource_type, resource_id)
             if len(candidates) == 1:
@@ -84,6 +80,10 @@ class Peers:
                     found = (entry.get("resource") or {}).get("id")
                     if found in ids:
                         self._seen[(resource_type, found)] = time.monotonic()
+
+    def _seen_lately(self, key: tuple[str, str]) -> bool:
+        seen = self._seen.get(key)
+        return seen is not None and time.monotonic() - seen < self.cache_seconds
 
     async def read(self, resource_type: str, resource_id: str, *, fresh: bool = False) -> dict[str, Any] | None:
         """The current content of a resource another service holds (None: absent), cached briefly;

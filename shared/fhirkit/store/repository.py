@@ -894,13 +894,9 @@ def _stored_row(row: tuple[Any, ...]) -> StoredResource:
     """A `fhir_resource` row as the driver returns it (a tuple in the table's column order)."""
     return StoredResource(
         row[_COLUMN["resource_type"]], row[_COLUMN["resource_id"]], row[_COLUMN["version_id"]],
-        row[_COLUMN["last_updated"]], bool(row[_COLUMN["deleted"]]), _bytes(row[_COLUMN["content"]]),
+        row[_COLUMN["last_updated"]], bool(row[_COLUMN["deleted"]]), row[_COLUMN["content"]],
         row[_COLUMN["owner"]], None,
     )
-
-
-def _bytes(value: Any) -> bytes | None:
-    return bytes(value) if isinstance(value, memoryview) else value
 
 
 def _check_if_match(current: StoredResource, if_match: int | None) -> None:

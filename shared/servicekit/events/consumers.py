@@ -112,18 +112,12 @@ class Consumer:
         return Settlement(Outcome.PARKED)
 
     async def _handle_once(self, event: Event) -> None:
-        # The handler's logs and the events its writes emit carry the original request's id.
-        token = request_id_var.set(event.request_id or f"event-{event.id}")
-        try:
-            async with self.database.transaction(write=True) as conn:
-                if await claim(conn, self.name, event.id):
-                    await self.handler(event, conn)
-        finally:
-            request_id_var.reset(token)
+        await self._handle_together([event])
 
     async def _handle_together(self, events: Sequence[Event]) -> None:
         async with self.database.transaction(write=True) as conn:
             for event in events:
+                # The handler's logs and the events its writes emit carry the original request's id.
                 token = request_id_var.set(event.request_id or f"event-{event.id}")
                 try:
                     if await claim(conn, self.name, event.id):

@@ -241,23 +241,26 @@ class TransactionRecorder(Recorder):
         await super().__call__(event, conn)
 
 
-async def _write_patients_together(database: Database, store: Any, count_: int) -> None:
-    async with database.transaction(write=True) as conn:
-        repo = Repository(conn, store, owner="Organization/test")
-        for index in range(count_):
-            await repo.create({"resourceType": "Patient", "active": True}, resource_id=f"p-{index}")
+async def _handled_after_writing_together(
+    database: Database, recorder: TransactionRecorder, count_: int
+) -> list[dict[str, Any]]:
+    """Write `count_` patients in one transaction with `recorder` subscribed (in-process bus);
+    the effects once every event is handled."""
+    referral = ServiceEvents("referral", database, InProcessBus(), fast_options())
+    await referral.subscribe(recorder.name, "referral.Patient.create", recorder)
+    async with started(referral):
+        async with database.transaction(write=True) as conn:
+            repo = Repository(conn, store_for(referral), owner="Organization/test")
+            for index in range(count_):
+                await repo.create({"resourceType": "Patient", "active": True}, resource_id=f"p-{index}")
+        await wait_for(lambda: _effect_count(database, recorder.name, count_))
+        await wait_for(lambda: _no_backlog(database))
+    return await effects(database, recorder.name)
 
 
 async def test_events_committed_together_are_handled_in_one_consumer_transaction(database: Database) -> None:
-    referral = ServiceEvents("referral", database, InProcessBus(), fast_options())
     recorder = TransactionRecorder("batched")
-    await referral.subscribe("batched", "referral.Patient.create", recorder)
-    async with started(referral):
-        await _write_patients_together(database, store_for(referral), 30)
-        await wait_for(lambda: _effect_count(database, "batched", 30))
-        await wait_for(lambda: _no_backlog(database))
-
-    handled = await effects(database, "batched")
+    handled = await _handled_after_writing_together(database, recorder, 30)
     assert [row["resource_id"] for row in sorted(handled, key=lambda r: r["seq"])] == [f"p-{i}" for i in range(30)]
     assert len(recorder.calls) == 30 and len(recorder.transactions) == 1
     assert await count(database, "servicekit_inbox", "consumer = :c", c="batched") == 30
@@ -266,15 +269,8 @@ async def test_events_committed_together_are_handled_in_one_consumer_transaction
 async def test_a_failure_in_a_batch_rolls_it_back_and_its_events_are_handled_one_by_one(
     database: Database,
 ) -> None:
-    referral = ServiceEvents("referral", database, InProcessBus(), fast_options())
     recorder = TransactionRecorder("batched", fail_once_for={"p-7"})
-    await referral.subscribe("batched", "referral.Patient.create", recorder)
-    async with started(referral):
-        await _write_patients_together(database, store_for(referral), 12)
-        await wait_for(lambda: _effect_count(database, "batched", 12))
-        await wait_for(lambda: _no_backlog(database))
-
-    handled = await effects(database, "batched")
+    handled = await _handled_after_writing_together(database, recorder, 12)
     # p-0 … p-6 were called in the failed batch and again alone: each took effect once.
     assert sorted(row["resource_id"] for row in handled) == sorted(f"p-{i}" for i in range(12))
     assert len({row["event_id"] for row in handled}) == 12
