@@ -33,6 +33,9 @@ def environment(data_dir: Path, database_urls: dict[str, str] | None, **extra: s
     env.update(SECRETS)
     env["ALLIANCE_DATA_DIR"] = str(data_dir)
     env["ALLIANCE_LOG_LEVEL"] = "WARNING"
+    # Servers started by tests share one PostgreSQL (max_connections 100 here) with the session's
+    # in-process system: small pools, so that a burst of requests queues instead of being refused.
+    env["ALLIANCE_DATABASE_POOL_SIZE"] = "3"
     for name, url in (database_urls or {}).items():
         env[f"ALLIANCE_{name.upper().replace('-', '_')}_DATABASE_URL"] = url
     env.update(extra)

@@ -85,7 +85,10 @@ def create_service_app(
     if definition.task_grants is not None:
         grants = dataclasses.replace(definition.task_grants, recent_days=settings.relationship_days_after_close)
         definition = dataclasses.replace(definition, task_grants=grants)
-    database = Database(settings.database_url(definition.name), statement_timeout_seconds=settings.query_timeout_seconds)
+    database = Database(
+        settings.database_url(definition.name), pool_size=settings.database_pool_size,
+        statement_timeout_seconds=settings.query_timeout_seconds,
+    )
     urls = {name: settings.service_url(name) for name in topology.OWNED_TYPES}
     peers = Peers(definition.name, secret, urls, transports, cache_seconds=settings.reference_cache_seconds)
     events = ServiceEvents(definition.name, database, shared_bus(settings), EventOptions.from_settings(settings))

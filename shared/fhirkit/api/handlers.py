@@ -6,16 +6,21 @@ import sqlite3
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from fhirkit.api.responses import FHIR_JSON, outcome_bytes
-from fhirkit.errors import FhirError, QueryTooCostly
+from fhirkit.errors import FhirError, QueryTooCostly, UpstreamUnavailable
 
 log = logging.getLogger("fhirkit")
 
 _HTTP_ISSUE_CODES = {404: "not-found", 405: "not-supported", 401: "login", 403: "forbidden", 413: "too-costly"}
 QUERY_CANCELED = "57014"  # PostgreSQL: statement_timeout reached
+# PostgreSQL SQLSTATE classes that mean "cannot serve now", not a bug: 08 connection exception,
+# 53 insufficient resources (53300 too many connections), 57P03 cannot connect now (starting up).
+_UNAVAILABLE_STATES = ("08", "53", "57P03")
+RETRY_AFTER_SECONDS = "5"
 
 
 def safe_path(path: str) -> str:
@@ -29,7 +34,7 @@ def error_response(exc: FhirError) -> Response:
 
 
 def install_exception_handlers(app: FastAPI) -> None:
-    for kind in (FhirError, RequestValidationError, StarletteHTTPException, DBAPIError, Exception):
+    for kind in (FhirError, RequestValidationError, StarletteHTTPException, DBAPIError, PoolTimeout, Exception):
         app.add_exception_handler(kind, _handler)
 
 
@@ -56,6 +61,10 @@ def response_for_error(request: Request, exc: Exception) -> Response:
         return error_response(QueryTooCostly(
             "The query took longer than the server allows (ALLIANCE_QUERY_TIMEOUT_SECONDS); narrow it: "
             "fewer parameters with wide matches, a smaller _count, fewer _include/_revinclude"))
+    if _database_unavailable(exc):
+        log.warning("database unavailable on %s %s: %s", request.method, safe_path(request.url.path), type(exc).__name__)
+        return error_response(UpstreamUnavailable(
+            "The database cannot take the request now; retry shortly", headers={"Retry-After": RETRY_AFTER_SECONDS}))
     # A bug, not a client error: log the trace, never send it.
     log.error("unexpected error on %s %s", request.method, safe_path(request.url.path), exc_info=exc)
     body = outcome_bytes("fatal", "exception", "Internal error; it has been logged")
@@ -67,3 +76,21 @@ def _cancelled_for_time(error: BaseException | None) -> bool:
     if getattr(error, "sqlstate", None) == QUERY_CANCELED:
         return True
     return isinstance(error, sqlite3.OperationalError) and getattr(error, "sqlite_errorcode", None) == sqlite3.SQLITE_INTERRUPT
+
+
+def _database_unavailable(exc: Exception) -> bool:
+    """A refused or lost database connection, or no pooled connection free in time: the client may
+    retry, so 503 with Retry-After rather than 500."""
+    if isinstance(exc, PoolTimeout):
+        return True
+    if not isinstance(exc, DBAPIError):
+        return False
+    if exc.connection_invalidated:
+        return True
+    state = getattr(exc.orig, "sqlstate", None) or ""
+    if state.startswith(_UNAVAILABLE_STATES):
+        return True
+    if isinstance(exc.orig, sqlite3.OperationalError):  # the write lock stayed taken past our patience
+        return getattr(exc.orig, "sqlite_errorcode", None) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+    # psycopg raises OperationalError without a SQLSTATE when it cannot connect at all.
+    return type(exc.orig).__name__ == "OperationalError" and type(exc.orig).__module__.startswith("psycopg") and not state
