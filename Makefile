@@ -9,10 +9,15 @@ BENCH_ARGS ?=
 
 .PHONY: run test test-postgres bench lint install clean
 
+# Bytecode caches: without them every process (each server worker, each CLI command, each server a
+# test starts) first compiles its imports, about 4 s on a small machine. Some machines export
+# PYTHONDONTWRITEBYTECODE; the dependencies are compiled at install and our own modules cached.
+unexport PYTHONDONTWRITEBYTECODE
+
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip uv
-	$(VENV)/bin/uv pip install -q --python $(PY) -e '.[test]'
+	$(VENV)/bin/uv pip install -q --compile-bytecode --python $(PY) -e '.[test]'
 	touch $@
 
 install: $(VENV)/.installed

@@ -8,6 +8,7 @@ import asyncio
 import getpass
 import json
 import os
+import secrets
 import socket
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -183,21 +184,27 @@ async def _system(settings: AllianceSettings) -> AsyncIterator[Any]:
 
 async def _load_directory(path: Path, settings: AllianceSettings) -> str:
     from directory.directory_file import parse_directory_file
-    from directory.load import load_directory
-    from servicekit.peers import SYSTEM_IDENTITY
 
     content = parse_directory_file(path)
     async with _system(settings) as gateway_app:
-        gateway = gateway_app.state.gateway
+        return await _directory_into(gateway_app, content)
 
-        async def send(body: bytes) -> tuple[int, bytes]:
-            upstream = await gateway.send(
-                "directory", "POST", "/fhir", identity=SYSTEM_IDENTITY,
-                headers={"content-type": "application/fhir+json"}, content=body,
-            )
-            return upstream.status, upstream.content
 
-        report = await load_directory(content, send)
+async def _directory_into(gateway_app: Any, content: Any) -> str:
+    """Load a parsed directory file through the running gateway's directory service."""
+    from directory.load import load_directory
+    from servicekit.peers import SYSTEM_IDENTITY
+
+    gateway = gateway_app.state.gateway
+
+    async def send(body: bytes) -> tuple[int, bytes]:
+        upstream = await gateway.send(
+            "directory", "POST", "/fhir", identity=SYSTEM_IDENTITY,
+            headers={"content-type": "application/fhir+json"}, content=body,
+        )
+        return upstream.status, upstream.content
+
+    report = await load_directory(content, send)
     return f"{content.alliance}: {report}"
 
 
@@ -215,24 +222,28 @@ def directory_load(file: Annotated[Path, typer.Argument(exists=True, dir_okay=Fa
 
 
 async def _load_results_sharing(load: Any, settings: AllianceSettings, *, as_organization: str | None = None) -> str:
+    async with _system(settings) as gateway_app:
+        return await _results_sharing_into(gateway_app, load, as_organization=as_organization)
+
+
+async def _results_sharing_into(gateway_app: Any, load: Any, *, as_organization: str | None = None) -> str:
     """Run a results-sharing loader (`results_sharing.load`) against the service, through the
-    gateway: as the server itself, or as the organization that produces what it loads."""
+    running gateway: as the server itself, or as the organization that produces what it loads."""
     from servicekit.identity import CallerIdentity
     from servicekit.peers import SYSTEM_IDENTITY
 
     identity = SYSTEM_IDENTITY if as_organization is None else CallerIdentity(
         client_id="alliance-demo-loader", organization=as_organization, scopes=("system/*.cruds",), level="center")
-    async with _system(settings) as gateway_app:
-        gateway = gateway_app.state.gateway
+    gateway = gateway_app.state.gateway
 
-        async def send(body: bytes) -> tuple[int, bytes]:
-            upstream = await gateway.send(
-                "results-sharing", "POST", "/fhir", identity=identity,
-                headers={"content-type": "application/fhir+json"}, content=body,
-            )
-            return upstream.status, upstream.content
+    async def send(body: bytes) -> tuple[int, bytes]:
+        upstream = await gateway.send(
+            "results-sharing", "POST", "/fhir", identity=identity,
+            headers={"content-type": "application/fhir+json"}, content=body,
+        )
+        return upstream.status, upstream.content
 
-        return str(await load(send))
+    return str(await load(send))
 
 
 @catalog_app.command("load")
@@ -476,45 +487,55 @@ async def _create_client(
 @demo_app.command("load")
 def demo_load() -> None:
     """Load the demo alliance and write one API client per organization to data/demo-clients.json."""
-    settings = _settings()
-    typer.echo(asyncio.run(_load_directory(DEMO_DIRECTORY, settings)))
+    for line in asyncio.run(_load_demo(_settings())):
+        typer.echo(line)
+
+
+async def _load_demo(settings: AllianceSettings) -> list[str]:
+    """The directory, the recognition catalog and quality records, the demo lab's results and the
+    demo clients, through one running system (each start of the system costs about a second)."""
+    from directory.directory_file import parse_directory_file
     from results_sharing.load import DEMO_LAB, load_demo, load_demo_results
 
-    typer.echo(asyncio.run(_load_results_sharing(load_demo, settings)))
-    typer.echo(asyncio.run(_load_results_sharing(load_demo_results, settings, as_organization=DEMO_LAB)))
-    path = asyncio.run(_demo_clients(settings))
-    typer.echo(f"demo clients written to {path}")
+    content = parse_directory_file(DEMO_DIRECTORY)
+    async with _system(settings) as gateway_app:
+        lines = [await _directory_into(gateway_app, content)]
+        lines.append(await _results_sharing_into(gateway_app, load_demo))
+        lines.append(await _results_sharing_into(gateway_app, load_demo_results, as_organization=DEMO_LAB))
+        path = await _demo_clients(gateway_app, settings, content)
+    return [*lines, f"demo clients written to {path}"]
 
 
-async def _demo_clients(settings: AllianceSettings) -> Path:
-    from directory.directory_file import parse_directory_file
+async def _demo_clients(gateway_app: Any, settings: AllianceSettings, content: Any) -> Path:
     from directory.identifiers import FACILITY_CODES
     from gateway.auth import create_client
 
     path = settings.data_dir / "demo-clients.json"
     previous = {c["client_id"]: c for c in json.loads(path.read_text())} if path.exists() else {}
-    content = parse_directory_file(DEMO_DIRECTORY)
-    clients = []
-    async with _system(settings) as gateway_app:
-        engine = gateway_app.state.apps["platform"].state.database.engine
-        for org in content.organizations:
-            code = _facility_code(org)
-            level = _level(code, FACILITY_CODES)
-            client_id = f"demo-{org['id']}"
-            secret = previous.get(client_id, {}).get("client_secret")
-            client = await create_client(
-                engine, organization=f"Organization/{org['id']}", scope=DEMO_SCOPE, name=org["name"],
-                level=level, client_id=client_id, client_secret=secret,
-            )
-            clients.append({
-                "client_id": client.client_id,
-                "client_secret": secret or client.client_secret,
-                "organization": f"Organization/{org['id']}",
-                "name": org["name"],
-                "level": level,
-                "facility": code,
-                "scope": client.scope,
-            })
+    engine = gateway_app.state.apps["platform"].state.database.engine
+
+    async def register(org: dict[str, Any]) -> dict[str, Any]:
+        code = _facility_code(org)
+        level = _level(code, FACILITY_CODES)
+        client_id = f"demo-{org['id']}"
+        # A re-run keeps each client's secret; scrypt runs in threads, so the clients are hashed
+        # side by side rather than one after another.
+        secret = previous.get(client_id, {}).get("client_secret") or secrets.token_urlsafe(32)
+        client = await create_client(
+            engine, organization=f"Organization/{org['id']}", scope=DEMO_SCOPE, name=org["name"],
+            level=level, client_id=client_id, client_secret=secret,
+        )
+        return {
+            "client_id": client.client_id,
+            "client_secret": secret,
+            "organization": f"Organization/{org['id']}",
+            "name": org["name"],
+            "level": level,
+            "facility": code,
+            "scope": client.scope,
+        }
+
+    clients = await asyncio.gather(*(register(org) for org in content.organizations))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(clients, ensure_ascii=False, indent=2))
     path.chmod(0o600)

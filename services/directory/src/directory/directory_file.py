@@ -317,9 +317,13 @@ def _to_data(node: Node, issues: _Issues) -> Any:
     return mapping
 
 
+# libyaml's loader when PyYAML was built with it: the pure-Python one took 2 s for the demo file.
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 def _compose(text: str, issues: _Issues) -> Any:
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        root = yaml.compose(text, Loader=_LOADER)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         issues.add(mark.line + 1 if mark else None, f"not valid YAML: {exc.problem or exc}")
