@@ -412,7 +412,7 @@ class TestGreenChannel:
 
 class TestDeadlines:
     async def test_overdue_referrals_escalate_then_routine_ones_expire(self, system, alliance: Alliance) -> None:
-        from fhirkit.search.values import date_range
+        from fhirkit.search.values import date_range, from_micros, to_micros
         from fhirkit.store.repository import Repository
         from referral import deadlines
         from servicekit.peers import SYSTEM_IDENTITY
@@ -439,9 +439,15 @@ class TestDeadlines:
         overdue = await alliance.county.call("GET", "Task", params={
             "_tag": f"{deadlines.FLAG_SYSTEM}|overdue", "_id": task["id"]})
         assert overdue.json()["total"] == 1
-        level_two = await sweep_at(due + 3 * day)
+        # The routine deadline counts working days: from a Thursday it is four calendar days long.
+        length = to_micros(deadlines.parse_duration("P2WD").after(from_micros(due))) - due
+        assert 2 * day <= length <= 4 * day
+        assert {p["url"]: p for p in (await sweep_at(due + length))["extension"][0]["extension"]}[
+            "level"]["valueInteger"] == 1
+        level_two = await sweep_at(due + length + 60_000_000)
         assert {p["url"]: p for p in level_two["extension"][0]["extension"]}["level"]["valueInteger"] == 2
-        expired = await sweep_at(due + 10 * day)
+        assert (await sweep_at(due + 2 * length))["status"] != "cancelled"
+        expired = await sweep_at(due + 2 * length + 60_000_000)
         assert expired["status"] == "cancelled"
         assert expired["statusReason"]["coding"][0]["code"] == "expired"
         provenance = await alliance.township.call("GET", "Provenance", params={"target": f"Task/{task['id']}"})

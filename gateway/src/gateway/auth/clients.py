@@ -185,7 +185,8 @@ async def create_client(
     A secret is generated for clients without keys (symmetric auth). Re-registering an existing
     client_id without a secret keeps its current secret and its enabled flag.
     """
-    client_id = client_id or secrets.token_urlsafe(16)
+    # Hex, not URL-safe base64: an id starting with '-' would read as an option on the command line.
+    client_id = client_id or secrets.token_hex(16)
     _validate_registration(client_id, organization, scope, jwks)
     if client_secret is not None and len(client_secret) < 8:
         raise ValueError("client_secret must be at least 8 characters")
