@@ -88,9 +88,13 @@ class Database:
             self._read = _sqlite_engine(self.url, "BEGIN", limit)
         else:
             options = {"options": f"-c statement_timeout={self.statement_timeout_ms}"} if self.statement_timeout_ms else {}
+            # No ping before each checkout: it was a round trip on every request (a tenth of a
+            # read). A connection lost meanwhile (PostgreSQL restarted) fails its request with
+            # 503 and Retry-After (fhirkit.api.handlers), nothing written; SQLAlchemy then
+            # replaces every connection of the pool, so the retry gets a fresh one.
             self._write = create_async_engine(
-                self.url, pool_size=self.pool_size, max_overflow=self.pool_size, pool_pre_ping=True, hide_parameters=True,
-                connect_args=options,
+                self.url, pool_size=self.pool_size, max_overflow=self.pool_size, pool_pre_ping=False,
+                hide_parameters=True, connect_args=options,
             )
             self._read = self._write
             await self._warn_without_autovacuum()

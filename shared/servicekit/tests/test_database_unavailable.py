@@ -1,10 +1,13 @@
 """A database that refuses connections, or a pool with no connection free in time, is answered
 503 `transient` with Retry-After: the client may retry. Never a 500."""
 
+import asyncio
+import os
 import sqlite3
 from pathlib import Path
 
 import httpx
+import psycopg
 import pytest
 from fastapi import FastAPI
 from sqlalchemy import text
@@ -86,3 +89,39 @@ async def test_other_database_errors_stay_500_without_detail(tmp_path: Path) -> 
         await database.stop()
     assert response.status_code == 500
     assert "no_such_table" not in response.text
+
+
+POSTGRES = os.environ.get("ALLIANCE_TEST_POSTGRES_URL")
+
+
+@pytest.mark.skipif(not POSTGRES, reason="needs ALLIANCE_TEST_POSTGRES_URL")
+async def test_connections_lost_to_a_restart_cost_one_503_then_the_pool_is_fresh() -> None:
+    """The pool does not ping before each checkout: a connection PostgreSQL dropped fails the
+    request that drew it (503, retry), and the pool replaces all of them, so the retry works."""
+    database = Database(f"{POSTGRES}/postgres", pool_size=3)
+    await database.start()
+    app = FastAPI()
+    install_exception_handlers(app)
+
+    @app.get("/read")
+    async def read() -> dict[str, int]:
+        async with database.transaction(write=False) as conn:
+            await conn.execute(text("SELECT pg_sleep(0.2)"))  # overlapping: three pooled connections
+            return {"backend": int(await conn.scalar(text("SELECT pg_backend_pid()")))}
+
+    try:
+        answers = await asyncio.gather(*(_get(app, "/read") for _ in range(3)))
+        before = {answer.json()["backend"] for answer in answers}
+        assert len(before) == 3
+        admin = POSTGRES.replace("postgresql+psycopg://", "postgresql://") + "/postgres"
+        with psycopg.connect(admin, autocommit=True) as conn:
+            for pid in before:  # what a restart does to the pooled connections
+                conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        first = await _get(app, "/read")
+        _assert_retry_later(first)
+        for _ in range(3):  # none of the other two dropped connections is handed out again
+            after = await _get(app, "/read")
+            assert after.status_code == 200
+            assert after.json()["backend"] not in before
+    finally:
+        await database.stop()
