@@ -162,6 +162,8 @@ def measure(args: argparse.Namespace, key: str, name: str, base: str, load: wrk.
             stored: int | None, server: system.Server | None = None) -> dict[str, Any]:
     """One wrk figure; with `server`, also the CPU seconds each of its processes spent on it (wrk's
     connections stay with the worker that accepted them: one core or two may serve a figure)."""
+    if server is not None:
+        _wait_until_idle(server)
     if args.warmup > 0:
         wrk.run(base, load, connections=connections, seconds=args.warmup, threads=args.threads)
     cpu_before = server.cpu_seconds() if server is not None else {}
@@ -173,6 +175,23 @@ def measure(args: argparse.Namespace, key: str, name: str, base: str, load: wrk.
         row["cpu_seconds_per_process"] = cpu
         print(f"  CPU seconds per server process: {sorted(cpu.values(), reverse=True)}", flush=True)
     return row
+
+
+def _wait_until_idle(server: system.Server, limit: float = 120.0) -> None:
+    """Wait until the server's processes are nearly idle (the previous figure's events handled):
+    wrk opens its connections at once, and a worker still busy then accepts none of them, so the
+    figure would be served by one worker (seen: 3.8 and 0.3 CPU s over two workers)."""
+    began = time.monotonic()
+    before = server.cpu_seconds()
+    while time.monotonic() - began < limit:
+        time.sleep(0.5)
+        busy = sum(server.cpu_seconds_since(before).values())
+        if busy < 0.05:  # under a tenth of a core
+            break
+        before = server.cpu_seconds()
+    waited = time.monotonic() - began
+    if waited > 1.5:
+        print(f"  (waited {waited:.1f} s for the server to finish earlier work)", flush=True)
 
 
 def _bearer(tokens: system.Tokens, client_id: str) -> dict[str, str]:
