@@ -114,7 +114,8 @@ class FhirDispatch:
             return await self.ctx.run(request, lambda c: interactions.history(
                 c.repo, resource_type, None, c.params, c.options, self_path=f"{resource_type}/_history"))
         resources.check_id(resource_id)
-        return await self.ctx.run(request, lambda c: interactions.read(c.repo, resource_type, resource_id, c.options))
+        return await self.ctx.run(
+            request, lambda c: interactions.read(c.repo, resource_type, resource_id, c.options), one_statement=True)
 
     async def instance_post(self, request: Request, resource_type: str, second: str) -> Response:
         await self.ctx.require_type(request, resource_type)

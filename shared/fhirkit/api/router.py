@@ -35,6 +35,10 @@ MAX_BODY_BYTES = 16 * 1024 * 1024
 class Database(Protocol):
     def transaction(self, *, write: bool) -> AbstractAsyncContextManager[AsyncConnection]: ...
 
+    def statement(self) -> AbstractAsyncContextManager[AsyncConnection]:
+        """A connection for one reading statement, outside any transaction."""
+        ...
+
 
 class Caller(Protocol):
     organization: str
@@ -215,11 +219,17 @@ class InteractionContext:
             request.state.fhir_caller = await self.service.authenticate(request)
         return request.state.fhir_caller
 
-    async def run(self, request: Request, action: Callable[[InteractionCall], Awaitable[Result]], *, write: bool = False) -> Response:
+    async def run(
+        self, request: Request, action: Callable[[InteractionCall], Awaitable[Result]], *, write: bool = False,
+        one_statement: bool = False,
+    ) -> Response:
+        """`one_statement`: the action reads with a single statement, so it needs no transaction."""
         responses.check_format(request.query_params.get("_format"), request.headers.get("accept"))
         caller = await self.caller(request)
         raw = await read_body(request) if write or request.method in ("POST", "PUT", "PATCH") else b""
-        async with self.service.database.transaction(write=write) as conn:
+        database = self.service.database
+        connection = database.statement() if one_statement and not write else database.transaction(write=write)
+        async with connection as conn:
             repo = self._repository(conn, caller)
             result = await action(InteractionCall(repo, request, raw, caller))
         return responses.fhir_response(result.body, result.status, result.headers)

@@ -196,6 +196,8 @@ def transaction_memo(conn: AsyncConnection, name: str) -> dict[Any, Any]:
     entry of a bundle repeats (a catalog item, a center's quality records). A writer of what such a
     memo holds clears it in the same transaction."""
     transaction = conn.sync_connection.get_transaction() if conn.sync_connection is not None else None
+    if transaction is None:  # outside a transaction (a lone statement): nothing to remember across
+        return {}
     memos = conn.info.get("transaction_memos")
     if memos is None or memos[0] is not transaction:
         memos = (transaction, {})

@@ -125,3 +125,22 @@ async def test_connections_lost_to_a_restart_cost_one_503_then_the_pool_is_fresh
             assert after.json()["backend"] not in before
     finally:
         await database.stop()
+
+
+@pytest.mark.skipif(not POSTGRES, reason="needs ALLIANCE_TEST_POSTGRES_URL")
+async def test_a_lone_statement_runs_outside_a_transaction_and_leaves_the_pool_transactional() -> None:
+    """`Database.statement()` (a read by id) sends no BEGIN: each statement is its own
+    transaction. The connection goes back to the pool as it came: the next request's
+    transaction is one again."""
+    database = Database(f"{POSTGRES}/postgres", pool_size=1)
+    await database.start()
+    current = text("SELECT pg_current_xact_id()::text")
+    try:
+        async with database.statement() as conn:
+            first, second = await conn.scalar(current), await conn.scalar(current)
+        assert first != second
+        async with database.transaction(write=False) as conn:
+            first, second = await conn.scalar(current), await conn.scalar(current)
+        assert first == second
+    finally:
+        await database.stop()
