@@ -195,17 +195,23 @@ async def _directory_into(gateway_app: Any, content: Any) -> str:
     from directory.load import load_directory
     from servicekit.peers import SYSTEM_IDENTITY
 
+    report = await load_directory(content, _poster(gateway_app, "directory", SYSTEM_IDENTITY))
+    return f"{content.alliance}: {report}"
+
+
+def _poster(gateway_app: Any, service: str, identity: Any) -> Callable[[bytes], Awaitable[tuple[int, bytes]]]:
+    """What a loader sends its Bundles with: POST /fhir to `service` through the running gateway,
+    as `identity`; answers (status, body)."""
     gateway = gateway_app.state.gateway
 
     async def send(body: bytes) -> tuple[int, bytes]:
         upstream = await gateway.send(
-            "directory", "POST", "/fhir", identity=SYSTEM_IDENTITY,
-            headers={"content-type": "application/fhir+json"}, content=body,
+            service, "POST", "/fhir", identity=identity, headers={"content-type": "application/fhir+json"},
+            content=body,
         )
         return upstream.status, upstream.content
 
-    report = await load_directory(content, send)
-    return f"{content.alliance}: {report}"
+    return send
 
 
 @directory_app.command("load")
@@ -234,16 +240,7 @@ async def _results_sharing_into(gateway_app: Any, load: Any, *, as_organization:
 
     identity = SYSTEM_IDENTITY if as_organization is None else CallerIdentity(
         client_id="alliance-demo-loader", organization=as_organization, scopes=("system/*.cruds",), level="center")
-    gateway = gateway_app.state.gateway
-
-    async def send(body: bytes) -> tuple[int, bytes]:
-        upstream = await gateway.send(
-            "results-sharing", "POST", "/fhir", identity=identity,
-            headers={"content-type": "application/fhir+json"}, content=body,
-        )
-        return upstream.status, upstream.content
-
-    return str(await load(send))
+    return str(await load(_poster(gateway_app, "results-sharing", identity)))
 
 
 @catalog_app.command("load")

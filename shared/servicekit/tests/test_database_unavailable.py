@@ -32,19 +32,24 @@ def _assert_retry_later(response: httpx.Response) -> None:
     assert "retry" in outcome["issue"][0]["diagnostics"]
 
 
-async def test_a_database_refusing_connections_is_503_with_retry_after() -> None:
-    database = Database("postgresql+psycopg://nobody@127.0.0.1:1/none")  # nothing listens on port 1
-    await database.start()
+def _app_running(database: Database, statement: str) -> FastAPI:
+    """An app whose GET /read runs `statement` in a read transaction, with our error handlers."""
     app = FastAPI()
     install_exception_handlers(app)
 
     @app.get("/read")
     async def read() -> None:
         async with database.transaction(write=False) as conn:
-            await conn.execute(text("SELECT 1"))
+            await conn.execute(text(statement))
 
+    return app
+
+
+async def test_a_database_refusing_connections_is_503_with_retry_after() -> None:
+    database = Database("postgresql+psycopg://nobody@127.0.0.1:1/none")  # nothing listens on port 1
+    await database.start()
     try:
-        response = await _get(app, "/read")
+        response = await _get(_app_running(database, "SELECT 1"), "/read")
     finally:
         await database.stop()
     _assert_retry_later(response)
@@ -75,16 +80,8 @@ async def test_other_database_errors_stay_500_without_detail(tmp_path: Path) -> 
     """A bug (here: a missing table) is not disguised as 'retry later'."""
     database = Database(f"sqlite+aiosqlite:///{tmp_path / 'x.db'}")
     await database.start()
-    app = FastAPI()
-    install_exception_handlers(app)
-
-    @app.get("/read")
-    async def read() -> None:
-        async with database.transaction(write=False) as conn:
-            await conn.execute(text("SELECT * FROM no_such_table"))
-
     try:
-        response = await _get(app, "/read")
+        response = await _get(_app_running(database, "SELECT * FROM no_such_table"), "/read")
     finally:
         await database.stop()
     assert response.status_code == 500
