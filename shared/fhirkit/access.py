@@ -28,6 +28,8 @@ SYSTEM_ROLE = "system"
 DAY_MICROS = 86_400 * 1_000_000
 # The name of the `fhir_resource` alias a search selects from (one shared alias object).
 SEARCH_ALIAS = "r"
+# Grants are judged on a clock that moves in these steps, rounded up (see AccessPolicy.visible).
+GRANT_CLOCK_STEP_MICROS = 10_000_000
 
 
 @dataclass(frozen=True)
@@ -52,24 +54,26 @@ class AccessPolicy:
     # A service's own extra rule (e.g. the county referral desk sees unaddressed referrals).
     extra: Callable[[Any, FromClause], Clause | None] | None = None
 
-    # Built conditions for the base table by caller and second: building one cost more than
+    # Built conditions for the base table by caller and clock step: building one cost more than
     # running the query it filters (a search by patient and code).
     _memo: dict[Any, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def visible(self, caller: Any, target: FromClause, *, now: int | None = None) -> Clause | None:
         """The condition on `target` (a `fhir_resource` alias) keeping what `caller` may read;
         None when nothing is hidden from it (the services' own system identity, break-the-glass).
-        Grants are judged at `now` rounded up to the next second: one expiring within that
-        second is already treated as expired."""
+        Grants are judged at `now` rounded up to the next step of GRANT_CLOCK_STEP_MICROS (10 s):
+        one expiring within that step is already treated as expired (never the other way), and
+        a caller's condition is built and compiled once per step, not per request."""
         if SYSTEM_ROLE in getattr(caller, "roles", ()) or getattr(caller, "break_glass", None):
             return None
         organization = _organization_of(caller)
-        moment = -(-(now if now is not None else now_micros()) // 1_000_000) * 1_000_000
+        step = GRANT_CLOCK_STEP_MICROS
+        moment = -(-(now if now is not None else now_micros()) // step) * step
         if target is not _base_table() and getattr(target, "name", None) != SEARCH_ALIAS:
             return self._visible(caller, organization, target, moment)
         key = (organization, getattr(caller, "level", None), tuple(getattr(caller, "roles", ())), target)
         memo = self._memo
-        if memo.get("moment") != moment:  # conditions of an earlier second are never used again
+        if memo.get("moment") != moment:  # conditions of an earlier step are never used again
             memo.clear()
             memo["moment"] = moment
         clause = memo.get(key)

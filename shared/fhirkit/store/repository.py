@@ -202,7 +202,7 @@ class Repository:
 
     async def _current_by(self, stmt: Any, resource_type: str, resource_id: str) -> StoredResource | None:
         # On the driver: SQLAlchemy's per-execution cache key of the access condition cost more
-        # than the read itself; the statement is compiled once per caller and second instead.
+        # than the read itself; the statement is compiled once per caller and grant-clock step (10 s) instead.
         rows = await driver.execute(self.conn, stmt, {"resource_type": resource_type, "resource_id": resource_id})
         return _stored_row(rows[0]) if rows else None
 
