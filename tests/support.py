@@ -23,6 +23,8 @@ def system_settings(data_dir: Path, database_urls: dict[str, str] | None = None,
         "log_json": False,
         "internal_secret": "test-internal-secret-0123456789abcdef0123456789",
         "token_signing_key": "test-token-signing-key-0123456789abcdef012345",
+        # The suite shares one PostgreSQL (max_connections 100) with the servers some tests start.
+        "database_pool_size": 10,
         **extra,
     }
     for name, url in (database_urls or {}).items():

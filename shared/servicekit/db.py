@@ -65,7 +65,7 @@ def _sqlite_engine(url: str, begin: str, query_timeout_seconds: float) -> AsyncE
 
 
 class Database:
-    def __init__(self, url: str, *, pool_size: int = 10, statement_timeout_seconds: float = 0) -> None:
+    def __init__(self, url: str, *, pool_size: int = 20, statement_timeout_seconds: float = 0) -> None:
         self.url = url
         self.pool_size = pool_size
         # A statement running longer is cancelled (0: no limit): PostgreSQL's statement_timeout,

@@ -56,8 +56,9 @@ class AllianceSettings(BaseSettings):
     # A query running longer than this is cancelled (0: no limit); the client gets 422 too-costly.
     query_timeout_seconds: float = Field(default=30.0, ge=0)
     # PostgreSQL connections each process keeps per service database; as many again may open in a
-    # burst. Size it so that workers × databases × 2 × this stays under max_connections.
-    database_pool_size: int = Field(default=10, ge=1, le=200)
+    # burst, but those are closed after use, and opening one (a backend, then re-planning every
+    # statement) cost more than a read: keep it above the requests a worker serves at once.
+    database_pool_size: int = Field(default=20, ge=1, le=200)
     # Requests per second an API client may send on average (0: no limit), and at once.
     rate_limit_per_second: float = Field(default=200.0, ge=0)
     rate_limit_burst: int = Field(default=1000, ge=1)
