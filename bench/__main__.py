@@ -182,13 +182,13 @@ def _wait_until_idle(server: system.Server, limit: float = 120.0) -> None:
     wrk opens its connections at once, and a worker still busy then accepts none of them, so the
     figure would be served by one worker (seen: 3.8 and 0.3 CPU s over two workers)."""
     began = time.monotonic()
-    before = server.cpu_seconds()
+    before = sum(server.cpu_seconds().values())
     while time.monotonic() - began < limit:
         time.sleep(0.5)
-        busy = sum(server.cpu_seconds_since(before).values())
-        if busy < 0.05:  # under a tenth of a core
+        now = sum(server.cpu_seconds().values())
+        if now - before < 0.05:  # all its processes together: under a tenth of a core
             break
-        before = server.cpu_seconds()
+        before = now
     waited = time.monotonic() - began
     if waited > 1.5:
         print(f"  (waited {waited:.1f} s for the server to finish earlier work)", flush=True)

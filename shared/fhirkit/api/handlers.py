@@ -3,6 +3,7 @@
 import logging
 import sqlite3
 
+import psycopg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from sqlalchemy.exc import DBAPIError
@@ -93,4 +94,4 @@ def _database_unavailable(exc: Exception) -> bool:
     if isinstance(exc.orig, sqlite3.OperationalError):  # the write lock stayed taken past our patience
         return getattr(exc.orig, "sqlite_errorcode", None) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
     # psycopg raises OperationalError without a SQLSTATE when it cannot connect at all.
-    return type(exc.orig).__name__ == "OperationalError" and type(exc.orig).__module__.startswith("psycopg") and not state
+    return isinstance(exc.orig, psycopg.OperationalError) and not state

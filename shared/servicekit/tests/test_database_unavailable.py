@@ -17,6 +17,8 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from fhirkit.api.handlers import install_exception_handlers
 from servicekit.db import Database
 
+POSTGRES = os.environ.get("ALLIANCE_TEST_POSTGRES_URL")
+
 
 async def _get(app: FastAPI, path: str) -> httpx.Response:
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
@@ -86,9 +88,6 @@ async def test_other_database_errors_stay_500_without_detail(tmp_path: Path) -> 
         await database.stop()
     assert response.status_code == 500
     assert "no_such_table" not in response.text
-
-
-POSTGRES = os.environ.get("ALLIANCE_TEST_POSTGRES_URL")
 
 
 @pytest.mark.skipif(not POSTGRES, reason="needs ALLIANCE_TEST_POSTGRES_URL")
