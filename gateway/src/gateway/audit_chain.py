@@ -16,10 +16,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import BigInteger, Column, Integer, String, Table, func, insert, select
+from sqlalchemy import BigInteger, Column, Integer, String, Table, func, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from fhirkit.errors import Forbidden
+from fhirkit.store import driver
 from fhirkit.store.tables import resource_history
 from gateway.auth.clients import METADATA
 
@@ -42,18 +43,24 @@ def link(previous: str, content: bytes) -> tuple[str, str]:
 
 
 async def append(conn: AsyncConnection, records: Sequence[tuple[str, bytes]]) -> None:
-    """Chain the AuditEvents just stored (id, stored bytes), in order, in the caller's transaction."""
+    """Chain the AuditEvents just stored (id, stored bytes), in order, in the caller's transaction.
+
+    The links go in one multi-row statement. Their sequence numbers are given, not drawn from the
+    column's sequence: under the lock the next number is known, and a multi-row insert promises
+    no order in which it would draw them."""
     if not records:
         return
     if conn.dialect.name == "postgresql":  # SQLite: already the only writer (see above)
         await conn.execute(select(func.pg_advisory_xact_lock(CHAIN_LOCK)))
-    last = (await conn.execute(select(audit_chain.c.chain_sha256).order_by(audit_chain.c.seq.desc()).limit(1))).first()
-    previous = last[0] if last else GENESIS
+    last = (await conn.execute(
+        select(audit_chain.c.seq, audit_chain.c.chain_sha256).order_by(audit_chain.c.seq.desc()).limit(1))).first()
+    seq, previous = (last[0], last[1]) if last else (0, GENESIS)
     rows = []
     for audit_id, content in records:
         content_hash, previous = link(previous, content)
-        rows.append({"audit_id": audit_id, "content_sha256": content_hash, "chain_sha256": previous})
-    await conn.execute(insert(audit_chain), rows)
+        seq += 1
+        rows.append({"seq": seq, "audit_id": audit_id, "content_sha256": content_hash, "chain_sha256": previous})
+    await driver.insert_rows(conn, audit_chain, rows)
 
 
 @dataclass(frozen=True)
