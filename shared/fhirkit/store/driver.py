@@ -17,8 +17,8 @@ import re
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from psycopg import AsyncRawCursor
-from sqlalchemy import Table, insert, text
+from psycopg import AsyncCursor, AsyncRawCursor
+from sqlalchemy import Float, Table, insert
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -130,10 +130,11 @@ async def insert_rows(
     columns of the rows, in no promised order."""
     if not rows:
         return []
-    if conn.dialect.name == "postgresql" and _driver(conn) is not None:
+    connection = _driver(conn) if conn.dialect.name == "postgresql" else None
+    if connection is not None:
         keys = tuple(name for name in table.c.keys() if any(name in row for row in rows))
-        statement = _unnest_insert(table, keys, returning)
-        return await execute(conn, statement, {key: [row.get(key) for row in rows] for key in keys})
+        arrays = [_column_array(table, key, rows) for key in keys]
+        return await _run_binary(connection, _unnest_insert(table, keys, returning), arrays)
     if not returning:
         await execute_many(conn, _plain_insert(table, ()), rows)
         return []
@@ -141,18 +142,37 @@ async def insert_rows(
     return [found for row in rows for found in await execute(conn, statement, row)]
 
 
-# (table, columns, returning) → its statement, built once (the driver compiles by statement).
+# (table, columns, returning) → its statement, built once.
 _INSERTS: dict[tuple[str, tuple[str, ...], tuple[str, ...]], Any] = {}
 
 
-def _unnest_insert(table: Table, keys: tuple[str, ...], returning: tuple[str, ...]) -> Any:
+def _unnest_insert(table: Table, keys: tuple[str, ...], returning: tuple[str, ...]) -> str:
+    # `%b`: the arrays go in PostgreSQL's binary format. psycopg writes a text-format array in
+    # Python, escaping every element: 2.7 ms for 700 short strings and 2.5 ms for 60 stored
+    # resources, against 0.34 and 0.06 ms in binary (an audit batch is about that size).
     found = _INSERTS.get((table.name, keys, returning))
     if found is None:
         dialect = postgresql.dialect()
-        arrays = ", ".join(f"CAST(:{key} AS {table.c[key].type.compile(dialect=dialect)}[])" for key in keys)
+        arrays = ", ".join(f"CAST(%b AS {table.c[key].type.compile(dialect=dialect)}[])" for key in keys)
         sql = f"INSERT INTO {table.name} ({', '.join(keys)}) SELECT * FROM unnest({arrays})"
-        found = _INSERTS[(table.name, keys, returning)] = text(sql + _returning(returning))
+        found = _INSERTS[(table.name, keys, returning)] = sql + _returning(returning)
     return found
+
+
+def _column_array(table: Table, key: str, rows: Sequence[dict[str, Any]]) -> list[Any]:
+    values = [row.get(key) for row in rows]
+    if isinstance(table.c[key].type, Float):  # a binary array holds one type: 5 and 5.5 are both float8
+        return [None if value is None else float(value) for value in values]
+    return values
+
+
+async def _run_binary(connection: Any, sql: str, parameters: list[Any]) -> list[Row]:
+    try:
+        async with AsyncCursor(connection) as cursor:
+            await cursor.execute(sql, parameters)
+            return await cursor.fetchall() if cursor.description else []
+    except Exception as error:
+        raise as_dbapi_error(sql, error) from error
 
 
 def _plain_insert(table: Table, returning: tuple[str, ...]) -> Any:

@@ -63,3 +63,32 @@ async def test_a_batch_is_stored_row_history_and_indexes_each(database: Database
             assert [m.resource_id for m in page.matches] == [stored[i][0]]
         page = await repo.search(parse_search("AuditEvent", [("action", "R"), ("_count", "100")]))
         assert len(page.matches) == 12
+
+
+async def test_insert_rows_keeps_awkward_values_exactly(database: Database) -> None:
+    """PostgreSQL gets one binary array per column: whole numbers mixed with fractions in a float
+    column, text with quotes, braces and commas, Chinese text, bytes with NUL and missing values
+    must all arrive as given (a text-format array refused the mixed numbers outright)."""
+    from fhirkit.store import driver
+    from fhirkit.store.tables import quantity_index
+
+    contents = [b'{"a":"\\u0000"}\x00\xff', None, "中文".encode()]
+    async with database.transaction(write=True) as conn:
+        inserted = await driver.insert_rows(conn, resource, [
+            {"resource_type": "Basic", "resource_id": f"r{i}", "version_id": 1, "last_updated": 1 + i,
+             "deleted": False, "owner": None, "content": content} for i, content in enumerate(contents)
+        ], returning=("resource_id", "rid"))
+        rid = dict(inserted)["r0"]
+        await driver.insert_rows(conn, quantity_index, [
+            {"rid": rid, "resource_type": "Basic", "param": "value", "value": value, "system": system, "code": code,
+             "unit": unit}
+            for value, system, code, unit in [(5, 'http://x/"{a,b}"\\', "mmol/L", "毫摩尔"), (5.5, None, None, None),
+                                              (-2**53, "s", "c", None)]
+        ])
+    async with database.transaction(write=False) as conn:
+        stored = dict(list(await conn.execute(select(resource.c.resource_id, resource.c.content))))
+        quantities = sorted(tuple(row) for row in await conn.execute(
+            select(quantity_index.c.value, quantity_index.c.system, quantity_index.c.code, quantity_index.c.unit)))
+    assert stored == {f"r{i}": content for i, content in enumerate(contents)}
+    assert quantities == [(float(-2**53), "s", "c", None), (5.0, 'http://x/"{a,b}"\\', "mmol/L", "毫摩尔"),
+                          (5.5, None, None, None)]
