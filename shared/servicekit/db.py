@@ -141,8 +141,17 @@ class Database:
                 yield conn
             return
         async with self.engine.connect() as conn:
-            await conn.execution_options(isolation_level="AUTOCOMMIT")
-            yield conn
+            # The driver's own switch, flipped back before the pool takes the connection again:
+            # SQLAlchemy's isolation-level option did the same at twice the cost.
+            raw = (await conn.get_raw_connection()).driver_connection
+            await raw.set_autocommit(True)
+            try:
+                yield conn
+            finally:
+                try:
+                    await raw.set_autocommit(False)
+                except Exception:  # a broken connection: never back into the pool
+                    await conn.invalidate()
 
     @asynccontextmanager
     async def transaction(self, *, write: bool) -> AsyncIterator[AsyncConnection]:

@@ -11,10 +11,11 @@ import psycopg
 import pytest
 from fastapi import FastAPI
 from sqlalchemy import text
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from fhirkit.api.handlers import install_exception_handlers
+from fhirkit.store import driver
 from servicekit.db import Database
 
 POSTGRES = os.environ.get("ALLIANCE_TEST_POSTGRES_URL")
@@ -138,5 +139,29 @@ async def test_a_lone_statement_runs_outside_a_transaction_and_leaves_the_pool_t
         async with database.transaction(write=False) as conn:
             first, second = await conn.scalar(current), await conn.scalar(current)
         assert first == second
+    finally:
+        await database.stop()
+
+
+@pytest.mark.skipif(not POSTGRES, reason="needs ALLIANCE_TEST_POSTGRES_URL")
+async def test_a_lone_statement_on_a_dropped_connection_fails_once_and_the_connection_is_not_reused() -> None:
+    """The read by id runs on the driver connection in its autocommit mode: when PostgreSQL has
+    dropped that connection, the statement fails and the connection never goes back to the pool."""
+    database = Database(f"{POSTGRES}/postgres", pool_size=1)
+    await database.start()
+    backend = text("SELECT pg_backend_pid()")
+    try:
+        async with database.statement() as conn:
+            pid = (await driver.execute(conn, backend, {}))[0][0]
+        admin = POSTGRES.replace("postgresql+psycopg://", "postgresql://") + "/postgres"
+        with psycopg.connect(admin, autocommit=True) as admin_conn:
+            admin_conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        with pytest.raises(DBAPIError):
+            async with database.statement() as conn:
+                await driver.execute(conn, backend, {})
+        async with database.statement() as conn:
+            assert (await driver.execute(conn, backend, {}))[0][0] != pid
+        async with database.transaction(write=False) as conn:  # and transactions work on it as before
+            assert await conn.scalar(text("SELECT pg_current_xact_id() = pg_current_xact_id()")) is True
     finally:
         await database.stop()
