@@ -64,6 +64,22 @@ def _sqlite_engine(url: str, begin: str, query_timeout_seconds: float) -> AsyncE
     return engine
 
 
+def _keep_long_statements_converted() -> None:
+    """psycopg converts a statement's `%(name)s` placeholders in Python and keeps the result (an
+    LRU of 128) only for statements under 4 KB and 50 parameters. A search carrying its caller's
+    access condition is about 5 KB with 56 parameters, in a few shapes that repeat: converting it
+    anew each time was a tenth of a search's CPU. The limits are psycopg's module settings;
+    `tests` check that they still take effect."""
+    from psycopg import _queries
+
+    _queries.MAX_CACHED_STATEMENT_LENGTH = max(_queries.MAX_CACHED_STATEMENT_LENGTH, LONG_STATEMENT_BYTES)
+    _queries.MAX_CACHED_STATEMENT_PARAMS = max(_queries.MAX_CACHED_STATEMENT_PARAMS, LONG_STATEMENT_PARAMETERS)
+
+
+LONG_STATEMENT_BYTES = 32 * 1024
+LONG_STATEMENT_PARAMETERS = 500
+
+
 class Database:
     def __init__(self, url: str, *, pool_size: int = 20, statement_timeout_seconds: float = 0) -> None:
         self.url = url
@@ -87,6 +103,7 @@ class Database:
             self._write = _sqlite_engine(self.url, "BEGIN IMMEDIATE", limit)
             self._read = _sqlite_engine(self.url, "BEGIN", limit)
         else:
+            _keep_long_statements_converted()
             options = {"options": f"-c statement_timeout={self.statement_timeout_ms}"} if self.statement_timeout_ms else {}
             # No ping before each checkout: it was a round trip on every request (a tenth of a
             # read). A connection lost meanwhile (PostgreSQL restarted) fails its request with
