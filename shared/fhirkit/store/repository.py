@@ -12,6 +12,7 @@ from typing import Any
 
 from sqlalchemy import (
     ColumnElement,
+    String,
     bindparam,
     delete,
     exists,
@@ -367,12 +368,8 @@ class Repository:
             "owner": self.owner,
             "content": content,
         }
-        # ON CONFLICT DO NOTHING: a concurrent create of the same id answers no row (no savepoint).
-        inserted = await driver.execute(self.conn, _insert_resource(self._is_postgres), values)
-        rid = inserted[0][0] if inserted else None
-        if rid is None:
+        if not await self._create_rows(values, method, body):
             raise VersionConflict(f"{resource_type}/{resource_id} was created concurrently; retry")
-        await self._write_rows(rid, values, method, body)
         stored = StoredResource(resource_type, resource_id, 1, now, False, content, self.owner)
         await self.config.hooks_for(resource_type).after_write(self, body, replace(context, stored=stored))
         return WriteOutcome(stored, created=True)
@@ -439,6 +436,21 @@ class Repository:
         return StoredResource(
             current.resource_type, current.resource_id, version, now, body is None, content, current.owner
         )
+
+    async def _create_rows(self, values: dict[str, Any], method: str, body: dict[str, Any]) -> bool:
+        """A new resource's row, history row and index rows; False when the id exists already.
+        ON CONFLICT DO NOTHING: a concurrent create of the same id answers no row (no savepoint)."""
+        if self._is_postgres:
+            index = {kind: rows for kind, rows in indexing.index_rows(body).items() if rows}
+            if sum(map(len, index.values())) <= MAX_ROWS_AT_ONCE:
+                # One round trip for all of it, as `_write_rows` does for a new version.
+                statement, parameters = _created_at_once(values, method, index)
+                return bool(await driver.execute(self.conn, statement, parameters))
+        inserted = await driver.execute(self.conn, _insert_resource(self._is_postgres), values)
+        if not inserted:
+            return False
+        await self._write_rows(inserted[0][0], values, method, body)
+        return True
 
     async def _write_rows(self, rid: int, values: dict[str, Any], method: str, body: dict[str, Any] | None) -> None:
         """A version's history row and (unless it is a deletion) its index rows."""
@@ -867,6 +879,59 @@ def _rows_at_once(
             parameters.update({f"{kind}{i}_{column}": rid if column == "rid" else row.get(column)
                                for column in columns})
     return statement, parameters
+
+
+_RESOURCE_KEYS = _HISTORY_KEYS[2:]  # what the resource row and its first history row share
+_CREATED_AT_ONCE: dict[tuple[tuple[str, int], ...], Any] = {}
+
+
+def _created_at_once(
+    values: dict[str, Any], method: str, index: dict[str, list[dict[str, Any]]]
+) -> tuple[Any, dict[str, Any]]:
+    """PostgreSQL: a new resource's row, its history row and its index rows as one statement, the
+    later rows taking the `rid` the first one gets (data-modifying CTEs); it answers that `rid`, or
+    no row when the id exists already. Built once per shape (how many rows of each kind)."""
+    shape = tuple((kind, len(rows)) for kind, rows in index.items())
+    statement = _CREATED_AT_ONCE.get(shape)
+    if statement is None:
+        if len(_CREATED_AT_ONCE) > 2048:
+            _CREATED_AT_ONCE.clear()
+        statement = _CREATED_AT_ONCE[shape] = text(_created_at_once_sql(shape))
+    parameters = {f"r_{key}": values[key] for key in _RESOURCE_KEYS}
+    parameters["h_method"] = method
+    for kind, rows in index.items():
+        columns = _INDEX_VALUE_COLUMNS[kind]
+        for i, row in enumerate(rows):
+            parameters.update({f"{kind}{i}_{column}": row.get(column) for column in columns})
+    return statement, parameters
+
+
+def _created_at_once_sql(shape: tuple[tuple[str, int], ...]) -> str:
+    def typed(name: str, column: Any) -> str:
+        # Every value carries its type: rows in a VALUES list have no column to take one from.
+        # Text goes as unbounded VARCHAR, so an over-long value fails as on a plain insert.
+        kind = "VARCHAR" if isinstance(column.type, String) else column.type.compile(dialect=postgresql.dialect())
+        return f"CAST(:{name} AS {kind})"
+
+    given = ", ".join(typed(f"r_{key}", resource.c[key]) for key in _RESOURCE_KEYS)
+    steps = [
+        f"new AS (INSERT INTO {resource.name} ({', '.join(_RESOURCE_KEYS)}) VALUES ({given}) "
+        "ON CONFLICT DO NOTHING RETURNING rid)",
+        f"write_history AS (INSERT INTO {resource_history.name} ({', '.join(_HISTORY_KEYS)}) "
+        f"SELECT rid, {typed('h_method', resource_history.c.method)}, {given} FROM new)",
+    ]
+    for kind, count in shape:
+        table, columns = INDEX_TABLES[kind], _INDEX_VALUE_COLUMNS[kind]
+        rows = ", ".join("(" + ", ".join(typed(f"{kind}{i}_{column}", table.c[column]) for column in columns) + ")"
+                         for i in range(count))
+        names = ", ".join(f"v{j}" for j in range(len(columns)))
+        steps.append(f"write_{kind} AS (INSERT INTO {table.name} (rid, {', '.join(columns)}) "
+                     f"SELECT new.rid, {names} FROM new, (VALUES {rows}) AS v({names}))")
+    return f"WITH {', '.join(steps)} SELECT rid FROM new"
+
+
+_INDEX_VALUE_COLUMNS = {kind: tuple(name for name in table.c.keys() if name != "rid")
+                        for kind, table in INDEX_TABLES.items()}
 
 
 def _insert_resource(is_postgres: bool) -> Any:
