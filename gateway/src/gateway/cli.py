@@ -62,6 +62,13 @@ def serve(
         os.environ["ALLIANCE_PUBLIC_BASE_URL"] = f"http://{host or settings.host}:{bind_port}/fhir"
     if workers > 1:
         _prepare_workers(settings, workers)
+    from servicekit.db import connection_budget
+    from servicekit.settings import SERVICES
+
+    served = SERVICES if service == "all" else ["platform" if service == "gateway" else service]
+    for warning in connection_budget([settings.database_url(name) for name in served], workers,
+                                     settings.database_pool_size):
+        typer.echo(f"warning: {warning}", err=True)
     uvicorn.run(
         "gateway.cli:serve_worker_app" if workers > 1 else "gateway.main:create_app",
         factory=True,
