@@ -11,7 +11,7 @@ otherwise wait seconds while newcomers slip in ahead of them.
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -62,49 +62,6 @@ def _sqlite_engine(url: str, begin: str, query_timeout_seconds: float) -> AsyncE
             raise as_dbapi_error(begin, error) from error
 
     return engine
-
-
-def connection_budget(
-    urls: Iterable[str], workers: int, pool_size: int,
-    max_connections: Callable[[str], int | None] | None = None,
-) -> list[str]:
-    """Warnings for PostgreSQL servers that these processes could ask for more connections than
-    they accept: each worker keeps up to `pool_size` per database and opens as many again in a
-    burst. Past the server's limit a request is answered 503 (found by the bench, not by users,
-    is the idea). `max_connections(url)` is the server's limit, None when it cannot be asked."""
-    ask = max_connections or server_max_connections
-    by_server: dict[str, list[str]] = {}
-    for url in urls:
-        if not is_sqlite(url):
-            parsed = make_url(url)
-            by_server.setdefault(f"{parsed.host or 'localhost'}:{parsed.port or 5432}", []).append(url)
-    warnings = []
-    for server, databases in by_server.items():
-        need = workers * len(databases) * 2 * pool_size
-        limit = ask(databases[0])
-        if limit is not None and need > limit:
-            warnings.append(
-                f"PostgreSQL at {server} accepts {limit} connections; {workers} worker(s) may open up to {need} "
-                f"({len(databases)} database(s) × 2 × ALLIANCE_DATABASE_POOL_SIZE {pool_size} each), and requests "
-                "past its limit are answered 503: raise max_connections or lower the pool size (docs/operations.md)")
-    return warnings
-
-
-def server_max_connections(url: str) -> int | None:
-    """The connections a PostgreSQL server accepts from ordinary roles; None if it cannot be asked."""
-    import psycopg
-
-    parsed = make_url(url).set(drivername="postgresql")
-    for database in (parsed.database, "postgres"):  # the service's database may not be created yet
-        try:
-            dsn = parsed.set(database=database).render_as_string(hide_password=False)
-            with psycopg.connect(dsn, connect_timeout=3) as conn:
-                total = int(conn.execute("SHOW max_connections").fetchone()[0])  # type: ignore[index]
-                reserved = int(conn.execute("SHOW superuser_reserved_connections").fetchone()[0])  # type: ignore[index]
-            return total - reserved
-        except Exception:  # not up yet, or not reachable: readiness reports that
-            continue
-    return None
 
 
 def _keep_long_statements_converted() -> None:

@@ -62,7 +62,7 @@ def serve(
         os.environ["ALLIANCE_PUBLIC_BASE_URL"] = f"http://{host or settings.host}:{bind_port}/fhir"
     if workers > 1:
         _prepare_workers(settings, workers)
-    from servicekit.db import connection_budget
+    from servicekit.pg_budget import connection_budget
     from servicekit.settings import SERVICES
 
     served = SERVICES if service == "all" else ["platform" if service == "gateway" else service]

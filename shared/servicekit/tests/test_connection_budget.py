@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from servicekit.db import connection_budget, server_max_connections
+from servicekit.pg_budget import connection_budget, server_max_connections
 
 POSTGRES = os.environ.get("ALLIANCE_TEST_POSTGRES_URL")
 DATABASES = [f"postgresql+psycopg://app@db.county:5432/{name}" for name in ("directory", "referral", "platform")]
