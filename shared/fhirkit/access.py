@@ -11,16 +11,17 @@ history, search, includes, chains, `_has`, totals, conditional writes). It fails
 without an organization gets 403, never unfiltered rows (ARCHITECTURE.md §5).
 """
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, exists, false, insert, or_, select
+from sqlalchemy import ColumnElement, and_, bindparam, exists, false, insert, or_, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.expression import FromClause
 
 from fhirkit.errors import Forbidden
 from fhirkit.search.values import now_micros
+from fhirkit.store import driver
 from fhirkit.store.tables import access_grant, access_opt_out, reference_index, token_index
 
 Clause = ColumnElement[bool]
@@ -237,33 +238,56 @@ async def grant_access(
     revoked). Called inside the transaction of the write (or event) that creates the relationship;
     a source granting again replaces its earlier grant's expiry (the relationship's latest state).
     `target` (type, id) narrows the grant to one resource of the patient."""
-    target_type, target_id = target if target is not None else (None, None)
+    await grant_access_to(conn, [target], grantee=grantee, patient=patient, scope=scope, source=source,
+                          reason=reason, expires_at=expires_at, now=now)
+
+
+async def grant_access_to(
+    conn: AsyncConnection,
+    targets: Sequence[tuple[str, str] | None],
+    *,
+    grantee: str,
+    patient: str,
+    scope: str,
+    source: str,
+    reason: str,
+    expires_at: int | None,
+    now: int | None = None,
+) -> None:
+    """`grant_access` for several targets of one patient at once (a recognition check's results):
+    one look-up of the source's grants, one insert of the new ones, an update of those whose expiry
+    changed. The statements are built once and run on the driver."""
     patient_id = _patient_id(patient)
+    reason = reason[:255]
+    held: dict[tuple[str | None, str | None], tuple[int, int | None]] = {}
+    for gid, target_type, target_id, held_until in await driver.execute(conn, _GRANTS_OF_SOURCE, {
+            "b_grantee": grantee, "b_patient_id": patient_id, "b_scope": scope, "b_source": source}):
+        held.setdefault((target_type, target_id), (gid, held_until))
     created = now if now is not None else now_micros()
-    existing = (
-        await conn.execute(
-            select(access_grant.c.gid, access_grant.c.expires_at).where(
-                access_grant.c.grantee == grantee,
-                access_grant.c.patient_id == patient_id,
-                access_grant.c.scope == scope,
-                access_grant.c.source == source,
-                access_grant.c.target_type.is_(None) if target_type is None else access_grant.c.target_type == target_type,
-                access_grant.c.target_id.is_(None) if target_id is None else access_grant.c.target_id == target_id,
-            )
-        )
-    ).first()
-    if existing is None:
-        await conn.execute(
-            insert(access_grant).values(
-                grantee=grantee, patient_id=patient_id, scope=scope, source=source, reason=reason[:255],
-                expires_at=expires_at, created_at=created, target_type=target_type, target_id=target_id,
-            )
-        )
-        return
-    if existing.expires_at != expires_at:
-        await conn.execute(
-            access_grant.update().where(access_grant.c.gid == existing.gid).values(expires_at=expires_at, reason=reason[:255])
-        )
+    new: dict[tuple[str | None, str | None], dict[str, Any]] = {}
+    extended: list[dict[str, Any]] = []
+    for target_type, target_id in (target or (None, None) for target in targets):
+        key = (target_type, target_id)
+        if key in held:
+            gid, held_until = held.pop(key)  # popped: a target named twice is extended once
+            if held_until != expires_at:
+                extended.append({"b_gid": gid, "b_expires_at": expires_at, "b_reason": reason})
+        elif key not in new:
+            new[key] = {"grantee": grantee, "patient_id": patient_id, "scope": scope, "source": source,
+                        "reason": reason, "expires_at": expires_at, "created_at": created,
+                        "target_type": target_type, "target_id": target_id}
+    await driver.insert_rows(conn, access_grant, list(new.values()))
+    await driver.execute_many(conn, _EXTEND_GRANT, extended)
+
+
+_GRANTS_OF_SOURCE = select(
+    access_grant.c.gid, access_grant.c.target_type, access_grant.c.target_id, access_grant.c.expires_at,
+).where(
+    access_grant.c.grantee == bindparam("b_grantee"), access_grant.c.patient_id == bindparam("b_patient_id"),
+    access_grant.c.scope == bindparam("b_scope"), access_grant.c.source == bindparam("b_source"),
+).order_by(access_grant.c.gid)
+_EXTEND_GRANT = access_grant.update().where(access_grant.c.gid == bindparam("b_gid")).values(
+    expires_at=bindparam("b_expires_at"), reason=bindparam("b_reason"))
 
 
 async def revoke_access(conn: AsyncConnection, *, source: str, now: int | None = None) -> None:

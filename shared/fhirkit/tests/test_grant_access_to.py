@@ -1,0 +1,71 @@
+"""`grant_access_to`: one source's grants on several resources of a patient, kept one row per
+target; granting again moves the expiry of those held and adds only the new ones."""
+
+from collections.abc import AsyncIterator
+
+import pytest
+import pytest_asyncio
+from sqlalchemy import select
+
+from fhirkit.access import grant_access, grant_access_to
+from fhirkit.store.tables import access_grant
+from servicekit.db import Database
+from servicekit.events.testing import DatabaseTemplates, database_params, running
+
+HOUR = 3600 * 1_000_000
+NOW = 1_800_000_000_000_000
+GRANT = {"grantee": "Organization/thc-xikou", "patient": "Patient/p1", "scope": "results",
+         "source": "recognition-check#Organization/thc-xikou", "reason": "$recognition-check"}
+
+
+@pytest.fixture(scope="module")
+def templates(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[DatabaseTemplates]:
+    found = DatabaseTemplates(tmp_path_factory.mktemp("grant-access-to"))
+    yield found
+    found.drop_all()
+
+
+@pytest_asyncio.fixture(params=database_params())
+async def database(request: pytest.FixtureRequest, templates: DatabaseTemplates) -> AsyncIterator[Database]:
+    async with running(templates.url(str(request.param))) as found:
+        yield found
+
+
+async def _grants(database: Database) -> list[tuple[object, ...]]:
+    async with database.transaction(write=False) as conn:
+        rows = await conn.execute(select(access_grant.c.source, access_grant.c.target_type, access_grant.c.target_id,
+                                         access_grant.c.expires_at, access_grant.c.created_at, access_grant.c.patient_id)
+                                  .order_by(access_grant.c.gid))
+        return [tuple(row) for row in rows]
+
+
+async def test_several_targets_are_granted_once_each_and_granting_again_extends_them(database: Database) -> None:
+    first = [("Observation", "o1"), ("DiagnosticReport", "r1"), ("Observation", "o1")]  # o1 named twice
+    async with database.transaction(write=True) as conn:
+        await grant_access_to(conn, first, **GRANT, expires_at=NOW + HOUR, now=NOW)
+    source = GRANT["source"]
+    assert await _grants(database) == [
+        (source, "Observation", "o1", NOW + HOUR, NOW, "p1"), (source, "DiagnosticReport", "r1", NOW + HOUR, NOW, "p1")]
+
+    later = NOW + 10 * HOUR
+    async with database.transaction(write=True) as conn:
+        await grant_access_to(conn, [("Observation", "o2"), ("Observation", "o1")], **GRANT,
+                              expires_at=later + HOUR, now=later)
+    assert await _grants(database) == [
+        (source, "Observation", "o1", later + HOUR, NOW, "p1"),  # extended, not added again
+        (source, "DiagnosticReport", "r1", NOW + HOUR, NOW, "p1"),  # not named this time: unchanged
+        (source, "Observation", "o2", later + HOUR, later, "p1"),
+    ]
+
+
+async def test_a_whole_patient_grant_and_another_sources_grant_are_rows_of_their_own(database: Database) -> None:
+    async with database.transaction(write=True) as conn:
+        await grant_access_to(conn, [("Observation", "o1")], **GRANT, expires_at=NOW + HOUR, now=NOW)
+        await grant_access(conn, **GRANT, expires_at=None, now=NOW)  # no target: all of the patient's results
+        await grant_access(conn, **{**GRANT, "source": "ServiceRequest/sr1"}, expires_at=NOW + HOUR, now=NOW,
+                           target=("Observation", "o1"))
+        await grant_access(conn, **GRANT, expires_at=None, now=NOW + 1)  # the same again: nothing changes
+    rows = await _grants(database)
+    assert [(row[0], row[1], row[3]) for row in rows] == [
+        (GRANT["source"], "Observation", NOW + HOUR), (GRANT["source"], None, None),
+        ("ServiceRequest/sr1", "Observation", NOW + HOUR)]
