@@ -35,6 +35,7 @@ from fastapi import FastAPI
 from sqlalchemy import bindparam, delete, exists, insert, literal, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from fhirkit.store import driver
 from fhirkit.store.tables import reference_index
 from results_sharing import db
 from servicekit.events import Event
@@ -61,15 +62,15 @@ _MERGED_INTO = select(db.patient_merge.c.merged_id).where(db.patient_merge.c.sur
 
 async def survivor_of(conn: AsyncConnection, patient_id: str) -> str:
     """The record a patient lives on as: itself unless it was merged away."""
-    found = (await conn.execute(_SURVIVOR, {"patient_id": patient_id})).scalar_one_or_none()
-    return found or patient_id
+    found = await driver.execute(conn, _SURVIVOR, {"patient_id": patient_id})
+    return found[0][0] if found else patient_id
 
 
 async def same_person(conn: AsyncConnection, patient_id: str) -> list[str]:
     """The patient's id and the ids of every record merged into it (the table keeps the chain
     flattened: each merged id points at the last survivor)."""
-    merged = (await conn.execute(_MERGED_INTO, {"patient_id": patient_id})).scalars().all()
-    return [patient_id, *sorted(merged)]
+    merged = await driver.execute(conn, _MERGED_INTO, {"patient_id": patient_id})
+    return [patient_id, *sorted(row[0] for row in merged)]
 
 
 # --- writing: a merge arrives -------------------------------------------------------------------

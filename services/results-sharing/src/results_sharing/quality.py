@@ -17,7 +17,7 @@ setting another status (e.g. `val-fail`) withdraws the record.
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import bindparam, delete, insert, or_, select
+from sqlalchemy import bindparam, delete, insert, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from fhirkit.errors import BusinessRuleViolation
@@ -135,21 +135,6 @@ _RECORDS_OF = select(
     db.quality.c.record_id, db.quality.c.organization_id, db.quality.c.item_code, db.quality.c.category,
     db.quality.c.scope, db.quality.c.valid_from, db.quality.c.valid_to,
 ).where(db.quality.c.organization_id == bindparam("organization_id"))
-
-
-async def records_for(conn: AsyncConnection, producers: set[str], item: CatalogItem) -> dict[str, list[QualityRecord]]:
-    """Every standing record of these centers for the item (by code or category): one query."""
-    found: dict[str, list[QualityRecord]] = {p: [] for p in producers}
-    if not producers:
-        return found
-    q = db.quality.c
-    stmt = select(db.quality).where(
-        q.organization_id.in_(sorted(producers)), or_(q.item_code == item.code, q.category == item.category)
-    )
-    for row in await conn.execute(stmt):
-        found[row.organization_id].append(QualityRecord(
-            row.record_id, row.organization_id, row.item_code, row.category, row.scope, row.valid_from, row.valid_to))
-    return found
 
 
 def standing_at(records: list[QualityRecord], moment: int) -> Standing:

@@ -20,7 +20,7 @@ Each candidate gets the first reason that applies, in this order: `diagnostic-co
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import and_, or_, select
+from sqlalchemy import and_, bindparam, or_, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from fhirkit import jsonio
@@ -28,6 +28,7 @@ from fhirkit.api.interactions import Result
 from fhirkit.api.router import OperationCall
 from fhirkit.errors import InvalidRequest, ResourceNotFound, UnprocessableEntity
 from fhirkit.search.values import date_range, format_instant
+from fhirkit.store import driver
 from results_sharing import access, catalog, db, merges, places, quality
 from results_sharing.catalog import CatalogItem
 from results_sharing.places import Place
@@ -128,7 +129,7 @@ async def recognition_check(call: OperationCall) -> Result:
 async def _judge_all(conn: AsyncConnection, directory: Any, request: CheckRequest, item: CatalogItem | None,
                      candidates: list[Candidate]) -> list[Verdict]:
     producers = {c.producer_id for c in candidates}
-    records = await quality.records_for(conn, producers, item) if item else {p: [] for p in producers}
+    records = {p: await quality.records_of(conn, p, item) if item else [] for p in producers}
     requester = await places.place_of(directory, request.requester)
     producer_places = {p: await places.place_of(directory, f"Organization/{p}") for p in sorted(producers)}
     verdicts = [
@@ -154,19 +155,38 @@ async def candidates_for(conn: AsyncConnection, request: CheckRequest, item: Cat
         wanted = [(request.system, request.code)]
     else:
         wanted = [(RECOGNITION_ITEM, request.code), (LOINC, request.code)]
-    r = db.result.c
     patients = request.same_person or (request.patient_id,)
-    stmt = (select(db.result)
-            .where(r.patient_id.in_(patients), r.effective <= request.as_of,
-                   or_(*(and_(r.system == system, r.code == code) for system, code in wanted)))
-            .order_by(r.effective.desc())
-            .limit(MAX_CANDIDATES * len(wanted)))
+    values: dict[str, Any] = {"b_as_of": request.as_of}
+    values.update({f"b_patient{i}": patient for i, patient in enumerate(patients)})
+    for j, (system, code) in enumerate(wanted):
+        values.update({f"b_system{j}": system, f"b_code{j}": code})
     found: dict[tuple[str, str], Candidate] = {}
-    for row in await conn.execute(stmt):
-        found.setdefault((row.resource_type, row.resource_id), Candidate(
-            row.resource_type, row.resource_id, row.producer_id, row.effective, row.status, row.critical_open,
-            row.diagnostic_conclusion, row.mark_label))
+    for row in await driver.execute(conn, _candidates_statement(len(patients), len(wanted)), values):
+        # bool(): SQLite hands booleans back as 0 and 1 on the driver.
+        found.setdefault((row[0], row[1]), Candidate(*row[:5], bool(row[5]), bool(row[6]), row[7]))
     return list(found.values())[:MAX_CANDIDATES]
+
+
+# (patients, codes) → the candidates' statement, built once: building it per check cost more
+# than running it. The columns are `Candidate`'s fields, in order.
+_CANDIDATE_COLUMNS = ("resource_type", "resource_id", "producer_id", "effective", "status", "critical_open",
+                      "diagnostic_conclusion", "mark_label")
+_CANDIDATES: dict[tuple[int, int], Any] = {}
+
+
+def _candidates_statement(patients: int, codes: int) -> Any:
+    statement = _CANDIDATES.get((patients, codes))
+    if statement is None:
+        r = db.result.c
+        statement = _CANDIDATES[(patients, codes)] = (
+            select(*(r[name] for name in _CANDIDATE_COLUMNS))
+            .where(r.patient_id.in_([bindparam(f"b_patient{i}") for i in range(patients)]),
+                   r.effective <= bindparam("b_as_of"),
+                   or_(*(and_(r.system == bindparam(f"b_system{j}"), r.code == bindparam(f"b_code{j}"))
+                         for j in range(codes))))
+            .order_by(r.effective.desc())
+            .limit(MAX_CANDIDATES * codes))
+    return statement
 
 
 def answer(request: CheckRequest, item: CatalogItem | None, verdicts: list[Verdict]) -> dict[str, Any]:
