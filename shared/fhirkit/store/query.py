@@ -16,6 +16,7 @@ from sqlalchemy import (
     Select,
     String,
     and_,
+    bindparam,
     case,
     cast,
     false,
@@ -29,7 +30,16 @@ from sqlalchemy import (
 from sqlalchemy.sql.expression import FromClause
 
 from fhirkit.errors import InvalidRequest
-from fhirkit.search.request import ANY, Filter, HasFilter, RangeValue, ReferenceValue, SearchRequest, SortKey
+from fhirkit.search.request import (
+    ANY,
+    Filter,
+    HasFilter,
+    RangeValue,
+    ReferenceValue,
+    SearchRequest,
+    SortKey,
+    TokenValue,
+)
 from fhirkit.search.values import now_micros
 from fhirkit.store.tables import (
     date_index,
@@ -68,12 +78,30 @@ def filter_clause(target: FromClause, flt: Filter | HasFilter, visible: Visibili
         return _chain_clause(target, flt, visible)
     if flt.kind == "reference" and flt.modifier in ("above", "below"):
         return _hierarchy_clause(target, flt)
+    if flt.modifier == "missing":
+        table = _INDEX_FOR_KIND[flt.kind]
+        present = target.c.rid.in_(select(table.c.rid).where(
+            table.c.resource_type == flt.resource_type, table.c.param == flt.name))
+        return not_(present) if flt.values[0] else present
+    return _indexed_clause(target, flt, lambda _: _as_is)
+
+
+# How a value's data enters the SQL: `bind(value, field)` for `value.field` (field None: the
+# value itself). As is, for a statement built for one search; as a named placeholder, for a
+# statement built once per shape of search (see `template_key`).
+Bind = Callable[[Any, "str | None"], Any]
+
+
+def _as_is(value: Any, field: str | None) -> Any:
+    return value if field is None else getattr(value, field)
+
+
+def _indexed_clause(target: FromClause, flt: Filter, bind_value: Callable[[int], Bind]) -> Clause:
+    """The semi-join on the filter's index table, its values ORed; `bind_value(j)` binds the data
+    of the filter's j-th value."""
     table = _INDEX_FOR_KIND[flt.kind]
     base = and_(table.c.resource_type == flt.resource_type, table.c.param == flt.name)
-    if flt.modifier == "missing":
-        present = target.c.rid.in_(select(table.c.rid).where(base))
-        return not_(present) if flt.values[0] else present
-    matches = or_(*(_value_clause(flt, value) for value in flt.values))
+    matches = or_(*(_value_clause(flt, value, bind_value(j)) for j, value in enumerate(flt.values)))
     semi = target.c.rid.in_(select(table.c.rid).where(base, matches))
     return not_(semi) if flt.modifier == "not" else semi
 
@@ -166,33 +194,35 @@ def _hierarchy_step(flt: Filter) -> tuple[Select[Any], Any]:
     return step, link
 
 
-def _value_clause(flt: Filter, value: Any) -> Clause:
+def _value_clause(flt: Filter, value: Any, bind: Bind = _as_is) -> Clause:
+    """One value's condition on the filter's index table. What the SQL's shape depends on is read
+    from `value` itself (a missing system, `ANY`, a prefix); its data goes through `bind`."""
     kind = flt.kind
     if kind == "token":
-        return _token_clause(value)
+        return _token_clause(value, bind)
     if kind == "string":
         return _string_clause(flt.modifier, value)
     if kind == "reference":
-        return _reference_clause(flt, value)
+        return _reference_clause(flt, value, bind)
     if kind == "date":
-        return _date_compare(date_index.c.low, date_index.c.high, value)
+        return _date_compare(date_index.c.low, date_index.c.high, value, bind)
     if kind == "number":
-        return _number_compare(number_index.c.value, value)
+        return _number_compare(number_index.c.value, value, bind)
     if kind == "quantity":
-        return _quantity_clause(value)
+        return _quantity_clause(value, bind)
     if kind == "uri":
-        return _uri_clause(flt.modifier, value)
+        return _uri_clause(flt.modifier, value, bind)
     raise InvalidRequest(f"Search on {kind} parameters is not supported")
 
 
-def _token_clause(value: Any) -> Clause:
+def _token_clause(value: Any, bind: Bind) -> Clause:
     parts: list[Clause] = []
     if value.code != ANY:
-        parts.append(token_index.c.code == value.code)
+        parts.append(token_index.c.code == bind(value, "code"))
     if value.system is None:
         parts.append(token_index.c.system.is_(None))
     elif value.system != ANY:
-        parts.append(token_index.c.system == value.system)
+        parts.append(token_index.c.system == bind(value, "system"))
     return and_(true(), *parts)
 
 
@@ -211,20 +241,24 @@ def _string_clause(modifier: str | None, value: str) -> Clause:
     return string_index.c.norm.like(f"{pattern}%", escape="\\")
 
 
-def _reference_clause(flt: Filter, value: ReferenceValue) -> Clause:
+def _reference_clause(flt: Filter, value: ReferenceValue, bind: Bind) -> Clause:
     if value.target_id is None:
-        return reference_index.c.url == value.url
-    parts: list[Clause] = [reference_index.c.target_id == value.target_id]
+        return reference_index.c.url == bind(value, "url")
+    parts: list[Clause] = [reference_index.c.target_id == bind(value, "target_id")]
     if value.target_type is not None:
-        parts.append(reference_index.c.target_type == value.target_type)
+        parts.append(reference_index.c.target_type == bind(value, "target_type"))
     elif len(flt.targets) == 1:
         parts.append(reference_index.c.target_type == flt.targets[0])
     return and_(*parts)
 
 
-def _date_compare(low: Any, high: Any, value: RangeValue) -> Clause:
-    vlow, vhigh = value.low, value.high
+def _date_compare(low: Any, high: Any, value: RangeValue, bind: Bind = _as_is) -> Clause:
     prefix = value.prefix
+    if prefix == "ap":
+        # ap: the spec recommends 10% of the gap between the date and now, either side.
+        slack = abs(now_micros() - value.low) // 10
+        return and_(low <= value.high + slack, high >= value.low - slack)
+    vlow, vhigh = bind(value, "low"), bind(value, "high")
     if prefix == "eq":
         return and_(low >= vlow, high <= vhigh)
     if prefix == "ne":
@@ -239,47 +273,45 @@ def _date_compare(low: Any, high: Any, value: RangeValue) -> Clause:
         return low <= vhigh
     if prefix == "sa":
         return low > vhigh
-    if prefix == "eb":
-        return high < vlow
-    # ap: the spec recommends 10% of the gap between the date and now, either side.
-    slack = abs(now_micros() - vlow) // 10
-    return and_(low <= vhigh + slack, high >= vlow - slack)
+    return high < vlow  # eb (the parser admits the nine prefixes of request.PREFIXES only)
 
 
-def _number_compare(column: Any, value: RangeValue) -> Clause:
-    prefix, number = value.prefix, value.value
+def _number_compare(column: Any, value: RangeValue, bind: Bind = _as_is) -> Clause:
+    prefix = value.prefix
+    if prefix == "ap":
+        # ap: 10% of the value either side of its precision range, as the spec recommends.
+        slack = abs(value.value or 0) * 0.1
+        return and_(column >= value.low - slack, column < value.high + slack)
     if prefix == "eq":
-        return and_(column >= value.low, column < value.high)
+        return and_(column >= bind(value, "low"), column < bind(value, "high"))
     if prefix == "ne":
-        return or_(column < value.low, column >= value.high)
+        return or_(column < bind(value, "low"), column >= bind(value, "high"))
+    number = bind(value, "value")
     if prefix in ("gt", "sa"):
         return column > number
     if prefix in ("lt", "eb"):
         return column < number
     if prefix == "ge":
         return column >= number
-    if prefix == "le":
-        return column <= number
-    # ap: 10% of the value either side of its precision range, as the spec recommends.
-    slack = abs(number or 0) * 0.1
-    return and_(column >= value.low - slack, column < value.high + slack)
+    return column <= number  # le
 
 
-def _quantity_clause(value: RangeValue) -> Clause:
-    parts: list[Clause] = [_number_compare(quantity_index.c.value, value)]
+def _quantity_clause(value: RangeValue, bind: Bind) -> Clause:
+    parts: list[Clause] = [_number_compare(quantity_index.c.value, value, bind)]
     if value.code is not None:
-        parts.append(or_(quantity_index.c.code == value.code, quantity_index.c.unit == value.code))
+        code = bind(value, "code")
+        parts.append(or_(quantity_index.c.code == code, quantity_index.c.unit == code))
     if value.system is not None:
-        parts.append(quantity_index.c.system == value.system)
+        parts.append(quantity_index.c.system == bind(value, "system"))
     return and_(*parts)
 
 
-def _uri_clause(modifier: str | None, value: str) -> Clause:
+def _uri_clause(modifier: str | None, value: str, bind: Bind) -> Clause:
     if modifier == "below":
         return uri_index.c.value.like(_like_escape(value) + "%", escape="\\")
     if modifier == "above":
         return literal(value).like(uri_index.c.value + "%")
-    return uri_index.c.value == value
+    return uri_index.c.value == bind(value, None)
 
 
 _INDEX_FOR_KIND = {
@@ -397,6 +429,79 @@ def ordered(query: Select[Any], components: list[tuple[Any, bool]], backward: bo
         flip = descending != backward
         order.append(expression.desc() if flip else expression.asc())
     return query.order_by(*order)
+
+
+# --- statements built once per shape of search ----------------------------------------------
+
+# Searches whose every filter is one of these, plain or `:not`, are built once per shape and run
+# with the values bound: building the statement (SQLAlchemy expressions, its cache key, the
+# access condition's expanded IN lists) cost more than PostgreSQL's work for it.
+TEMPLATE_KINDS = frozenset({"token", "reference", "date", "number", "quantity", "uri"})
+_SHAPE_FIELDS = {TokenValue: ("system", "code"), ReferenceValue: ("target_type", "target_id", "url"),
+                 RangeValue: ("value", "low", "high", "system", "code")}
+
+
+def template_key(request: SearchRequest) -> tuple[Any, ...] | None:
+    """What the SQL of this search's first page depends on, its values aside; None when it is
+    not built from a template. The clause builders branch only on what this keeps: the filters'
+    names, kinds, modifiers and targets, and per value which data are missing (None), `ANY` or
+    given, and the prefix; `ap` reads the clock and is built per search."""
+    if request.cursor is not None:
+        return None
+    filters = []
+    for flt in request.filters:
+        if (isinstance(flt, HasFilter) or flt.chain is not None or flt.name in ("_id", "_lastUpdated")
+                or flt.kind not in TEMPLATE_KINDS or flt.modifier not in (None, "not")):
+            return None
+        shapes = []
+        for value in flt.values:
+            if isinstance(value, str):
+                shapes.append("str")
+                continue
+            if type(value) not in _SHAPE_FIELDS or getattr(value, "prefix", None) == "ap":
+                return None
+            shapes.append((getattr(value, "prefix", None),
+                           *(_given(getattr(value, name)) for name in _SHAPE_FIELDS[type(value)])))
+        filters.append((flt.resource_type, flt.name, flt.kind, flt.modifier, flt.targets, tuple(shapes)))
+    return request.resource_type, tuple(filters), tuple(request.sort), request.count
+
+
+def _given(data: Any) -> str:
+    return "none" if data is None else "any" if data == ANY else "given"
+
+
+def template_values(request: SearchRequest) -> dict[str, Any]:
+    """The values of a search built from a template, by the names `template_search` binds."""
+    values: dict[str, Any] = {}
+    for i, flt in enumerate(request.filters):
+        assert isinstance(flt, Filter)
+        for j, value in enumerate(flt.values):
+            if isinstance(value, str):
+                values[_bind_name(i, j, None)] = value
+                continue
+            for name in _SHAPE_FIELDS[type(value)]:
+                data = getattr(value, name)
+                if data is not None and data != ANY:
+                    values[_bind_name(i, j, name)] = data
+    return values
+
+
+def _bind_name(i: int, j: int, field: str | None) -> str:
+    return f"f{i}v{j}_{field or 'value'}"
+
+
+def template_search(target: FromClause, request: SearchRequest, visible: Clause | None) -> Select[Any]:
+    """`base_search` with named placeholders where the filters' values go (`template_values`)."""
+    conditions: list[Clause] = [target.c.resource_type == request.resource_type, target.c.deleted == false()]
+    for i, flt in enumerate(request.filters):
+        assert isinstance(flt, Filter)
+        conditions.append(_indexed_clause(target, flt, lambda j, i=i: _placeholders(i, j)))
+    conditions.extend(_present(visible))
+    return select(target.c.rid).where(*conditions)
+
+
+def _placeholders(i: int, j: int) -> Bind:
+    return lambda value, field: bindparam(_bind_name(i, j, field))
 
 
 def base_search(target: FromClause, request: SearchRequest, visible: Visibility = _everything) -> Select[Any]:

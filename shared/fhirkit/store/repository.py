@@ -578,17 +578,22 @@ class Repository:
         for flt in request.filters:
             self._require_local(flt)
         target = _SEARCH_TARGET
-        base = query.base_search(target, request, self.visibility)
+        key = query.template_key(request)
+        if key is not None:  # built once per shape of search and caller's condition, values bound
+            base, page = self._template(key, target, request)
+            values = query.template_values(request)
+        else:
+            base, page, values = query.base_search(target, request, self.visibility), None, {}
         if self._is_postgres:
             await driver.execute(self.conn, _CUSTOM_PLANS, {})
         if request.summary == "count" or request.count == 0:
-            return SearchPage([], [], await self._total(base), None, None)
-        matches, next_cursor, previous_cursor = await self._page(target, base, request)
+            return SearchPage([], [], await self._total(base, values), None, None)
+        matches, next_cursor, previous_cursor = await self._page(target, base, request, page, values)
         total = None
         if request.total != "none":
             # A first page that holds every match is its own count: most searches need no COUNT.
             whole = request.cursor is None and next_cursor is None
-            total = len(matches) if whole else await self._total(base)
+            total = len(matches) if whole else await self._total(base, values)
         warnings: list[str] = []
         included = await self._included(matches, request, warnings)
         return SearchPage(matches, included, total, next_cursor, previous_cursor, warnings)
@@ -612,25 +617,35 @@ class Repository:
                 )
             self._require_local(flt.chain)
 
-    async def _total(self, base: Any) -> int:
+    def _template(self, key: tuple[Any, ...], target: Any, request: SearchRequest) -> tuple[Any, Any]:
+        """The base and first-page statements of a search's shape for this caller's condition
+        (the same object for the grant clock's step), built once and run on the driver."""
+        visible = self.visibility(target)
+        found = _TEMPLATES.get((key, id(visible)))
+        if found is not None and found[0] is visible:
+            return found[1], found[2]
+        if len(_TEMPLATES) > 512:
+            _TEMPLATES.clear()
+        base = query.template_search(target, request, visible)
+        page = _page_statement(target, base, request, None)
+        _TEMPLATES[(key, id(visible))] = (visible, base, page)
+        return base, page
+
+    async def _total(self, base: Any, values: dict[str, Any]) -> int:
         stmt = select(func.count()).select_from(base.subquery())
-        return int((await self.conn.execute(stmt)).scalar_one())
+        return int((await self.conn.execute(stmt, values)).scalar_one())
 
     async def _page(
-        self, target: Any, base: Any, request: SearchRequest
+        self, target: Any, base: Any, request: SearchRequest, page: Any, values: dict[str, Any]
     ) -> tuple[list[StoredResource], str | None, str | None]:
-        components = query.sort_components(target, request.sort)
+        """The page's matches and the cursors to the next and previous pages. `page`: the first
+        page's statement built from a template (run with `values`), else it is built here."""
         cursor = query.Cursor.decode(request.cursor) if request.cursor else None
         backward = bool(cursor and cursor.backward)
-        columns = [
-            target.c.resource_type, target.c.resource_id, target.c.version_id, target.c.last_updated,
-            target.c.content, target.c.owner, *[expression for expression, _ in components],
-        ]
-        stmt = base.with_only_columns(*columns)
-        if cursor is not None:
-            stmt = stmt.where(query.keyset_clause(components, cursor))
-        stmt = query.ordered(stmt, components, backward).limit(request.count + 1)
-        rows = list(await self.conn.execute(stmt))
+        if page is not None:
+            rows = await driver.execute(self.conn, page, values)
+        else:
+            rows = list(await self.conn.execute(_page_statement(target, base, request, cursor)))
         more = len(rows) > request.count
         rows = rows[: request.count]
         if backward:
@@ -800,6 +815,21 @@ _CURRENT = select(resource).where(
     resource.c.resource_type == bindparam("resource_type"), resource.c.resource_id == bindparam("resource_id")
 )
 _CURRENT_FOR_UPDATE = _CURRENT.with_for_update()
+# (template key, id of the caller's condition) → (the condition, base statement, first page's).
+_TEMPLATES: dict[tuple[Any, int], tuple[Any, Any, Any]] = {}
+
+
+def _page_statement(target: Any, base: Any, request: SearchRequest, cursor: "query.Cursor | None") -> Any:
+    """A page of `base`: the stored rows and their sort keys, in order, one more than asked for."""
+    components = query.sort_components(target, request.sort)
+    columns = [
+        target.c.resource_type, target.c.resource_id, target.c.version_id, target.c.last_updated,
+        target.c.content, target.c.owner, *[expression for expression, _ in components],
+    ]
+    stmt = base.with_only_columns(*columns)
+    if cursor is not None:
+        stmt = stmt.where(query.keyset_clause(components, cursor))
+    return query.ordered(stmt, components, bool(cursor and cursor.backward)).limit(request.count + 1)
 _INSERT_HISTORY = insert(resource_history)
 _SEARCH_TARGET = resource.alias(SEARCH_ALIAS)  # one object, so the access condition on it is reused
 # A search is planned for its values. psycopg prepares a statement after five runs, and PostgreSQL
