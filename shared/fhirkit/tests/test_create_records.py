@@ -1,33 +1,16 @@
 """`Repository.create_records`: a batch of server-written records (audit) stored in a few
 statements, each exactly as a single create would store it: row, history, index rows."""
 
-from collections.abc import AsyncIterator
 
 import orjson
-import pytest
-import pytest_asyncio
 from sqlalchemy import func, select
 
 from fhirkit.search.request import parse_search
 from fhirkit.store.repository import Repository, StoreConfig
 from fhirkit.store.tables import INDEX_TABLES, resource, resource_history
 from servicekit.db import Database
-from servicekit.events.testing import DatabaseTemplates, database_params, running
 
 STORE = StoreConfig(resource_types=frozenset({"AuditEvent"}))
-
-
-@pytest.fixture(scope="module")
-def templates(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[DatabaseTemplates]:
-    found = DatabaseTemplates(tmp_path_factory.mktemp("create-records"))
-    yield found
-    found.drop_all()
-
-
-@pytest_asyncio.fixture(params=database_params())
-async def database(request: pytest.FixtureRequest, templates: DatabaseTemplates) -> AsyncIterator[Database]:
-    async with running(templates.url(str(request.param))) as found:
-        yield found
 
 
 def audit(patient: str, action: str) -> dict[str, object]:

@@ -2,10 +2,7 @@
 PostgreSQL written by one statement), and what happens when two transactions create one id."""
 
 import asyncio
-from collections.abc import AsyncIterator
 
-import pytest
-import pytest_asyncio
 from sqlalchemy import func, select
 
 from fhirkit.errors import VersionConflict
@@ -13,7 +10,6 @@ from fhirkit.search.request import parse_search
 from fhirkit.store.repository import Repository, StoreConfig
 from fhirkit.store.tables import INDEX_TABLES, resource, resource_history
 from servicekit.db import Database
-from servicekit.events.testing import DatabaseTemplates, database_params, running
 
 STORE = StoreConfig(resource_types=frozenset({"Observation", "Patient"}))
 OBSERVATION = {
@@ -23,19 +19,6 @@ OBSERVATION = {
     "subject": {"reference": "Patient/p1"}, "effectiveDateTime": "2026-11-20T08:00:00+08:00",
     "valueQuantity": {"value": 5, "unit": "mmol/L", "system": "http://unitsofmeasure.org", "code": "mmol/L"},
 }
-
-
-@pytest.fixture(scope="module")
-def templates(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[DatabaseTemplates]:
-    found = DatabaseTemplates(tmp_path_factory.mktemp("create-rows"))
-    yield found
-    found.drop_all()
-
-
-@pytest_asyncio.fixture(params=database_params())
-async def database(request: pytest.FixtureRequest, templates: DatabaseTemplates) -> AsyncIterator[Database]:
-    async with running(templates.url(str(request.param))) as found:
-        yield found
 
 
 async def _with_patient(database: Database) -> None:

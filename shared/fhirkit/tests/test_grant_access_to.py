@@ -1,34 +1,17 @@
 """`grant_access_to`: one source's grants on several resources of a patient, kept one row per
 target; granting again moves the expiry of those held and adds only the new ones."""
 
-from collections.abc import AsyncIterator
 
-import pytest
-import pytest_asyncio
 from sqlalchemy import select
 
 from fhirkit.access import grant_access, grant_access_to
 from fhirkit.store.tables import access_grant
 from servicekit.db import Database
-from servicekit.events.testing import DatabaseTemplates, database_params, running
 
 HOUR = 3600 * 1_000_000
 NOW = 1_800_000_000_000_000
 GRANT = {"grantee": "Organization/thc-xikou", "patient": "Patient/p1", "scope": "results",
          "source": "recognition-check#Organization/thc-xikou", "reason": "$recognition-check"}
-
-
-@pytest.fixture(scope="module")
-def templates(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[DatabaseTemplates]:
-    found = DatabaseTemplates(tmp_path_factory.mktemp("grant-access-to"))
-    yield found
-    found.drop_all()
-
-
-@pytest_asyncio.fixture(params=database_params())
-async def database(request: pytest.FixtureRequest, templates: DatabaseTemplates) -> AsyncIterator[Database]:
-    async with running(templates.url(str(request.param))) as found:
-        yield found
 
 
 async def _grants(database: Database) -> list[tuple[object, ...]]:

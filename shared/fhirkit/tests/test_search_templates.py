@@ -2,11 +2,9 @@
 with the values bound. Shapes must never be mixed up: another value, another caller, a missing or
 any system, another prefix or modifier each get what they ask for."""
 
-from collections.abc import AsyncIterator
 from types import SimpleNamespace
 from typing import Any
 
-import pytest
 import pytest_asyncio
 
 from fhirkit.access import AccessPolicy
@@ -14,7 +12,6 @@ from fhirkit.search.request import parse_search
 from fhirkit.store import query
 from fhirkit.store.repository import Repository, StoreConfig
 from servicekit.db import Database
-from servicekit.events.testing import DatabaseTemplates, database_params, running
 
 STORE = StoreConfig(resource_types=frozenset({"Observation", "Patient"}),
                     access=AccessPolicy(public_types=frozenset({"Patient"})))
@@ -31,26 +28,19 @@ def observation(key: str, patient: str, code: str, *, system: str | None = LOINC
                               "code": "mmol/L"}}
 
 
-@pytest.fixture(scope="module")
-def templates(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[DatabaseTemplates]:
-    found = DatabaseTemplates(tmp_path_factory.mktemp("search-templates"))
-    yield found
-    found.drop_all()
-
-
-@pytest_asyncio.fixture(params=database_params())
-async def database(request: pytest.FixtureRequest, templates: DatabaseTemplates) -> AsyncIterator[Database]:
-    async with running(templates.url(str(request.param))) as found:
-        async with found.transaction(write=True) as conn:
-            for patient in ("p1", "p2"):
-                await Repository(conn, STORE).update("Patient", patient, {"resourceType": "Patient", "id": patient})
-            for owner, bodies in ((LAB_A, [observation("a1", "p1", "2345-7"), observation("a2", "p2", "2345-7"),
-                                            observation("a3", "p1", "718-7", day="2026-11-22", value=9),
-                                            observation("a4", "p1", "2345-7", system=None)]),
-                                  (LAB_B, [observation("b1", "p1", "2345-7")])):
-                for body in bodies:
-                    await Repository(conn, STORE, owner=owner).update("Observation", body["id"], body)
-        yield found
+@pytest_asyncio.fixture
+async def seeded(database: Database) -> Database:
+    """Two patients; lab A's results of both, lab B's of one."""
+    async with database.transaction(write=True) as conn:
+        for patient in ("p1", "p2"):
+            await Repository(conn, STORE).update("Patient", patient, {"resourceType": "Patient", "id": patient})
+        for owner, bodies in ((LAB_A, [observation("a1", "p1", "2345-7"), observation("a2", "p2", "2345-7"),
+                                        observation("a3", "p1", "718-7", day="2026-11-22", value=9),
+                                        observation("a4", "p1", "2345-7", system=None)]),
+                              (LAB_B, [observation("b1", "p1", "2345-7")])):
+            for body in bodies:
+                await Repository(conn, STORE, owner=owner).update("Observation", body["id"], body)
+    return database
 
 
 async def ids(database: Database, caller: str, *params: tuple[str, str]) -> list[str]:
@@ -61,30 +51,30 @@ async def ids(database: Database, caller: str, *params: tuple[str, str]) -> list
     return sorted(m.resource_id for m in page.matches)
 
 
-async def test_one_shape_with_other_values_and_other_callers(database: Database) -> None:
+async def test_one_shape_with_other_values_and_other_callers(seeded: Database) -> None:
     assert query.template_key(parse_search("Observation", [("subject", "Patient/p1")])) is not None
-    assert await ids(database, LAB_A, ("subject", "Patient/p1"), ("code", f"{LOINC}|2345-7")) == ["a1"]
-    assert await ids(database, LAB_A, ("subject", "Patient/p2"), ("code", f"{LOINC}|2345-7")) == ["a2"]
-    assert await ids(database, LAB_A, ("subject", "Patient/p1"), ("code", f"{LOINC}|718-7")) == ["a3"]
-    assert await ids(database, LAB_B, ("subject", "Patient/p1"), ("code", f"{LOINC}|2345-7")) == ["b1"]
-    assert await ids(database, LAB_A, ("subject", "Patient/p1"), ("code", f"{LOINC}|2345-7")) == ["a1"]
+    assert await ids(seeded, LAB_A, ("subject", "Patient/p1"), ("code", f"{LOINC}|2345-7")) == ["a1"]
+    assert await ids(seeded, LAB_A, ("subject", "Patient/p2"), ("code", f"{LOINC}|2345-7")) == ["a2"]
+    assert await ids(seeded, LAB_A, ("subject", "Patient/p1"), ("code", f"{LOINC}|718-7")) == ["a3"]
+    assert await ids(seeded, LAB_B, ("subject", "Patient/p1"), ("code", f"{LOINC}|2345-7")) == ["b1"]
+    assert await ids(seeded, LAB_A, ("subject", "Patient/p1"), ("code", f"{LOINC}|2345-7")) == ["a1"]
 
 
-async def test_a_missing_or_any_system_and_several_values_are_shapes_of_their_own(database: Database) -> None:
-    assert await ids(database, LAB_A, ("code", "|2345-7")) == ["a4"]  # no system
-    assert await ids(database, LAB_A, ("code", "2345-7")) == ["a1", "a2", "a4"]  # any system
-    assert await ids(database, LAB_A, ("code", f"{LOINC}|2345-7")) == ["a1", "a2"]
-    assert await ids(database, LAB_A, ("code", f"{LOINC}|2345-7,{LOINC}|718-7")) == ["a1", "a2", "a3"]
-    assert await ids(database, LAB_A, ("code:not", f"{LOINC}|2345-7")) == ["a3", "a4"]
+async def test_a_missing_or_any_system_and_several_values_are_shapes_of_their_own(seeded: Database) -> None:
+    assert await ids(seeded, LAB_A, ("code", "|2345-7")) == ["a4"]  # no system
+    assert await ids(seeded, LAB_A, ("code", "2345-7")) == ["a1", "a2", "a4"]  # any system
+    assert await ids(seeded, LAB_A, ("code", f"{LOINC}|2345-7")) == ["a1", "a2"]
+    assert await ids(seeded, LAB_A, ("code", f"{LOINC}|2345-7,{LOINC}|718-7")) == ["a1", "a2", "a3"]
+    assert await ids(seeded, LAB_A, ("code:not", f"{LOINC}|2345-7")) == ["a3", "a4"]
 
 
-async def test_prefixes_and_quantities(database: Database) -> None:
-    assert await ids(database, LAB_A, ("date", "ge2026-11-21")) == ["a3"]
-    assert await ids(database, LAB_A, ("date", "lt2026-11-21")) == ["a1", "a2", "a4"]
-    assert await ids(database, LAB_A, ("date", "2026-11-22")) == ["a3"]
-    assert await ids(database, LAB_A, ("value-quantity", "gt6")) == ["a3"]
-    assert await ids(database, LAB_A, ("value-quantity", "5|http://unitsofmeasure.org|mmol/L")) == ["a1", "a2", "a4"]
-    assert await ids(database, LAB_A, ("value-quantity", "le5")) == ["a1", "a2", "a4"]
+async def test_prefixes_and_quantities(seeded: Database) -> None:
+    assert await ids(seeded, LAB_A, ("date", "ge2026-11-21")) == ["a3"]
+    assert await ids(seeded, LAB_A, ("date", "lt2026-11-21")) == ["a1", "a2", "a4"]
+    assert await ids(seeded, LAB_A, ("date", "2026-11-22")) == ["a3"]
+    assert await ids(seeded, LAB_A, ("value-quantity", "gt6")) == ["a3"]
+    assert await ids(seeded, LAB_A, ("value-quantity", "5|http://unitsofmeasure.org|mmol/L")) == ["a1", "a2", "a4"]
+    assert await ids(seeded, LAB_A, ("value-quantity", "le5")) == ["a1", "a2", "a4"]
 
 
 def test_what_is_built_per_search_has_no_template() -> None:
