@@ -11,7 +11,7 @@ history, search, includes, chains, `_has`, totals, conditional writes). It fails
 without an organization gets 403, never unfiltered rows (ARCHITECTURE.md §5).
 """
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,36 +59,46 @@ class AccessPolicy:
     # running the query it filters (a search by patient and code).
     _memo: dict[Any, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
-    def visible(self, caller: Any, target: FromClause, *, now: int | None = None) -> Clause | None:
+    def visible(
+        self, caller: Any, target: FromClause, *, now: int | None = None, resource_type: str | None = None
+    ) -> Clause | None:
         """The condition on `target` (a `fhir_resource` alias) keeping what `caller` may read;
         None when nothing is hidden from it (the services' own system identity, break-the-glass).
         Grants are judged at `now` rounded up to the next step of GRANT_CLOCK_STEP_MICROS (10 s):
         one expiring within that step is already treated as expired (never the other way), and
-        a caller's condition is built and compiled once per step, not per request."""
+        a caller's condition is built and compiled once per step, not per request.
+
+        `resource_type`: the rows' type, when the query fixes it (a search, a read by id). The
+        parts that test for other types are left out (they are false for every such row), and a
+        public type needs no condition at all. PostgreSQL planned the whole condition for every
+        search: 1.6 ms, against 0.2 ms to run the search itself."""
         if SYSTEM_ROLE in getattr(caller, "roles", ()) or getattr(caller, "break_glass", None):
+            return None
+        if resource_type is not None and resource_type in self.public_types:
             return None
         organization = _organization_of(caller)
         step = GRANT_CLOCK_STEP_MICROS
         moment = -(-(now if now is not None else now_micros()) // step) * step
         if target is not _base_table() and getattr(target, "name", None) != SEARCH_ALIAS:
-            return self._visible(caller, organization, target, moment)
-        key = (organization, getattr(caller, "level", None), tuple(getattr(caller, "roles", ())), target)
+            return self._visible(caller, organization, target, moment, resource_type)
+        key = (organization, getattr(caller, "level", None), tuple(getattr(caller, "roles", ())), target, resource_type)
         memo = self._memo
         if memo.get("moment") != moment:  # conditions of an earlier step are never used again
             memo.clear()
             memo["moment"] = moment
         clause = memo.get(key)
         if clause is None:
-            clause = memo[key] = self._visible(caller, organization, target, moment)
+            clause = memo[key] = self._visible(caller, organization, target, moment, resource_type)
         return clause
 
-    def _visible(self, caller: Any, organization: str, target: FromClause, now: int) -> Clause:
-        clauses = [target.c.owner == organization, *self._party_clauses(organization, target)]
-        if self.follows:
+    def _visible(self, caller: Any, organization: str, target: FromClause, now: int, only: str | None) -> Clause:
+        """`only`: the rows' type if known; each part below is guarded by a test of the row's type."""
+        clauses = [target.c.owner == organization, *self._party_clauses(organization, target, only=only)]
+        if self.follows and _may_be(only, self.follows):
             clauses.append(self._follows_clause(organization, target, now))
-        if self.public_types:
+        if self.public_types and only is None:  # a known public type has no condition (`visible`)
             clauses.append(target.c.resource_type.in_(sorted(self.public_types)))
-        if self.grant_scopes:
+        if self.grant_scopes and (self.granted_types is None or _may_be(only, self.granted_types)):
             clauses.append(self._granted(organization, target, now))
         return or_(*clauses, *self._extra_clauses(caller, target))
 
@@ -106,15 +116,20 @@ class AccessPolicy:
         extra = self.extra(caller, target) if self.extra is not None else None
         return [extra] if extra is not None else []
 
-    def _party_clauses(self, organization: str, target: FromClause, *, chains: bool = True) -> list[Clause]:
+    def _party_clauses(
+        self, organization: str, target: FromClause, *, chains: bool = True, only: str | None = None
+    ) -> list[Clause]:
         """Each behind a test of the row's type: PostgreSQL may turn a party EXISTS into a hashed
         set of every index row naming the organization (all of a lab's results name it as
-        performer), built on first use; a row of another type then never builds it."""
+        performer), built on first use; a row of another type then never builds it. `only`: the
+        rows' type if known, which leaves out the parts for other types."""
         if not self.parties:
             return []
         org_id = organization.split("/", 1)[1]
-        clauses = [and_(target.c.resource_type.in_(sorted(self.parties)), _names_party(target, self.parties, org_id))]
-        if chains and self.chains:
+        clauses = []
+        if _may_be(only, self.parties):
+            clauses.append(and_(target.c.resource_type.in_(sorted(self.parties)), _names_party(target, self.parties, org_id)))
+        if chains and self.chains and _may_be(only, self.chains):
             clauses.append(and_(target.c.resource_type.in_(sorted(self.chains)), self._chain_clause(target, org_id)))
         return clauses
 
@@ -174,6 +189,11 @@ class AccessPolicy:
                 ~exists(select(access_opt_out.c.consent_id).where(access_opt_out.c.patient_id == grant.c.patient_id)),
             )
         ))
+
+
+def _may_be(only: str | None, types: Iterable[str]) -> bool:
+    """Whether rows of type `only` (None: of any type) can be among `types`."""
+    return only is None or only in types
 
 
 def _organization_of(caller: Any) -> str:

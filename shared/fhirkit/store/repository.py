@@ -143,11 +143,12 @@ class Repository:
         clone.deferred_references = self.deferred_references
         return clone
 
-    def visibility(self, target: Any) -> ColumnElement[bool] | None:
-        """The access policy's condition on a `fhir_resource` alias for this caller (None: all)."""
+    def visibility(self, target: Any, resource_type: str | None = None) -> ColumnElement[bool] | None:
+        """The access policy's condition on a `fhir_resource` alias for this caller (None: all);
+        `resource_type` when the query fixes the rows' type (a smaller condition)."""
         if self.config.access is None or self.caller is None:
             return None
-        return self.config.access.visible(self.caller, target, now=self._now())
+        return self.config.access.visible(self.caller, target, now=self._now(), resource_type=resource_type)
 
     def _modifiability(self, target: Any) -> ColumnElement[bool] | None:
         if self.config.access is None or self.caller is None:
@@ -158,7 +159,7 @@ class Repository:
         """404 for what the caller may not see (its existence is not revealed), 403 for what it
         sees but may not change."""
         missing = ResourceNotFound(f"{current.resource_type}/{current.resource_id} is not known")
-        if not await self._satisfies(current, self.visibility(resource)):
+        if not await self._satisfies(current, self.visibility(resource, current.resource_type)):
             raise missing
         if write and not await self._satisfies(current, self._modifiability(resource)):
             raise Forbidden(
@@ -197,7 +198,7 @@ class Repository:
     async def _visible_current(self, resource_type: str, resource_id: str) -> StoredResource | None:
         """The current version if the caller may see it, in one statement (the hot read path):
         an invisible resource is None, exactly as a missing one."""
-        clause = self.visibility(resource)
+        clause = self.visibility(resource, resource_type)
         stmt = _CURRENT if clause is None else _current_where(clause)
         return await self._current_by(stmt, resource_type, resource_id)
 
@@ -583,7 +584,7 @@ class Repository:
             base, page = self._template(key, target, request)
             values = query.template_values(request)
         else:
-            base, page, values = query.base_search(target, request, self.visibility), None, {}
+            base, page, values = query.base_search(target, request, self._search_visibility(request)), None, {}
         if self._is_postgres:
             await driver.execute(self.conn, _CUSTOM_PLANS, {})
         if request.summary == "count" or request.count == 0:
@@ -617,10 +618,15 @@ class Repository:
                 )
             self._require_local(flt.chain)
 
+    def _search_visibility(self, request: SearchRequest) -> Callable[[Any], Any]:
+        """The condition for each alias of a search: the searched alias's rows are of the
+        searched type; a chain's or `_has`'s are not."""
+        return lambda target: self.visibility(target, request.resource_type if target is _SEARCH_TARGET else None)
+
     def _template(self, key: tuple[Any, ...], target: Any, request: SearchRequest) -> tuple[Any, Any]:
         """The base and first-page statements of a search's shape for this caller's condition
         (the same object for the grant clock's step), built once and run on the driver."""
-        visible = self.visibility(target)
+        visible = self.visibility(target, request.resource_type)
         found = _TEMPLATES.get((key, id(visible)))
         if found is not None and found[0] is visible:
             return found[1], found[2]

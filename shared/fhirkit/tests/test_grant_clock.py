@@ -56,3 +56,26 @@ async def test_one_condition_serves_a_caller_for_the_whole_step() -> None:
     first = POLICY.visible(caller, resource, now=NOW)
     assert POLICY.visible(caller, resource, now=NOW + 9 * SECOND) is first
     assert POLICY.visible(caller, resource, now=NOW + GRANT_CLOCK_STEP_MICROS) is not first
+
+
+def test_a_condition_for_a_known_type_leaves_out_the_parts_for_other_types() -> None:
+    """Every part of the condition but ownership tests the row's type; with the type known (a
+    search, a read by id) the parts for other types are left out, and a public type needs none."""
+    policy = AccessPolicy(public_types=frozenset({"Organization"}), parties={"ServiceRequest": ("performer",)},
+                          follows={"Provenance": ("target",)}, grant_scopes=frozenset({"results"}),
+                          granted_types=frozenset({"Observation"}))
+    caller = SimpleNamespace(organization="Organization/thc", roles=(), level="township")
+
+    def sql(resource_type: str | None) -> str:
+        clause = policy.visible(caller, resource, now=NOW, resource_type=resource_type)
+        return str(clause.compile(compile_kwargs={"literal_binds": True}))
+
+    everything = sql(None)
+    assert all(part in everything for part in ("'performer'", "fhir_access_grant", "'target'", "'Organization')"))
+    observation = sql("Observation")
+    assert "fhir_access_grant" in observation and "'performer'" not in observation and "'target'" not in observation
+    service_request = sql("ServiceRequest")
+    assert "'performer'" in service_request and "fhir_access_grant" not in service_request
+    assert "'Organization')" not in observation + service_request  # the public types' test, left out
+    assert policy.visible(caller, resource, now=NOW, resource_type="Organization") is None
+    assert sql("Encounter").count("EXISTS") == 0  # its own rows only
