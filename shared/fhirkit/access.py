@@ -252,31 +252,15 @@ async def grant_access(
     reason: str,
     expires_at: int | None,
     now: int | None = None,
-    target: tuple[str, str] | None = None,
+    targets: Sequence[tuple[str, str] | None] = (None,),
 ) -> None:
     """Record that `grantee` may read `patient`'s data of `scope` until `expires_at` (None: until
     revoked). Called inside the transaction of the write (or event) that creates the relationship;
     a source granting again replaces its earlier grant's expiry (the relationship's latest state).
-    `target` (type, id) narrows the grant to one resource of the patient."""
-    await grant_access_to(conn, [target], grantee=grantee, patient=patient, scope=scope, source=source,
-                          reason=reason, expires_at=expires_at, now=now)
-
-
-async def grant_access_to(
-    conn: AsyncConnection,
-    targets: Sequence[tuple[str, str] | None],
-    *,
-    grantee: str,
-    patient: str,
-    scope: str,
-    source: str,
-    reason: str,
-    expires_at: int | None,
-    now: int | None = None,
-) -> None:
-    """`grant_access` for several targets of one patient at once (a recognition check's results):
-    one look-up of the source's grants, one insert of the new ones, an update of those whose expiry
-    changed. The statements are built once and run on the driver."""
+    Each of `targets`, a (type, id), narrows a grant to one resource of the patient; None grants
+    all of them. Several at once (a recognition check's results) cost one look-up of the source's
+    grants, one insert of the new ones and an update of those whose expiry changed, in statements
+    built once and run on the driver."""
     patient_id = _patient_id(patient)
     reason = reason[:255]
     held: dict[tuple[str | None, str | None], tuple[int, int | None]] = {}

@@ -64,6 +64,10 @@ def _sqlite_engine(url: str, begin: str, query_timeout_seconds: float) -> AsyncE
     return engine
 
 
+LONG_STATEMENT_BYTES = 32 * 1024
+LONG_STATEMENT_PARAMETERS = 500
+
+
 def _keep_long_statements_converted() -> None:
     """psycopg converts a statement's `%(name)s` placeholders in Python and keeps the result (an
     LRU of 128) only for statements under 4 KB and 50 parameters. A search carrying its caller's
@@ -74,10 +78,6 @@ def _keep_long_statements_converted() -> None:
 
     _queries.MAX_CACHED_STATEMENT_LENGTH = max(_queries.MAX_CACHED_STATEMENT_LENGTH, LONG_STATEMENT_BYTES)
     _queries.MAX_CACHED_STATEMENT_PARAMS = max(_queries.MAX_CACHED_STATEMENT_PARAMS, LONG_STATEMENT_PARAMETERS)
-
-
-LONG_STATEMENT_BYTES = 32 * 1024
-LONG_STATEMENT_PARAMETERS = 500
 
 
 class Database:

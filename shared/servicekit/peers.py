@@ -22,6 +22,10 @@ from servicekit.inprocess import call_asgi
 
 IDS_PER_SEARCH = 100
 
+SYSTEM_IDENTITY = CallerIdentity(
+    client_id="alliance-internal", organization="Organization/alliance-system", scopes=("system/*.cruds",), level=None, roles=("system",)
+)
+
 
 @dataclass(frozen=True)
 class Answer:
@@ -29,10 +33,6 @@ class Answer:
 
     status_code: int
     content: bytes
-
-SYSTEM_IDENTITY = CallerIdentity(
-    client_id="alliance-internal", organization="Organization/alliance-system", scopes=("system/*.cruds",), level=None, roles=("system",)
-)
 
 
 class Peers:
@@ -142,7 +142,7 @@ class Peers:
             self._clients[service] = httpx.AsyncClient(base_url=base, transport=transport, timeout=10.0)
         return self._clients[service]
 
-    async def _get(self, service: str, path: str) -> "Answer":
+    async def _get(self, service: str, path: str) -> Answer:
         headers = {IDENTITY_HEADER: sign_identity(SYSTEM_IDENTITY, self.secret)}
         transport = self.transports.get(service)
         if isinstance(transport, httpx.ASGITransport):

@@ -433,7 +433,7 @@ class Repository:
             "content": content,
         }
         await self._clear_indexes(rid)
-        await self._write_rows(rid, values, method, body)
+        await self._write_rows(rid, values, method, _index_of(body))
         return StoredResource(
             current.resource_type, current.resource_id, version, now, body is None, content, current.owner
         )
@@ -441,23 +441,26 @@ class Repository:
     async def _create_rows(self, values: dict[str, Any], method: str, body: dict[str, Any]) -> bool:
         """A new resource's row, history row and index rows; False when the id exists already.
         ON CONFLICT DO NOTHING: a concurrent create of the same id answers no row (no savepoint)."""
-        if self._is_postgres:
-            index = {kind: rows for kind, rows in indexing.index_rows(body).items() if rows}
-            if sum(map(len, index.values())) <= MAX_ROWS_AT_ONCE:
-                # One round trip for all of it, as `_write_rows` does for a new version.
-                statement, parameters = _created_at_once(values, method, index)
-                return bool(await driver.execute(self.conn, statement, parameters))
+        index = _index_of(body)
+        if self._in_one_statement(index):  # as `_write_rows` does for a new version
+            statement, parameters = _created_at_once(values, method, index)
+            return bool(await driver.execute(self.conn, statement, parameters))
         inserted = await driver.execute(self.conn, _insert_resource(self._is_postgres), values)
         if not inserted:
             return False
-        await self._write_rows(inserted[0][0], values, method, body)
+        await self._write_rows(inserted[0][0], values, method, index)
         return True
 
-    async def _write_rows(self, rid: int, values: dict[str, Any], method: str, body: dict[str, Any] | None) -> None:
-        """A version's history row and (unless it is a deletion) its index rows."""
-        index = {kind: rows for kind, rows in indexing.index_rows(body).items() if rows} if body is not None else {}
-        if self._is_postgres and sum(map(len, index.values())) <= MAX_ROWS_AT_ONCE:
-            # One round trip: each statement costs ~170 µs of client CPU on PostgreSQL.
+    def _in_one_statement(self, index: dict[str, list[dict[str, Any]]]) -> bool:
+        """Whether a version's rows go to PostgreSQL in one round trip: each statement costs
+        ~170 µs of client CPU there."""
+        return self._is_postgres and sum(map(len, index.values())) <= MAX_ROWS_AT_ONCE
+
+    async def _write_rows(
+        self, rid: int, values: dict[str, Any], method: str, index: dict[str, list[dict[str, Any]]]
+    ) -> None:
+        """A version's history row and its index rows (`_index_of` its body; none for a deletion)."""
+        if self._in_one_statement(index):
             statement, parameters = _rows_at_once(rid, {"rid": rid, "method": method, **values}, index)
             await driver.execute(self.conn, statement, parameters)
             return
@@ -821,21 +824,6 @@ _CURRENT = select(resource).where(
     resource.c.resource_type == bindparam("resource_type"), resource.c.resource_id == bindparam("resource_id")
 )
 _CURRENT_FOR_UPDATE = _CURRENT.with_for_update()
-# (template key, id of the caller's condition) → (the condition, base statement, first page's).
-_TEMPLATES: dict[tuple[Any, int], tuple[Any, Any, Any]] = {}
-
-
-def _page_statement(target: Any, base: Any, request: SearchRequest, cursor: "query.Cursor | None") -> Any:
-    """A page of `base`: the stored rows and their sort keys, in order, one more than asked for."""
-    components = query.sort_components(target, request.sort)
-    columns = [
-        target.c.resource_type, target.c.resource_id, target.c.version_id, target.c.last_updated,
-        target.c.content, target.c.owner, *[expression for expression, _ in components],
-    ]
-    stmt = base.with_only_columns(*columns)
-    if cursor is not None:
-        stmt = stmt.where(query.keyset_clause(components, cursor))
-    return query.ordered(stmt, components, bool(cursor and cursor.backward)).limit(request.count + 1)
 _INSERT_HISTORY = insert(resource_history)
 _SEARCH_TARGET = resource.alias(SEARCH_ALIAS)  # one object, so the access condition on it is reused
 # A search is planned for its values. psycopg prepares a statement after five runs, and PostgreSQL
@@ -867,6 +855,23 @@ _INSERT_RESOURCE = {
     dialect: module.insert(resource).on_conflict_do_nothing().returning(resource.c.rid)
     for dialect, module in (("postgresql", postgresql), ("sqlite", sqlite))
 }
+
+
+# (template key, id of the caller's condition) → (the condition, base statement, first page's).
+_TEMPLATES: dict[tuple[Any, int], tuple[Any, Any, Any]] = {}
+
+
+def _page_statement(target: Any, base: Any, request: SearchRequest, cursor: "query.Cursor | None") -> Any:
+    """A page of `base`: the stored rows and their sort keys, in order, one more than asked for."""
+    components = query.sort_components(target, request.sort)
+    columns = [
+        target.c.resource_type, target.c.resource_id, target.c.version_id, target.c.last_updated,
+        target.c.content, target.c.owner, *[expression for expression, _ in components],
+    ]
+    stmt = base.with_only_columns(*columns)
+    if cursor is not None:
+        stmt = stmt.where(query.keyset_clause(components, cursor))
+    return query.ordered(stmt, components, bool(cursor and cursor.backward)).limit(request.count + 1)
 
 
 _READS_BY_CLAUSE: dict[int, tuple[Any, Any]] = {}
@@ -968,6 +973,11 @@ def _created_at_once_sql(shape: tuple[tuple[str, int], ...]) -> str:
 
 _INDEX_VALUE_COLUMNS = {kind: tuple(name for name in table.c.keys() if name != "rid")
                         for kind, table in INDEX_TABLES.items()}
+
+
+def _index_of(body: dict[str, Any] | None) -> dict[str, list[dict[str, Any]]]:
+    """A version's index rows by kind, kinds without rows left out; none for a deletion."""
+    return {kind: rows for kind, rows in indexing.index_rows(body).items() if rows} if body is not None else {}
 
 
 def _insert_resource(is_postgres: bool) -> Any:

@@ -10,7 +10,7 @@ check it made for the patient. A Provenance (a report's signature) is visible wi
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from fhirkit.access import AccessPolicy, grant_access_to
+from fhirkit.access import AccessPolicy, grant_access
 from fhirkit.api.router import OperationCall
 from fhirkit.store.tables import reference_index, resource
 from servicekit.grants import TaskGrants
@@ -44,10 +44,10 @@ async def grant_checked_results(
     conn = call.repo.conn
     now = call.repo.config.clock()
     hours = call.request.app.state.settings.recognition_grant_hours
-    await grant_access_to(
-        conn, [*results, *await _report_members(conn, results)], grantee=organization,
-        patient=f"Patient/{patient_id}", scope=RESULTS_SCOPE, source=f"recognition-check#{organization}",
-        reason="$recognition-check", now=now, expires_at=now + int(hours * 3600 * 1_000_000),
+    await grant_access(
+        conn, grantee=organization, patient=f"Patient/{patient_id}", scope=RESULTS_SCOPE,
+        source=f"recognition-check#{organization}", reason="$recognition-check", now=now,
+        expires_at=now + int(hours * 3600 * 1_000_000), targets=[*results, *await _report_members(conn, results)],
     )
 
 

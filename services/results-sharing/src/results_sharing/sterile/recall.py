@@ -189,4 +189,4 @@ async def _show_flag_to_sites(repo: Any, flag_id: str, patient: str, sites: set[
     for site in sorted(sites):
         await grant_access(repo.conn, grantee=site, patient=patient, scope=RESULTS_SCOPE,
                            source=f"recall#{site}", reason="sterilization recall", expires_at=None,
-                           now=repo.config.clock(), target=("Flag", flag_id))
+                           now=repo.config.clock(), targets=[("Flag", flag_id)])

@@ -1,10 +1,10 @@
-"""`grant_access_to`: one source's grants on several resources of a patient, kept one row per
-target; granting again moves the expiry of those held and adds only the new ones."""
+"""`grant_access` on several targets of one patient: one row per target and source; granting
+again moves the expiry of those held and adds only the new ones."""
 
 
 from sqlalchemy import select
 
-from fhirkit.access import grant_access, grant_access_to
+from fhirkit.access import grant_access
 from fhirkit.store.tables import access_grant
 from servicekit.db import Database
 
@@ -25,14 +25,14 @@ async def _grants(database: Database) -> list[tuple[object, ...]]:
 async def test_several_targets_are_granted_once_each_and_granting_again_extends_them(database: Database) -> None:
     first = [("Observation", "o1"), ("DiagnosticReport", "r1"), ("Observation", "o1")]  # o1 named twice
     async with database.transaction(write=True) as conn:
-        await grant_access_to(conn, first, **GRANT, expires_at=NOW + HOUR, now=NOW)
+        await grant_access(conn, **GRANT, targets=first, expires_at=NOW + HOUR, now=NOW)
     source = GRANT["source"]
     assert await _grants(database) == [
         (source, "Observation", "o1", NOW + HOUR, NOW, "p1"), (source, "DiagnosticReport", "r1", NOW + HOUR, NOW, "p1")]
 
     later = NOW + 10 * HOUR
     async with database.transaction(write=True) as conn:
-        await grant_access_to(conn, [("Observation", "o2"), ("Observation", "o1")], **GRANT,
+        await grant_access(conn, **GRANT, targets=[("Observation", "o2"), ("Observation", "o1")],
                               expires_at=later + HOUR, now=later)
     assert await _grants(database) == [
         (source, "Observation", "o1", later + HOUR, NOW, "p1"),  # extended, not added again
@@ -43,10 +43,10 @@ async def test_several_targets_are_granted_once_each_and_granting_again_extends_
 
 async def test_a_whole_patient_grant_and_another_sources_grant_are_rows_of_their_own(database: Database) -> None:
     async with database.transaction(write=True) as conn:
-        await grant_access_to(conn, [("Observation", "o1")], **GRANT, expires_at=NOW + HOUR, now=NOW)
+        await grant_access(conn, **GRANT, targets=[("Observation", "o1")], expires_at=NOW + HOUR, now=NOW)
         await grant_access(conn, **GRANT, expires_at=None, now=NOW)  # no target: all of the patient's results
         await grant_access(conn, **{**GRANT, "source": "ServiceRequest/sr1"}, expires_at=NOW + HOUR, now=NOW,
-                           target=("Observation", "o1"))
+                           targets=[("Observation", "o1")])
         await grant_access(conn, **GRANT, expires_at=None, now=NOW + 1)  # the same again: nothing changes
     rows = await _grants(database)
     assert [(row[0], row[1], row[3]) for row in rows] == [
