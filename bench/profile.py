@@ -1,30 +1,35 @@
 """Server CPU per request of one figure, and optionally a py-spy profile of the server under it.
 
-    python -m bench.profile --figure search|recognition|read|create [--observations 2000]
+    python -m bench.profile --figure search|recognition|read|create|transaction [--observations 2000]
                             [--connections 8] [--seconds 10] [--spy out.raw]
 
 Starts `alliance serve` with one worker on fresh PostgreSQL databases (as `python -m bench` does),
 loads the demo alliance and lab Observations, ANALYZEs, warms the figure up with wrk for 3 s, then
-drives it for `--seconds` and prints requests/s, p50/p95 and the server's CPU per request. With
+drives it for `--seconds` and prints requests/s, p50/p95 and the server's CPU per request (for
+`transaction`: posts `--observations` more lab results in bundles of 100 from 4 loaders, as the
+bench's load does, and prints Observations/s and CPU per Observation). With
 `--spy`, `py-spy record --pid` samples the server meanwhile (raw, collapsed stacks: sum them by
 frame to read). One worker, so that the CPU per request is one process's and the profile whole.
 Compare runs made back to back: absolute figures drift on shared machines. Never run as a test.
 """
 
 import argparse
+import asyncio
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
 import uuid
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from urllib.parse import quote
 
 from bench import data, system, wrk
 from bench.__main__ import POSTGRES, TOWNSHIP, _bearer, _databases, create_load, load_to
 
-FIGURES = ("search", "recognition", "read", "create")
+FIGURES = ("search", "recognition", "read", "create", "transaction")
 
 
 def figure_load(figure: str, tokens: system.Tokens, dataset: data.Dataset) -> wrk.Load:
@@ -65,22 +70,40 @@ def main() -> None:
         dataset = data.Dataset(uuid.uuid4().hex[:8], data.lab_items())
         load_to(loading, server, tokens, dataset, args.observations)
         system.analyze(urls.values())
+        if args.figure == "transaction":
+            with _spied(args, server):
+                before = server.cpu_seconds()
+                stats = asyncio.run(data.add_observations(server.url, tokens, dataset, args.observations,
+                                                          dataset.patients, loading.loaders))
+                cpu = sum(server.cpu_seconds_since(before).values())
+            summary = stats.summary(loading.loaders)
+            print(f"transaction: {summary['resources_per_s']} Observations/s, {stats.failed_bundles} failed "
+                  f"bundles, server CPU per Observation {cpu / max(1, stats.resources) * 1000:.3f} ms")
+            return
         load = figure_load(args.figure, tokens, dataset)
         wrk.run(server.url, load, connections=args.connections, seconds=3)
-        spy = None
-        if args.spy is not None:
-            spy = subprocess.Popen(["py-spy", "record", "-r", "400", "-f", "raw", "-o", str(args.spy), "--pid",
-                                    str(server.process.pid), "--duration", str(round(args.seconds) + 1)],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            time.sleep(1)  # py-spy attached before the load starts
-        before = server.cpu_seconds()
-        result = wrk.run(server.url, load, connections=args.connections, seconds=args.seconds)
-        cpu = sum(server.cpu_seconds_since(before).values())
-        if spy is not None:
-            spy.wait()
+        with _spied(args, server):
+            before = server.cpu_seconds()
+            result = wrk.run(server.url, load, connections=args.connections, seconds=args.seconds)
+            cpu = sum(server.cpu_seconds_since(before).values())
         print(f"{args.figure}: {result['rps']} req/s, p50 {result['p50_ms']} ms, p95 {result['p95_ms']} ms, "
               f"{result['errors']} errors, server CPU per request {cpu / max(1, result['requests']) * 1000:.3f} ms")
 
+
+@contextmanager
+def _spied(args: argparse.Namespace, server: system.Server) -> Iterator[None]:
+    """py-spy samples the server while the block runs, when --spy asks for it."""
+    if args.spy is None:
+        yield
+        return
+    spy = subprocess.Popen(["py-spy", "record", "-r", "400", "-f", "raw", "-o", str(args.spy), "--pid",
+                            str(server.process.pid)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1)  # py-spy attached before the load starts
+    try:
+        yield
+    finally:
+        spy.send_signal(signal.SIGINT)  # py-spy writes its samples on interrupt
+        spy.wait()
 
 if __name__ == "__main__":
     main()
