@@ -775,3 +775,60 @@ class TestBundleReferences:
         for patient in patients:
             found = await api.get(f"Observation?subject={patient}", organization=LAB, level="center")
             assert found.json().get("total") == 0, found.text
+
+
+def posted(*resources: dict[str, Any]) -> dict[str, Any]:
+    """A center's upload as plain creates (POST), as a LIS sends new results: the service writes
+    such a run of Observations together (Repository.create_together)."""
+    return {"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"fullUrl": f"urn:uuid:{uuid.uuid4()}", "resource": body,
+         "request": {"method": "POST", "url": body["resourceType"]}} for body in resources]}
+
+
+class TestResultsCreatedTogether:
+    """New results posted in one transaction are judged one by one and written together."""
+
+    async def test_each_result_of_a_run_is_stored_marked_found_and_announced_once(
+            self, api: Any, system: Any) -> None:
+        from sqlalchemy import func, select
+
+        from servicekit.events.tables import outbox
+
+        patient = (await TestBundleReferences().new_patients(api, 1))[0]
+        values = [3.9, 4.0, 4.2, 4.4]
+        bodies = [observation(patient, LAB, "2823-3", "钾", value=v, effective=ago(days=1, hours=i))
+                  for i, v in enumerate(values)]
+        written = locations(await upload(api, LAB, posted(*bodies)))
+        assert len(written) == 4 and all(w.startswith("Observation/") for w in written)
+        for reference, body in zip(written, bodies):
+            stored = (await api.get(reference, organization=LAB, level="center")).json()
+            assert stored["identifier"] == body["identifier"]
+            assert stored["valueQuantity"]["value"] == body["valueQuantity"]["value"]
+            assert mark(stored) is not None and mark(stored)["scope"]  # judged as a create alone is
+        answer = await check(api, patient, POTASSIUM)
+        assert sorted(c["result"]["reference"] for c in candidates(answer)) == sorted(written)
+        engine = system.state.apps["results-sharing"].state.database.engine
+        async with engine.connect() as conn:
+            events = await conn.execute(select(outbox.c.resource_id, func.count()).where(
+                outbox.c.resource_id.in_([w.split("/")[1] for w in written])).group_by(outbox.c.resource_id))
+            assert sorted(events) == sorted((w.split("/")[1], 1) for w in written)
+
+    async def test_an_identifier_repeated_in_the_run_or_already_stored_is_refused_at_its_entry(
+            self, api: Any) -> None:
+        patient = (await TestBundleReferences().new_patients(api, 1))[0]
+        first = observation(patient, LAB, "2823-3", "钾", value=4.0)
+        twin = observation(patient, LAB, "2823-3", "钾", value=4.1, identifier=first["identifier"])
+        response = await upload(api, LAB, posted(observation(patient, LAB, "718-7", "血红蛋白", value=130, unit="g/L"),
+                                                 first, twin), expected=422)
+        diagnostics = response.json()["issue"][0]["diagnostics"]
+        assert diagnostics.startswith("Bundle.entry[2] (POST Observation): ") and "already has identifier" in diagnostics
+        found = await api.get(f"Observation?subject={patient}", organization=LAB, level="center")
+        assert found.json()["total"] == 0, "nothing of the refused run is kept"
+
+        stored = locations(await upload(api, LAB, posted(first)))[0]
+        again = observation(patient, LAB, "2823-3", "钾", value=4.2, identifier=first["identifier"])
+        response = await upload(api, LAB, posted(observation(patient, LAB, "718-7", "血红蛋白", value=131, unit="g/L"),
+                                                 again), expected=422)
+        diagnostics = response.json()["issue"][0]["diagnostics"]
+        assert diagnostics.startswith("Bundle.entry[1] (POST Observation): ") and stored in diagnostics
+        assert "PUT Observation?identifier=" in diagnostics

@@ -1,7 +1,7 @@
 """Which events a topic takes, and what its filters see in them (no delivery involved)."""
 
 from gateway.subscriptions.criteria import SubscriptionConfig
-from gateway.subscriptions.topics import matching_topics
+from gateway.subscriptions.topics import concerned_topics, matching_topics
 from servicekit.events import Event
 
 TOWNSHIP, COUNTY = "Organization/thc-xikou", "Organization/qingxi-county-hospital"
@@ -39,3 +39,14 @@ def test_an_appointment_of_no_request_or_of_another_service_is_no_teleconsultati
     unrelated = {k: v for k, v in APPOINTMENT.items() if k != "basedOn"}
     assert matching_topics(event("telemedicine", "Appointment", "create"), unrelated) == []
     assert matching_topics(event("referral", "Appointment", "create"), APPOINTMENT) == []
+
+
+def test_the_topics_an_event_concerns_are_known_before_its_resource_is_read() -> None:
+    # The hub asks who collects for these before it parses the event's bytes.
+    assert [t.code for t in concerned_topics(event("telemedicine", "Appointment", "create"))] == ["teleconsult-status"]
+    assert concerned_topics(event("referral", "Appointment", "create")) == []
+    assert concerned_topics(event("telemedicine", "Appointment", "delete")) == []
+    # Concerned is necessary, not sufficient: the resource still decides.
+    unrelated = {k: v for k, v in APPOINTMENT.items() if k != "basedOn"}
+    assert not any(t.matches(event("telemedicine", "Appointment", "create"), unrelated)
+                   for t in concerned_topics(event("telemedicine", "Appointment", "create")))

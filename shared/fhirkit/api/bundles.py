@@ -22,6 +22,7 @@ from fhirkit.api import interactions, responses
 from fhirkit.api.interactions import RequestOptions, Result
 from fhirkit.errors import FhirError, InvalidRequest, MultipleMatches, PayloadTooLarge, UnprocessableEntity
 from fhirkit.search.values import format_instant
+from fhirkit.store.hooks import creates_together
 from fhirkit.store.repository import Repository
 
 MAX_ENTRIES = 1000
@@ -118,10 +119,21 @@ class BundleProcessor:
         self.repo.defer_reference_checks()
         results: dict[int, Result] = {}
         written: list[tuple[Entry, list[dict[str, Any]]]] = []  # what each entry (and its hooks) wrote
-        for entry in sorted(entries, key=lambda e: METHOD_ORDER[e.method]):
+        for run in _runs(sorted(entries, key=lambda e: METHOD_ORDER[e.method]), self._joins_run):
             before = len(self.repo.deferred_references or [])
-            results[entry.index] = await self._located(entry, self._execute(entry))
-            written.append((entry, (self.repo.deferred_references or [])[before:]))
+            if len(run) == 1:
+                results[run[0].index] = await self._located(run[0], self._execute(run[0]))
+            else:
+                outcomes = await self.repo.create_together(
+                    [entry.resource for entry in run], [entry.resource_id or "" for entry in run],
+                    [entry.where for entry in run])
+                for entry, outcome in zip(run, outcomes):
+                    results[entry.index] = interactions.write_result(outcome, self.options, created_status=201)
+            # One body per entry of the run, in order; what hooks wrote besides goes with the last.
+            bodies = (self.repo.deferred_references or [])[before:]
+            for position, entry in enumerate(run):
+                last = position == len(run) - 1
+                written.append((entry, bodies[position:] if last else bodies[position:position + 1]))
         self.repo.deferred_references = None
         # Every entry is written: now each reference must point at something that exists.
         await self.repo.prefetch_references([body for _, bodies in written for body in bodies])
@@ -143,6 +155,13 @@ class BundleProcessor:
             return await self.transaction(bundle, indexes=indexes, assigned_ids=assigned_ids)
         finally:
             await savepoint.rollback()
+
+    def _joins_run(self, entry: Entry) -> bool:
+        """A create that may be written with its neighbours of the same type (`create_together`)."""
+        return (entry.method == "POST" and not entry.matched and entry.resource_id is not None
+                and entry.resource_type in self.repo.config.resource_types
+                and isinstance(entry.resource, dict) and entry.resource.get("resourceType") == entry.resource_type
+                and creates_together(self.repo.config.hooks_for(entry.resource_type), entry.resource))
 
     @staticmethod
     async def _located(entry: Entry, step: Awaitable[Any]) -> Any:
@@ -282,6 +301,22 @@ class BundleProcessor:
             response["outcome"] = orjson.loads(result.outcome)
         parts.append(b'"response":' + orjson.dumps(response))
         return b"{" + b",".join(parts) + b"}"
+
+
+def _runs(entries: list[Entry], joins: Callable[[Entry], bool]) -> Iterator[list[Entry]]:
+    """The entries in order, each alone but for consecutive creates of one type that `joins`."""
+    run: list[Entry] = []
+    for entry in entries:
+        joined = joins(entry)
+        if run and (not joined or entry.resource_type != run[0].resource_type):
+            yield run
+            run = []
+        if joined:
+            run.append(entry)
+        else:
+            yield [entry]
+    if run:
+        yield run
 
 
 def _patch_body(resource: Any) -> tuple[Any, str]:

@@ -19,7 +19,7 @@ from typing import Any
 
 from psycopg import AsyncCursor, AsyncRawCursor
 from sqlalchemy import Float, Table, insert
-from sqlalchemy.dialects import postgresql
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql import Executable
@@ -122,40 +122,43 @@ async def execute_many(conn: AsyncConnection, statement: Executable, rows: Seque
 
 
 async def insert_rows(
-    conn: AsyncConnection, table: Table, rows: Sequence[dict[str, Any]], returning: tuple[str, ...] = ()
+    conn: AsyncConnection, table: Table, rows: Sequence[dict[str, Any]], returning: tuple[str, ...] = (),
+    *, skip_conflicts: bool = False,
 ) -> list[Row]:
     """Many rows (sharing their keys) into `table`. On PostgreSQL in one statement,
     `INSERT … SELECT FROM unnest(one array per column)`, whose text does not change with the
     number of rows (it is prepared once); elsewhere one insert per row. Returns the `returning`
-    columns of the rows, in no promised order."""
+    columns of the rows, in no promised order. `skip_conflicts`: a row whose key exists already
+    is left out (ON CONFLICT DO NOTHING) and returns nothing."""
     if not rows:
         return []
     connection = _driver(conn) if conn.dialect.name == "postgresql" else None
     if connection is not None:
         keys = tuple(name for name in table.c.keys() if any(name in row for row in rows))
         arrays = [_column_array(table, key, rows) for key in keys]
-        return await _run_binary(connection, _unnest_insert(table, keys, returning), arrays)
+        return await _run_binary(connection, _unnest_insert(table, keys, returning, skip_conflicts), arrays)
+    statement = _plain_insert(table, returning, skip_conflicts)
     if not returning:
-        await execute_many(conn, _plain_insert(table, ()), rows)
+        await execute_many(conn, statement, rows)
         return []
-    statement = _plain_insert(table, returning)
     return [found for row in rows for found in await execute(conn, statement, row)]
 
 
-# (table, columns, returning) → its statement, built once.
-_INSERTS: dict[tuple[str, tuple[str, ...], tuple[str, ...]], Any] = {}
+# (table, columns, returning, skip_conflicts) → its statement, built once.
+_INSERTS: dict[tuple[str, tuple[str, ...], tuple[str, ...], bool], Any] = {}
 
 
-def _unnest_insert(table: Table, keys: tuple[str, ...], returning: tuple[str, ...]) -> str:
+def _unnest_insert(table: Table, keys: tuple[str, ...], returning: tuple[str, ...], skip_conflicts: bool) -> str:
     # `%b`: the arrays go in PostgreSQL's binary format. psycopg writes a text-format array in
     # Python, escaping every element: 2.7 ms for 700 short strings and 2.5 ms for 60 stored
     # resources, against 0.34 and 0.06 ms in binary (an audit batch is about that size).
-    found = _INSERTS.get((table.name, keys, returning))
+    found = _INSERTS.get((table.name, keys, returning, skip_conflicts))
     if found is None:
         dialect = postgresql.dialect()
         arrays = ", ".join(f"CAST(%b AS {table.c[key].type.compile(dialect=dialect)}[])" for key in keys)
         sql = f"INSERT INTO {table.name} ({', '.join(keys)}) SELECT * FROM unnest({arrays})"
-        found = _INSERTS[(table.name, keys, returning)] = sql + _returning(returning)
+        sql += " ON CONFLICT DO NOTHING" if skip_conflicts else ""
+        found = _INSERTS[(table.name, keys, returning, skip_conflicts)] = sql + _returning(returning)
     return found
 
 
@@ -175,11 +178,12 @@ async def _run_binary(connection: Any, sql: str, parameters: list[Any]) -> list[
         raise as_dbapi_error(sql, error) from error
 
 
-def _plain_insert(table: Table, returning: tuple[str, ...]) -> Any:
-    found = _INSERTS.get((table.name, (), returning))
+def _plain_insert(table: Table, returning: tuple[str, ...], skip_conflicts: bool) -> Any:
+    found = _INSERTS.get((table.name, (), returning, skip_conflicts))
     if found is None:
-        statement = insert(table)
-        found = _INSERTS[(table.name, (), returning)] = (
+        # Not PostgreSQL: SQLite, the only other database the product runs on.
+        statement = sqlite.insert(table).on_conflict_do_nothing() if skip_conflicts else insert(table)
+        found = _INSERTS[(table.name, (), returning, skip_conflicts)] = (
             statement.returning(*(table.c[name] for name in returning)) if returning else statement)
     return found
 

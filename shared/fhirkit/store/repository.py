@@ -6,9 +6,10 @@ bytes and never build a model.
 """
 
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import (
     ColumnElement,
@@ -44,7 +45,14 @@ from fhirkit.errors import (
 from fhirkit.search.request import Filter, HasFilter, Include, SearchRequest, parse_search
 from fhirkit.search.values import format_instant, natural, now_micros
 from fhirkit.store import driver, indexing, query
-from fhirkit.store.hooks import NoForeignTypes, NoHooks, ReferenceResolver, ResourceHooks, WriteContext
+from fhirkit.store.hooks import (
+    BatchHooks,
+    NoForeignTypes,
+    NoHooks,
+    ReferenceResolver,
+    ResourceHooks,
+    WriteContext,
+)
 from fhirkit.store.tables import INDEX_TABLES, reference_index, resource, resource_history
 
 MAX_INCLUDED = 1000
@@ -135,6 +143,8 @@ class Repository:
         self._is_postgres = conn.dialect.name == "postgresql"
         # Bodies whose references are checked later (see defer_reference_checks).
         self.deferred_references: list[dict[str, Any]] | None = None
+        # While `create_together` runs: what its hooks keep about the run (fhirkit.store.hooks.BatchHooks).
+        self.batch_memo: dict[str, Any] | None = None
 
     def unrestricted(self) -> "Repository":
         """The same transaction seen by the server itself: for a hook's internal lookups (the
@@ -328,27 +338,66 @@ class Repository:
         if not bodies:
             return []
         now = self._now()
-        rows = []
+        named, rows = [], []
         for body in bodies:
             self._require_type(body["resourceType"])
-            body = {**body, "id": self.config.new_id(body["resourceType"])}
-            rows.append((body, {
-                "resource_type": body["resourceType"], "resource_id": body["id"], "version_id": 1,
-                "last_updated": now, "deleted": False, "owner": self.owner, "content": _content(body, 1, now),
-            }))
-        inserted = await driver.insert_rows(self.conn, resource, [values for _, values in rows],
-                                            returning=("resource_id", "rid"))
-        rid_of = dict(inserted)
-        rids = [rid_of[values["resource_id"]] for _, values in rows]
+            named.append({**body, "id": self.config.new_id(body["resourceType"])})
+            rows.append({"resource_type": body["resourceType"], "resource_id": named[-1]["id"], "version_id": 1,
+                         "last_updated": now, "deleted": False, "owner": self.owner,
+                         "content": _content(named[-1], 1, now)})
+        await self._create_rows_together(rows, named)
+        return [(values["resource_id"], values["content"]) for values in rows]
+
+    async def create_together(
+        self, bodies: Sequence[dict[str, Any]], ids: Sequence[str], places: Sequence[str]
+    ) -> list[WriteOutcome]:
+        """New resources of one type, each given its id, written as a run: each validated and
+        judged as `create` would, then all their rows in a few multi-row statements. For a
+        transaction's consecutive creates whose hooks allow it (`hooks.creates_together`; see
+        `BatchHooks` for what they see). `places`: where each body is in the request, for its errors."""
+        resource_type = bodies[0]["resourceType"]
+        self._require_type(resource_type)
+        hooks = cast(BatchHooks, self.config.hooks_for(resource_type))
+        named: list[dict[str, Any]] = []
+        for body, resource_id, place in zip(bodies, ids, places, strict=True):
+            with _located(place):
+                resources.check_id(resource_id)
+                named.append({**body, "id": resource_id})
+                await self._validate(named[-1])
+        contexts = [WriteContext("create", resource_type, body["id"], None, self.in_transaction) for body in named]
+        self.batch_memo = {}
+        try:
+            await hooks.before_creates(self, named)
+            for body, context, place in zip(named, contexts, places):
+                with _located(place):
+                    await hooks.before_write(self, body, context)
+        finally:
+            self.batch_memo = None
+        now = self._now()
+        rows = [{"resource_type": resource_type, "resource_id": body["id"], "version_id": 1, "last_updated": now,
+                 "deleted": False, "owner": self.owner, "content": _content(body, 1, now)} for body in named]
+        await self._create_rows_together(rows, named)
+        stored = [StoredResource(resource_type, row["resource_id"], 1, now, False, row["content"], self.owner)
+                  for row in rows]
+        await hooks.after_creates(self, named, [replace(c, stored=s) for c, s in zip(contexts, stored)])
+        return [WriteOutcome(one, created=True) for one in stored]
+
+    async def _create_rows_together(self, rows: list[dict[str, Any]], bodies: list[dict[str, Any]]) -> None:
+        """New resources' rows, first history rows and index rows: one multi-row insert per table."""
+        inserted = dict(await driver.insert_rows(self.conn, resource, rows, returning=("resource_id", "rid"),
+                                                 skip_conflicts=True))
+        taken = [values["resource_id"] for values in rows if values["resource_id"] not in inserted]
+        if taken:
+            raise VersionConflict(f"{rows[0]['resource_type']}/{taken[0]} was created concurrently; retry")
+        rids = [inserted[values["resource_id"]] for values in rows]
         await driver.insert_rows(self.conn, resource_history,
-                                 [{"rid": rid, "method": "POST", **values} for rid, (_, values) in zip(rids, rows)])
+                                 [{"rid": rid, "method": "POST", **values} for rid, values in zip(rids, rows)])
         by_kind: dict[str, list[dict[str, Any]]] = {}
-        for rid, (body, _) in zip(rids, rows):
-            for kind, index in indexing.index_rows(body).items():
+        for rid, body in zip(rids, bodies):
+            for kind, index in _index_of(body).items():
                 by_kind.setdefault(kind, []).extend({"rid": rid, **row} for row in index)
         for kind, index in by_kind.items():
             await driver.insert_rows(self.conn, INDEX_TABLES[kind], index)
-        return [(values["resource_id"], values["content"]) for _, values in rows]
 
     async def _insert(self, body: dict[str, Any], resource_id: str, method: str) -> WriteOutcome:
         resource_type = body["resourceType"]
@@ -397,12 +446,16 @@ class Repository:
         return WriteOutcome(stored, created=current.deleted)
 
     async def _prepare(self, body: dict[str, Any], context: WriteContext) -> None:
+        await self._validate(body)
+        await self.config.hooks_for(context.resource_type).before_write(self, body, context)
+
+    async def _validate(self, body: dict[str, Any]) -> None:
+        """The body against its profile, and its references now or (in a transaction) later."""
         resources.validate(body)
         if self.config.check_references and self.deferred_references is not None:
             self.deferred_references.append(body)
         elif self.config.check_references:
             await self.check_references(body)
-        await self.config.hooks_for(context.resource_type).before_write(self, body, context)
 
     async def _write_version(
         self, current: StoredResource, body: dict[str, Any] | None, method: str
@@ -973,6 +1026,15 @@ def _created_at_once_sql(shape: tuple[tuple[str, int], ...]) -> str:
 
 _INDEX_VALUE_COLUMNS = {kind: tuple(name for name in table.c.keys() if name != "rid")
                         for kind, table in INDEX_TABLES.items()}
+
+
+@contextmanager
+def _located(place: str) -> Iterator[None]:
+    try:
+        yield
+    except FhirError as exc:
+        exc.locate(place)
+        raise
 
 
 def _index_of(body: dict[str, Any] | None) -> dict[str, list[dict[str, Any]]]:

@@ -2,14 +2,17 @@
 PostgreSQL written by one statement), and what happens when two transactions create one id."""
 
 import asyncio
+from collections.abc import Awaitable, Callable
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 
 from fhirkit.errors import VersionConflict
 from fhirkit.search.request import parse_search
 from fhirkit.store.repository import Repository, StoreConfig
-from fhirkit.store.tables import INDEX_TABLES, resource, resource_history
+from fhirkit.store.tables import resource, resource_history
 from servicekit.db import Database
+
+Counts = Callable[[], Awaitable[dict[str, int]]]  # the row_counts fixture (conftest.py)
 
 STORE = StoreConfig(resource_types=frozenset({"Observation", "Patient"}))
 OBSERVATION = {
@@ -24,13 +27,6 @@ OBSERVATION = {
 async def _with_patient(database: Database) -> None:
     async with database.transaction(write=True) as conn:
         await Repository(conn, STORE).update("Patient", "p1", {"resourceType": "Patient", "id": "p1"})
-
-
-async def _counts(database: Database) -> dict[str, int]:
-    async with database.transaction(write=False) as conn:
-        tables = {"resource": resource, "history": resource_history, **INDEX_TABLES}
-        return {name: (await conn.execute(select(func.count()).select_from(table))).scalar_one()
-                for name, table in tables.items()}
 
 
 async def test_a_created_resource_is_found_by_every_kind_of_parameter(database: Database) -> None:
@@ -53,12 +49,14 @@ async def test_a_created_resource_is_found_by_every_kind_of_parameter(database: 
     assert (history.rid, history.content) == (stored.rid, stored.content)
 
 
-async def test_two_transactions_creating_one_id_leave_one_resource_and_one_set_of_rows(database: Database) -> None:
+async def test_two_transactions_creating_one_id_leave_one_resource_and_one_set_of_rows(
+    database: Database, row_counts: Counts,
+) -> None:
     """The second waits for the first, then finds the id taken: 409, nothing of its own written."""
     await _with_patient(database)
     async with database.transaction(write=True) as conn:
         await Repository(conn, STORE).update("Observation", "glucose-1", OBSERVATION)
-    alone = await _counts(database)
+    alone = await row_counts()
     async with database.transaction(write=True) as conn:
         await Repository(conn, STORE).delete("Observation", "glucose-1")  # so the next row is a new one
 
@@ -70,6 +68,6 @@ async def test_two_transactions_creating_one_id_leave_one_resource_and_one_set_o
     outcomes = await asyncio.gather(create(1.0), create(2.0), return_exceptions=True)
     assert sorted(type(o).__name__ for o in outcomes) == ["NoneType", "VersionConflict"]
     assert isinstance(next(o for o in outcomes if o is not None), VersionConflict)
-    after = await _counts(database)
+    after = await row_counts()
     assert after["resource"] == alone["resource"] + 1
     assert after["history"] == alone["history"] + 2  # the deletion's version and the twin

@@ -7,14 +7,14 @@ so an event exists exactly when its change does. The row is published later by t
 
 from collections.abc import Iterable, Mapping
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from sqlalchemy import bindparam, insert, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from fhirkit import jsonio
 from fhirkit.store import driver
-from fhirkit.store.hooks import NoHooks, ResourceHooks, WriteContext
+from fhirkit.store.hooks import BatchHooks, NoHooks, ResourceHooks, WriteContext, creates_together
 from fhirkit.store.tables import resource as resource_table
 from servicekit.events.envelope import (
     Event,
@@ -55,6 +55,21 @@ class OutboxHooks:
         await append_resource_event(repo.conn, self.service, context)
         await self.inner.after_write(repo, resource, context)
 
+    def creates_together(self, resource: dict[str, Any]) -> bool:
+        return creates_together(self.inner, resource)
+
+    async def before_creates(self, repo: "Repository", resources: list[dict[str, Any]]) -> None:
+        await cast(BatchHooks, self.inner).before_creates(repo, resources)
+
+    async def after_creates(
+        self, repo: "Repository", resources: list[dict[str, Any]], contexts: list[WriteContext]
+    ) -> None:
+        # As after_write: the changes' events first (one statement), then the service's own part.
+        events = [_resource_event(self.service, context, context.stored) for context in contexts]
+        await driver.insert_rows(repo.conn, outbox, [row_values(event) for event in events])
+        repo.conn.info[PENDING_KEY] = True
+        await cast(BatchHooks, self.inner).after_creates(repo, resources, contexts)
+
 
 def with_outbox(
     service: str, resource_types: Iterable[str], hooks: Mapping[str, ResourceHooks]
@@ -71,7 +86,11 @@ async def append_resource_event(conn: AsyncConnection, service: str, context: Wr
     stored = context.stored or (await conn.execute(_CURRENT_VERSION, {
         "resource_type": context.resource_type, "resource_id": context.resource_id,
     })).one()
-    event = Event(
+    return await _append(conn, _resource_event(service, context, stored))
+
+
+def _resource_event(service: str, context: WriteContext, stored: Any) -> Event:
+    return Event(
         id=new_event_id(),
         seq=0,
         service=service,
@@ -85,7 +104,6 @@ async def append_resource_event(conn: AsyncConnection, service: str, context: Wr
         request_id=_request_id(),
         payload=stored.content,
     )
-    return await _append(conn, event)
 
 
 async def emit(

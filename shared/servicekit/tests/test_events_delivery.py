@@ -16,6 +16,7 @@ from fhirkit.store import driver
 from fhirkit.store.repository import Repository
 from servicekit.db import Database
 from servicekit.events import Event, EventBus, InProcessBus, ServiceEvents, emit, unpublished_count
+from servicekit.events.consumers import Consumer, RetryPolicy, claim, claim_all
 from servicekit.events.testing import (
     DatabaseTemplates,
     Recorder,
@@ -278,3 +279,26 @@ async def test_a_failure_in_a_batch_rolls_it_back_and_its_events_are_handled_one
     assert len(recorder.calls) == 8 + 12  # the batch up to p-7, then each alone
     assert await count(database, "servicekit_inbox", "consumer = :c", c="batched") == 12
     assert await count(database, "servicekit_dead_letter") == 0
+
+
+def _patient_event(number: int) -> Event:
+    return Event(id=f"00000000-0000-4000-8000-{number:012d}", seq=number, service="referral", kind="resource",
+                 type="create", occurred_at=1, resource_type="Patient", resource_id=f"p-{number}", version_id=1)
+
+
+async def test_a_batch_claims_its_events_at_once_and_skips_those_handled_before_or_twice_in_it(
+    database: Database,
+) -> None:
+    recorder = Recorder("claims")
+    consumer = Consumer("claims", "referral.>", recorder, database, RetryPolicy())
+    first, second, third = (_patient_event(n) for n in (1, 2, 3))
+    assert await consumer.process_batch([second])
+    # A redelivered event and one delivered twice in the batch: each is handled once.
+    assert await consumer.process_batch([first, second, third, first])
+    assert recorder.calls == [second.id, first.id, third.id]
+    assert sorted(row["event_id"] for row in await effects(database, "claims")) == sorted(
+        e.id for e in (first, second, third))
+    async with database.transaction(write=True) as conn:
+        assert await claim_all(conn, "claims", [first.id, "00000000-0000-4000-8000-000000000009"]) == {
+            "00000000-0000-4000-8000-000000000009"}
+        assert await claim(conn, "another-consumer", first.id)  # the inbox is per consumer

@@ -26,7 +26,7 @@ from gateway.subscriptions.criteria import (
     take_signing_secret,
 )
 from gateway.subscriptions.endpoints import AllowList, EndpointNotAllowed
-from gateway.subscriptions.topics import TOPICS, event_sources, matching_topics, topic_resource
+from gateway.subscriptions.topics import TOPICS, concerned_topics, event_sources, topic_resource
 from servicekit.db import Database
 from servicekit.events import Event
 from servicekit.peers import SYSTEM_IDENTITY
@@ -111,8 +111,13 @@ def _queue_matches(hub: Hub) -> Any:
         # Deletes match no topic; the stored bytes are exactly the version that was written.
         if event.kind != "resource" or event.payload is None or event.version_id is None:
             return
+        # Who collects for the event's kind is asked before its bytes are parsed: with no
+        # subscriber (the usual case) an event costs no parse. The look-up is kept per transaction.
+        concerned = concerned_topics(event)
+        if not concerned or not await queue.collecting_for(conn, [t.url for t in concerned], event.occurred_at):
+            return
         resource = event.json()
-        topics = matching_topics(event, resource)
+        topics = [topic for topic in concerned if topic.matches(event, resource)]
         if not topics:
             return
         for state in await queue.collecting_for(conn, [t.url for t in topics], event.occurred_at):

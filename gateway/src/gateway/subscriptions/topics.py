@@ -72,14 +72,17 @@ class Topic:
     def filter(self, name: str) -> TopicFilter | None:
         return next((f for f in self.filters if f.name == name), None)
 
+    def concerns(self, event: Event) -> bool:
+        """Whether a trigger listens to this kind of event, before its resource is looked at."""
+        return any(_listens(trigger, event) for trigger in self.triggers)
+
     def matches(self, event: Event, resource: dict[str, Any]) -> bool:
-        return any(
-            trigger.service == event.service
-            and trigger.resource_type == event.resource_type
-            and event.type in trigger.interactions
-            and trigger.applies(resource)
-            for trigger in self.triggers
-        )
+        return any(_listens(trigger, event) and trigger.applies(resource) for trigger in self.triggers)
+
+
+def _listens(trigger: Trigger, event: Event) -> bool:
+    return (trigger.service == event.service and trigger.resource_type == event.resource_type
+            and event.type in trigger.interactions)
 
 
 def _values(item: Any, kind: FilterKind) -> list[str]:
@@ -261,6 +264,10 @@ def event_sources() -> list[tuple[str, str]]:
 
 def matching_topics(event: Event, resource: dict[str, Any]) -> list[Topic]:
     return [topic for topic in TOPICS if topic.matches(event, resource)]
+
+
+def concerned_topics(event: Event) -> list[Topic]:
+    return [topic for topic in TOPICS if topic.concerns(event)]
 
 
 def topic_resource(topic: Topic) -> dict[str, Any]:

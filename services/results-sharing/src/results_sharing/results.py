@@ -26,7 +26,7 @@
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import and_, bindparam, delete, false, insert, select, update
+from sqlalchemy import and_, bindparam, delete, false, select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from fhirkit.errors import BusinessRuleViolation
@@ -144,7 +144,6 @@ def _finding(body: dict[str, Any]) -> dict[str, Any]:
 
 _FORGET_RESULT = delete(db.result).where(
     db.result.c.resource_type == bindparam("b_type"), db.result.c.resource_id == bindparam("b_id"))
-_INSERT_RESULT = insert(db.result)
 # Another live resource of the type with the same identifier (a create that should have been a re-send).
 _SAME_IDENTIFIER = (select(resource.c.resource_id)
                     .join(token_index, token_index.c.rid == resource.c.rid)
@@ -163,30 +162,52 @@ class ResultHooks:
         if await _posted_by_result_center(repo):
             require_shared_result(body, result, repo.caller.organization)
             if context.previous is None:
-                await _refuse_duplicate(repo.conn, body, context.resource_id)
+                await _refuse_duplicate(repo, body, context.resource_id)
         item = await _catalog_item(repo.conn, body, result)
         _stamp_mark(body, result, item, await _quality_standing(repo.conn, result, item))
 
     async def after_write(self, repo: Any, body: dict[str, Any] | None, context: WriteContext) -> None:
-        conn = repo.conn
         if context.previous is not None:  # a first version has no rows yet (a delete forgot its own)
-            await driver.execute(conn, _FORGET_RESULT, {"b_type": context.resource_type, "b_id": context.resource_id})
+            await driver.execute(repo.conn, _FORGET_RESULT,
+                                 {"b_type": context.resource_type, "b_id": context.resource_id})
+        await _record_results(repo.conn, [(body, context)])
+
+    # A transaction's run of new results (fhirkit.store.hooks.BatchHooks): their identifiers are
+    # looked up in one statement and their rows written in one.
+
+    def creates_together(self, resource: dict[str, Any]) -> bool:
+        return True
+
+    async def before_creates(self, repo: Any, resources: list[dict[str, Any]]) -> None:
+        if await _posted_by_result_center(repo):
+            repo.batch_memo[_HOLDERS] = await _identifier_holders(repo.conn, resources)
+
+    async def after_creates(self, repo: Any, resources: list[dict[str, Any]], contexts: list[WriteContext]) -> None:
+        await _record_results(repo.conn, list(zip(resources, contexts)))
+
+
+async def _record_results(conn: AsyncConnection, written: list[tuple[dict[str, Any] | None, WriteContext]]) -> None:
+    """The result rows of written versions, in one statement, then the reports they touch."""
+    rows: list[dict[str, Any]] = []
+    touched: list[str] = []
+    for body, context in written:
         result = shared_result(body) if body is not None else None
         critical = False
-        if result is not None and result.indexable:
-            critical = result.critical or await _any_result_critical(conn, body or {})
-            mark = _mark_label(body or {})
-            await driver.execute_many(conn, _INSERT_RESULT, [
-                {"patient_id": result.patient_id, "system": system, "code": code, "effective": result.effective,
-                 "resource_type": context.resource_type, "resource_id": context.resource_id,
-                 "producer_id": result.producer_id, "status": result.status, "critical_open": critical,
-                 "diagnostic_conclusion": result.diagnostic_conclusion, "mark_label": mark}
-                for system, code in result.codes
-            ])
+        if body is not None and result is not None and result.indexable:
+            critical = result.critical or await _any_result_critical(conn, body)
+            mark = _mark_label(body)
+            rows += [{"patient_id": result.patient_id, "system": system, "code": code, "effective": result.effective,
+                      "resource_type": context.resource_type, "resource_id": context.resource_id,
+                      "producer_id": result.producer_id, "status": result.status, "critical_open": critical,
+                      "diagnostic_conclusion": result.diagnostic_conclusion, "mark_label": mark}
+                     for system, code in result.codes]
         # A report written earlier (in the same bundle) naming a new, non-critical result was
         # judged right without it: only a change, or a new critical value, moves its flag.
         if context.resource_type == "Observation" and (context.previous is not None or critical):
-            await _refresh_reports_of(conn, context.resource_id)
+            touched.append(context.resource_id)
+    await driver.insert_rows(conn, db.result, rows)
+    for resource_id in touched:
+        await _refresh_reports_of(conn, resource_id)
 
 
 async def _posted_by_result_center(repo: Any) -> bool:
@@ -223,22 +244,53 @@ def require_shared_result(body: dict[str, Any], result: SharedResult, caller_org
         raise refuse("has an effective time (effective[x] or issued)", "effective[x]")
 
 
-async def _refuse_duplicate(conn: AsyncConnection, body: dict[str, Any], resource_id: str) -> None:
+async def _refuse_duplicate(repo: Any, body: dict[str, Any], resource_id: str) -> None:
     """A second create of a report the store already has would duplicate it; say how to re-send."""
     kind = body["resourceType"]
-    for identifier in body.get("identifier") or []:
-        if not (isinstance(identifier, dict) and identifier.get("system") and identifier.get("value")):
-            continue
-        found = await driver.execute(conn, _SAME_IDENTIFIER, {
-            "b_type": kind, "b_code": str(identifier["value"])[:255], "b_system": str(identifier["system"])[:255],
-            "b_id": resource_id})
-        existing = found[0][0] if found else None
+    holders = repo.batch_memo.get(_HOLDERS) if repo.batch_memo is not None else None
+    for system, value in _identifiers(body):
+        if holders is None:
+            found = await driver.execute(repo.conn, _SAME_IDENTIFIER, {
+                "b_type": kind, "b_code": value, "b_system": system, "b_id": resource_id})
+            existing = found[0][0] if found else None
+        else:  # in a run of creates: what the store held before it, and the run's earlier bodies
+            existing = holders.setdefault((kind, system, value), resource_id)
+            existing = None if existing == resource_id else existing
         if existing is not None:
-            criteria = f"{kind}?identifier={identifier['system']}|{identifier['value']}"
+            criteria = f"{kind}?identifier={system}|{value}"
             raise BusinessRuleViolation(
-                f"{kind}/{existing} already has identifier {identifier['system']}|{identifier['value']}; "
+                f"{kind}/{existing} already has identifier {system}|{value}; "
                 f"re-send it as a conditional update (PUT {criteria}) to update it",
                 expression=[f"{kind}.identifier"])
+
+
+def _identifiers(body: dict[str, Any]) -> list[tuple[str, str]]:
+    """(system, value) of the body's identifiers, as the token index keeps them."""
+    return [(str(i["system"])[:255], str(i["value"])[:255]) for i in body.get("identifier") or []
+            if isinstance(i, dict) and i.get("system") and i.get("value")]
+
+
+_HOLDERS = "result-identifier-holders"
+
+
+async def _identifier_holders(conn: AsyncConnection, bodies: list[dict[str, Any]]) -> dict[tuple[str, str, str], str]:
+    """(type, system, value) → the live resource holding that identifier, for the bodies' identifiers."""
+    holders: dict[tuple[str, str, str], str] = {}
+    by_type: dict[str, set[tuple[str, str]]] = {}
+    for body in bodies:
+        by_type.setdefault(body["resourceType"], set()).update(_identifiers(body))
+    for kind, pairs in by_type.items():
+        ordered = sorted(pairs)
+        for start in range(0, len(ordered), 500):
+            chunk = ordered[start:start + 500]
+            statement = (select(token_index.c.system, token_index.c.code, resource.c.resource_id)
+                         .join(resource, token_index.c.rid == resource.c.rid)
+                         .where(token_index.c.resource_type == kind, token_index.c.param == "identifier",
+                                tuple_(token_index.c.system, token_index.c.code).in_(chunk),
+                                resource.c.deleted == false()))
+            for system, value, resource_id in await conn.execute(statement):
+                holders.setdefault((kind, system, value), resource_id)
+    return holders
 
 
 async def _catalog_item(conn: AsyncConnection, body: dict[str, Any], result: SharedResult) -> CatalogItem | None:

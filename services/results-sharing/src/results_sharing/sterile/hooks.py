@@ -11,11 +11,11 @@ Checks run in `before_write` (a refusal rolls back the whole request or transact
 links and the automatic recall are written in `after_write`, in the same database transaction.
 """
 
-from typing import Any
+from typing import Any, cast
 
 from fhirkit.errors import DuplicateResource, UnprocessableEntity
 from fhirkit.search.values import format_instant
-from fhirkit.store.hooks import NoHooks, ResourceHooks, WriteContext
+from fhirkit.store.hooks import BatchHooks, NoHooks, ResourceHooks, WriteContext, creates_together
 from results_sharing.sterile import codes, links, queries, recall
 from results_sharing.sterile.rules import (
     moment,
@@ -174,7 +174,17 @@ async def require_pack(repo: Any, pack_id: str | None, expression: str) -> dict[
 
 class ObservationHooks(_Dispatch):
     async def owns(self, repo: Any, resource: dict[str, Any]) -> bool:
-        return bool(codes.codes_in(resource.get("code"), codes.MONITORING))
+        return _is_monitoring(resource)
+
+    def creates_together(self, resource: dict[str, Any]) -> bool:
+        # A monitoring result is judged against its cycle and a failed one opens a recall: alone.
+        return not _is_monitoring(resource) and creates_together(self.fallback, resource)
+
+    async def before_creates(self, repo: Any, resources: list[dict[str, Any]]) -> None:
+        await cast(BatchHooks, self.fallback).before_creates(repo, resources)
+
+    async def after_creates(self, repo: Any, resources: list[dict[str, Any]], contexts: list[WriteContext]) -> None:
+        await cast(BatchHooks, self.fallback).after_creates(repo, resources, contexts)
 
     async def check(self, repo: Any, resource: dict[str, Any] | None, context: WriteContext) -> None:
         if resource is None:
@@ -193,6 +203,10 @@ class ObservationHooks(_Dispatch):
     async def record(self, repo: Any, resource: dict[str, Any] | None, context: WriteContext) -> None:
         if resource is not None and recall.is_failed_biological_indicator(resource):
             await recall.open_recall(repo, resource)
+
+
+def _is_monitoring(observation: dict[str, Any]) -> bool:
+    return bool(codes.codes_in(observation.get("code"), codes.MONITORING))
 
 
 def _monitoring_kind(observation: dict[str, Any]) -> str:
