@@ -832,3 +832,44 @@ class TestResultsCreatedTogether:
         diagnostics = response.json()["issue"][0]["diagnostics"]
         assert diagnostics.startswith("Bundle.entry[1] (POST Observation): ") and stored in diagnostics
         assert "PUT Observation?identifier=" in diagnostics
+
+    async def test_catalog_items_looked_up_at_once_are_those_found_one_by_one(self, system: Any) -> None:
+        from fhirkit.store import driver
+        from results_sharing import catalog
+        from results_sharing.load import DEMO_CATALOG, catalog_code_system
+
+        concepts = catalog_code_system(DEMO_CATALOG)["concept"]
+        loincs = [next(p["valueCode"] for p in c["property"] if p["code"] == "loinc") for c in concepts[:5]
+                  if any(p["code"] == "loinc" for p in c["property"])]
+        wanted = {(ITEM, c["code"]) for c in concepts[:5]} | {(LOINC, code) for code in loincs} | {
+            (ITEM, "LAB-NO-SUCH"), (LOINC, "0000-0"), ("http://other.example/codes", "X")}
+        database = system.state.apps["results-sharing"].state.database
+        async with database.transaction(write=False) as conn:
+            one_by_one = {pair: await catalog.find_item(conn, *pair) for pair in wanted}
+        async with database.transaction(write=False) as conn:
+            await catalog.prefetch_items(conn, wanted)
+            memo = dict(driver.transaction_memo(conn, catalog.MEMO))
+            at_once = {pair: await catalog.find_item(conn, *pair) for pair in wanted}
+        assert at_once == one_by_one
+        assert sum(item is not None for item in at_once.values()) == 5 + len(loincs)
+        assert set(memo) == wanted - {("http://other.example/codes", "X")}  # an unknown system is no catalog's
+
+    async def test_the_gateway_hands_its_parse_of_a_bundle_to_the_service_in_its_process(
+            self, api: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+        from fhirkit import jsonio
+
+        parses: list[bytes] = []
+        original = jsonio.loads
+
+        def counting(raw: bytes | str) -> Any:
+            if b'"transaction"' in (raw if isinstance(raw, bytes) else raw.encode()):
+                parses.append(raw if isinstance(raw, bytes) else raw.encode())
+            return original(raw)
+
+        monkeypatch.setattr(jsonio, "loads", counting)
+        patient = (await TestBundleReferences().new_patients(api, 1))[0]
+        written = locations(await upload(api, LAB, posted(observation(patient, LAB, "2823-3", "钾", value=4.0),
+                                                          observation(patient, LAB, "718-7", "血红蛋白", value=130,
+                                                                      unit="g/L"))))
+        assert len(written) == 2
+        assert len(parses) == 1, "the gateway parsed the Bundle to route it; the service took that parse"

@@ -10,14 +10,19 @@ import asyncio
 from typing import Any
 from urllib.parse import unquote
 
+from fhirkit.api.interactions import PARSED_BODY
+
 Headers = dict[str, str]
 
 
 async def call_asgi(
-    app: Any, method: str, path: str, headers: dict[str, str | bytes], content: bytes, *, host: str
+    app: Any, method: str, path: str, headers: dict[str, str | bytes], content: bytes, *, host: str,
+    parsed: Any = None,
 ) -> tuple[int, Headers, bytes]:
     """Send one request to `app`; returns status, headers (lower-case names; repeated ones
-    joined with ", " as httpx does) and the whole body."""
+    joined with ", " as httpx does) and the whole body. `parsed`: the caller's parse of `content`,
+    handed over so that the app does not parse it again (the caller must not use it afterwards:
+    the app may change it)."""
     raw_path, _, query = path.partition("?")
     scope = {
         "type": "http",
@@ -33,7 +38,7 @@ async def call_asgi(
                     *((name.lower().encode("latin-1"), _bytes(value)) for name, value in headers.items())],
         "client": ("127.0.0.1", 0),
         "server": (host, 80),
-        "extensions": {},
+        "extensions": {} if parsed is None else {PARSED_BODY: (content, parsed)},
     }
     sent = False
     complete = asyncio.Event()

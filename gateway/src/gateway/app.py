@@ -113,6 +113,7 @@ class Gateway:
         identity: Any,
         headers: dict[str, str] | None = None,
         content: bytes = b"",
+        parsed: Any = None,
     ) -> Upstream:
         # Byte for byte as received: Starlette decodes header values as latin-1, and httpx would
         # refuse to encode a non-ASCII str (a UTF-8 `If-None-Exist`) as ASCII.
@@ -122,7 +123,7 @@ class Gateway:
         outgoing["x-forwarded-base"] = self.settings.base_url
         if service in self.local_apps:
             status, answered, body = await call_asgi(
-                self.local_apps[service], method, path, outgoing, content, host=service
+                self.local_apps[service], method, path, outgoing, content, host=service, parsed=parsed
             )
             return Upstream(status, {k: v for k, v in answered.items() if k in FORWARDED_RESPONSE_HEADERS}, body)
         if service in self.upstreams.urls:
@@ -344,7 +345,9 @@ class FhirDispatcher:
         services = [routing.owners_of(_entry_type(bundle, i))[0] if s == MERGED else s for i, s in enumerate(services)]
         if len(distinct) <= 1:
             service = services[0] if services else "referral"
-            return await self.gateway.send(service, "POST", path, identity=auth.identity, headers=headers, content=body)
+            # The parse goes along to a service in this process (not used here afterwards).
+            return await self.gateway.send(service, "POST", path, identity=auth.identity, headers=headers,
+                                           content=body, parsed=bundle)
         if bundle["type"] == "transaction":
             return await self._cross_service_transaction(auth, bundle, services, headers)
         return await self._split_batch(auth, bundle, headers)

@@ -197,7 +197,8 @@ class InteractionCall:
                 raise UnsupportedMediaType(
                     f"Content-Type '{content_type[:60]}' is not supported; send application/fhir+json"
                 )
-            self._body = interactions.load_body(self.raw)
+            handed = self.request.scope.get("extensions", {}).get(interactions.PARSED_BODY)
+            self._body = interactions.load_body(self.raw, handed)
         return self._body
 
     def if_match(self) -> int | None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from sqlalchemy import bindparam, delete, insert, select
+from sqlalchemy import bindparam, delete, insert, or_, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from fhirkit.errors import BusinessRuleViolation
@@ -159,13 +159,33 @@ async def find_item(conn: AsyncConnection, system: str | None, code: str) -> Cat
     return await driver.memoised(conn, MEMO, (system, code), load)
 
 
+async def prefetch_items(conn: AsyncConnection, wanted: set[tuple[str, str]]) -> None:
+    """Look up the items of many (system, code) pairs at once, for `find_item` to answer from its
+    memo: a transaction's run of new results names a handful of codes, a query each."""
+    memo = driver.transaction_memo(conn, MEMO)
+    missing = {(system, code) for system, code in wanted if system in _ITEM_BY and (system, code) not in memo}
+    if not missing:
+        return
+    item = db.catalog_item.c
+    rows = await conn.execute(_ITEMS.where(or_(
+        item.code.in_(sorted(code for system, code in missing if system == RECOGNITION_ITEM)),
+        item.loinc.in_(sorted(code for system, code in missing if system == LOINC)))).order_by(item.code))
+    found: dict[tuple[str, str], CatalogItem] = {}
+    for one in (_from_row(tuple(row)) for row in rows):  # by code, as find_item takes the first
+        found.setdefault((RECOGNITION_ITEM, one.code), one)
+        if one.loinc:
+            found.setdefault((LOINC, one.loinc), one)
+    for key in missing:
+        memo[key] = found.get(key)
+
+
 # Built once: every stored result looks its item up.
 _ITEM_COLUMNS = ("code", "version", "display", "category", "loinc", "validity_days", "validity_days_emergency",
                  "validity_days_inpatient", "scope_required", "price")
 _ITEMS = select(*(db.catalog_item.c[name] for name in _ITEM_COLUMNS))
 _ITEM_BY = {
     RECOGNITION_ITEM: _ITEMS.where(db.catalog_item.c.code == bindparam("code")).limit(1),
-    LOINC: _ITEMS.where(db.catalog_item.c.loinc == bindparam("code")).limit(1),
+    LOINC: _ITEMS.where(db.catalog_item.c.loinc == bindparam("code")).order_by(db.catalog_item.c.code).limit(1),
 }
 MEMO = "recognition-catalog"
 

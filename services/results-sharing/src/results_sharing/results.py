@@ -172,8 +172,8 @@ class ResultHooks:
                                  {"b_type": context.resource_type, "b_id": context.resource_id})
         await _record_results(repo.conn, [(body, context)])
 
-    # A transaction's run of new results (fhirkit.store.hooks.BatchHooks): their identifiers are
-    # looked up in one statement and their rows written in one.
+    # A transaction's run of new results (fhirkit.store.hooks.BatchHooks): their identifiers and
+    # catalog items are looked up in one statement each, and their rows written in one.
 
     def creates_together(self, resource: dict[str, Any]) -> bool:
         return True
@@ -181,6 +181,7 @@ class ResultHooks:
     async def before_creates(self, repo: Any, resources: list[dict[str, Any]]) -> None:
         if await _posted_by_result_center(repo):
             repo.batch_memo[_HOLDERS] = await _identifier_holders(repo.conn, resources)
+        await catalog.prefetch_items(repo.conn, {pair for body in resources for pair in shared_result(body).codes})
 
     async def after_creates(self, repo: Any, resources: list[dict[str, Any]], contexts: list[WriteContext]) -> None:
         await _record_results(repo.conn, list(zip(resources, contexts)))
