@@ -25,6 +25,9 @@ def system_settings(data_dir: Path, database_urls: dict[str, str] | None = None,
         "token_signing_key": "test-token-signing-key-0123456789abcdef012345",
         # The suite shares one PostgreSQL (max_connections 100) with the servers some tests start.
         "database_pool_size": 10,
+        # One client sends the suite's requests, faster than a HIS would (a fuzz test sends a
+        # thousand in seconds): the limiter's own tests set it (test_security, test_rate_limit).
+        "rate_limit_per_second": 0,
         **extra,
     }
     for name, url in (database_urls or {}).items():
