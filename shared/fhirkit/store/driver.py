@@ -133,11 +133,11 @@ async def insert_rows(
     if not rows:
         return []
     connection = _driver(conn) if conn.dialect.name == "postgresql" else None
-    if connection is not None:
+    if connection is not None and len(rows) > 1:  # one row: the arrays cost more than they save
         keys = tuple(name for name in table.c.keys() if any(name in row for row in rows))
         arrays = [_column_array(table, key, rows) for key in keys]
         return await _run_binary(connection, _unnest_insert(table, keys, returning, skip_conflicts), arrays)
-    statement = _plain_insert(table, returning, skip_conflicts)
+    statement = _plain_insert(table, conn.dialect.name, returning, skip_conflicts)
     if not returning:
         await execute_many(conn, statement, rows)
         return []
@@ -178,12 +178,16 @@ async def _run_binary(connection: Any, sql: str, parameters: list[Any]) -> list[
         raise as_dbapi_error(sql, error) from error
 
 
-def _plain_insert(table: Table, returning: tuple[str, ...], skip_conflicts: bool) -> Any:
-    found = _INSERTS.get((table.name, (), returning, skip_conflicts))
+def _plain_insert(table: Table, dialect: str, returning: tuple[str, ...], skip_conflicts: bool) -> Any:
+    found = _INSERTS.get((table.name, (dialect,), returning, skip_conflicts))
     if found is None:
-        # Not PostgreSQL: SQLite, the only other database the product runs on.
-        statement = sqlite.insert(table).on_conflict_do_nothing() if skip_conflicts else insert(table)
-        found = _INSERTS[(table.name, (), returning, skip_conflicts)] = (
+        if not skip_conflicts:
+            statement = insert(table)
+        elif dialect == "postgresql":
+            statement = postgresql.insert(table).on_conflict_do_nothing()
+        else:  # SQLite, the only other database the product runs on
+            statement = sqlite.insert(table).on_conflict_do_nothing()
+        found = _INSERTS[(table.name, (dialect,), returning, skip_conflicts)] = (
             statement.returning(*(table.c[name] for name in returning)) if returning else statement)
     return found
 

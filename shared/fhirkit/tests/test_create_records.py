@@ -2,6 +2,8 @@
 statements, each exactly as a single create would store it: row, history, index rows."""
 
 
+from typing import Any
+
 import orjson
 from sqlalchemy import func, select
 
@@ -75,3 +77,25 @@ async def test_insert_rows_keeps_awkward_values_exactly(database: Database) -> N
     assert stored == {f"r{i}": content for i, content in enumerate(contents)}
     assert quantities == [(float(-2**53), "s", "c", None), (5.0, 'http://x/"{a,b}"\\', "mmol/L", "毫摩尔"),
                           (5.5, None, None, None)]
+
+
+async def test_insert_rows_skips_the_rows_whose_key_is_taken_and_returns_the_others(database: Database) -> None:
+    """One row takes the compiled single-row statement, several the arrays: both skip alike."""
+    from fhirkit.store import driver
+
+    def row(resource_id: str) -> dict[str, Any]:
+        return {"resource_type": "Basic", "resource_id": resource_id, "version_id": 1, "last_updated": 1,
+                "deleted": False, "owner": None, "content": b"{}"}
+
+    async def insert(*ids: str) -> set[str]:
+        found = await driver.insert_rows(conn, resource, [row(i) for i in ids], returning=("resource_id",),
+                                         skip_conflicts=True)
+        return {resource_id for (resource_id,) in found}
+
+    async with database.transaction(write=True) as conn:
+        assert await insert("a") == {"a"}
+        assert await insert("a") == set()
+        assert await insert("a", "b", "c") == {"b", "c"}
+        assert await insert("c", "d") == {"d"}
+    async with database.transaction(write=False) as conn:
+        assert sorted(r for (r,) in await conn.execute(select(resource.c.resource_id))) == ["a", "b", "c", "d"]
