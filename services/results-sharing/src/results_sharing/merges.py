@@ -32,7 +32,7 @@ grant made for the merged-away record still opens only what is stored under that
 from typing import Any
 
 from fastapi import FastAPI
-from sqlalchemy import bindparam, delete, exists, insert, literal, select, text, update
+from sqlalchemy import bindparam, delete, exists, func, insert, literal, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from fhirkit.store import driver
@@ -57,20 +57,19 @@ def replaced_by(patient: dict[str, Any]) -> str | None:
 # --- reading: who is the same person ------------------------------------------------------------
 
 _SURVIVOR = select(db.patient_merge.c.survivor_id).where(db.patient_merge.c.merged_id == bindparam("patient_id"))
-_MERGED_INTO = select(db.patient_merge.c.merged_id).where(db.patient_merge.c.survivor_id == bindparam("patient_id"))
+# The records merged into the survivor of a patient (the patient itself, unless it was merged
+# away): one statement, as every recognition check asks it.
+_PERSON = select(db.patient_merge.c.survivor_id, db.patient_merge.c.merged_id).where(
+    db.patient_merge.c.survivor_id == func.coalesce(_SURVIVOR.scalar_subquery(), bindparam("patient_id")))
 
 
-async def survivor_of(conn: AsyncConnection, patient_id: str) -> str:
-    """The record a patient lives on as: itself unless it was merged away."""
-    found = await driver.execute(conn, _SURVIVOR, {"patient_id": patient_id})
-    return found[0][0] if found else patient_id
-
-
-async def same_person(conn: AsyncConnection, patient_id: str) -> list[str]:
-    """The patient's id and the ids of every record merged into it (the table keeps the chain
-    flattened: each merged id points at the last survivor)."""
-    merged = await driver.execute(conn, _MERGED_INTO, {"patient_id": patient_id})
-    return [patient_id, *sorted(row[0] for row in merged)]
+async def person_of(conn: AsyncConnection, patient_id: str) -> tuple[str, list[str]]:
+    """The record a patient lives on as (itself unless it was merged away), and that record's id
+    with the ids of every record merged into it (the table keeps each chain flattened: a merged
+    id points at the last survivor)."""
+    rows = await driver.execute(conn, _PERSON, {"patient_id": patient_id})
+    survivor = rows[0][0] if rows else patient_id
+    return survivor, [survivor, *sorted(row[1] for row in rows)]
 
 
 # --- writing: a merge arrives -------------------------------------------------------------------
@@ -115,7 +114,8 @@ async def _wait_for_writers(conn: AsyncConnection) -> None:
 async def _end_of_chain(conn: AsyncConnection, patient_id: str) -> str:
     current = patient_id
     for _ in range(MAX_CHAIN):
-        following = await survivor_of(conn, current)
+        found = await driver.execute(conn, _SURVIVOR, {"patient_id": current})
+        following = found[0][0] if found else current
         if following == current:
             break
         current = following

@@ -237,9 +237,8 @@ async def _check_request(call: OperationCall, directory: Any) -> CheckRequest:
     as_of = _as_of(call)
     encounter_class = _encounter_class(call.parameter("encounter-class"))
     named = await _patient(call.parameter("patient"), directory)
-    patient_id = await merges.survivor_of(call.repo.conn, named)
-    same_person = tuple(await merges.same_person(call.repo.conn, patient_id))
-    return CheckRequest(patient_id, system, code, requester, as_of, encounter_class, same_person)
+    patient_id, same_person = await merges.person_of(call.repo.conn, named)
+    return CheckRequest(patient_id, system, code, requester, as_of, encounter_class, tuple(same_person))
 
 
 async def _patient(value: Any, directory: Any) -> str:
