@@ -26,7 +26,7 @@
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import and_, bindparam, delete, false, select, tuple_, update
+from sqlalchemy import and_, bindparam, delete, false, select, text, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from fhirkit.errors import BusinessRuleViolation
@@ -282,16 +282,36 @@ async def _identifier_holders(conn: AsyncConnection, bodies: list[dict[str, Any]
         by_type.setdefault(body["resourceType"], set()).update(_identifiers(body))
     for kind, pairs in by_type.items():
         ordered = sorted(pairs)
-        for start in range(0, len(ordered), 500):
-            chunk = ordered[start:start + 500]
-            statement = (select(token_index.c.system, token_index.c.code, resource.c.resource_id)
-                         .join(resource, token_index.c.rid == resource.c.rid)
-                         .where(token_index.c.resource_type == kind, token_index.c.param == "identifier",
-                                tuple_(token_index.c.system, token_index.c.code).in_(chunk),
-                                resource.c.deleted == false()))
-            for system, value, resource_id in await conn.execute(statement):
-                holders.setdefault((kind, system, value), resource_id)
+        if conn.dialect.name == "postgresql":
+            rows = await conn.execute(_HOLDERS_BY_PAIR, {"b_type": kind, "b_systems": [p[0] for p in ordered],
+                                                         "b_values": [p[1] for p in ordered]})
+        else:
+            rows = await conn.execute(_holders_in(kind, ordered))
+        for system, value, resource_id in rows:
+            holders.setdefault((kind, system, value), resource_id)
     return holders
+
+
+# PostgreSQL: one index look-up per (system, value), as `_SAME_IDENTIFIER` does for one. Asked as
+# an IN list, a store never analysed (a first bulk load) is planned as a scan of every identifier
+# of the type: 150 ms for 100 identifiers among 100,000, against 0.35 ms this way.
+_HOLDERS_BY_PAIR = text(f"""
+SELECT wanted.system, wanted.value, found.resource_id
+FROM unnest(CAST(:b_systems AS VARCHAR[]), CAST(:b_values AS VARCHAR[])) AS wanted(system, value)
+CROSS JOIN LATERAL (
+    SELECT r.resource_id FROM {token_index.name} AS t JOIN {resource.name} AS r ON r.rid = t.rid
+    WHERE t.resource_type = :b_type AND t.param = 'identifier' AND t.code = wanted.value
+      AND t.system = wanted.system AND r.deleted = false
+    LIMIT 1) AS found
+""")
+
+
+def _holders_in(kind: str, pairs: list[tuple[str, str]]) -> Any:
+    """SQLite: the pairs as a row-value IN list, which it looks up in the index."""
+    return (select(token_index.c.system, token_index.c.code, resource.c.resource_id)
+            .join(resource, token_index.c.rid == resource.c.rid)
+            .where(token_index.c.resource_type == kind, token_index.c.param == "identifier",
+                   tuple_(token_index.c.system, token_index.c.code).in_(pairs), resource.c.deleted == false()))
 
 
 async def _catalog_item(conn: AsyncConnection, body: dict[str, Any], result: SharedResult) -> CatalogItem | None:
