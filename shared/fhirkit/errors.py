@@ -5,7 +5,8 @@ OperationOutcome issue code; `fhirkit.api.handlers` renders them in one place. T
 classes below is the only mapping from error category to status.
 """
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any, ClassVar
 
 import orjson
@@ -51,6 +52,16 @@ class FhirError(Exception):
 
     def to_bytes(self) -> bytes:
         return orjson.dumps(self.to_outcome())
+
+
+@contextmanager
+def located(where: str) -> Iterator[None]:
+    """A FhirError raised inside says where its problem is (a Bundle entry), before any issue."""
+    try:
+        yield
+    except FhirError as exc:
+        exc.locate(where)
+        raise
 
 
 class InvalidRequest(FhirError):

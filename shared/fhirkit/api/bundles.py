@@ -20,7 +20,14 @@ import orjson
 from fhirkit import resources
 from fhirkit.api import interactions, responses
 from fhirkit.api.interactions import RequestOptions, Result
-from fhirkit.errors import FhirError, InvalidRequest, MultipleMatches, PayloadTooLarge, UnprocessableEntity
+from fhirkit.errors import (
+    FhirError,
+    InvalidRequest,
+    MultipleMatches,
+    PayloadTooLarge,
+    UnprocessableEntity,
+    located,
+)
 from fhirkit.search.values import format_instant
 from fhirkit.store.hooks import creates_together
 from fhirkit.store.repository import Repository
@@ -122,7 +129,8 @@ class BundleProcessor:
         for run in _runs(sorted(entries, key=lambda e: METHOD_ORDER[e.method]), self._joins_run):
             before = len(self.repo.deferred_references or [])
             if len(run) == 1:
-                results[run[0].index] = await self._located(run[0], self._execute(run[0]))
+                with located(run[0].where):
+                    results[run[0].index] = await self._execute(run[0])
             else:
                 outcomes = await self.repo.create_together(
                     [entry.resource for entry in run], [entry.resource_id or "" for entry in run],
@@ -139,7 +147,8 @@ class BundleProcessor:
         await self.repo.prefetch_references([body for _, bodies in written for body in bodies])
         for entry, bodies in written:
             for body in bodies:
-                await self._located(entry, self.repo.check_references(body))
+                with located(entry.where):
+                    await self.repo.check_references(body)
         ordered = [self._response_entry(results[e.index], e) for e in entries]
         return responses.bundle_bytes("transaction-response", ordered, timestamp=self._now())
 
@@ -162,14 +171,6 @@ class BundleProcessor:
                 and entry.resource_type in self.repo.config.resource_types
                 and isinstance(entry.resource, dict) and entry.resource.get("resourceType") == entry.resource_type
                 and creates_together(self.repo.config.hooks_for(entry.resource_type), entry.resource))
-
-    @staticmethod
-    async def _located(entry: Entry, step: Awaitable[Any]) -> Any:
-        try:
-            return await step
-        except FhirError as exc:
-            exc.locate(entry.where)
-            raise
 
     async def batch(self, bundle: dict[str, Any]) -> bytes:
         entries = parse_entries(bundle)

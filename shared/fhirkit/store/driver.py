@@ -178,8 +178,12 @@ async def _run_binary(connection: Any, sql: str, parameters: list[Any]) -> list[
         raise as_dbapi_error(sql, error) from error
 
 
+# (table, dialect, returning, skip_conflicts) → the single-row insert, built once.
+_PLAIN_INSERTS: dict[tuple[str, str, tuple[str, ...], bool], Any] = {}
+
+
 def _plain_insert(table: Table, dialect: str, returning: tuple[str, ...], skip_conflicts: bool) -> Any:
-    found = _INSERTS.get((table.name, (dialect,), returning, skip_conflicts))
+    found = _PLAIN_INSERTS.get((table.name, dialect, returning, skip_conflicts))
     if found is None:
         if not skip_conflicts:
             statement = insert(table)
@@ -187,7 +191,7 @@ def _plain_insert(table: Table, dialect: str, returning: tuple[str, ...], skip_c
             statement = postgresql.insert(table).on_conflict_do_nothing()
         else:  # SQLite, the only other database the product runs on
             statement = sqlite.insert(table).on_conflict_do_nothing()
-        found = _INSERTS[(table.name, (dialect,), returning, skip_conflicts)] = (
+        found = _PLAIN_INSERTS[(table.name, dialect, returning, skip_conflicts)] = (
             statement.returning(*(table.c[name] for name in returning)) if returning else statement)
     return found
 

@@ -6,8 +6,7 @@ bytes and never build a model.
 """
 
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, cast
 
@@ -41,6 +40,7 @@ from fhirkit.errors import (
     ResourceNotFound,
     UnprocessableEntity,
     VersionConflict,
+    located,
 )
 from fhirkit.search.request import Filter, HasFilter, Include, SearchRequest, parse_search
 from fhirkit.search.values import format_instant, natural, now_micros
@@ -338,13 +338,11 @@ class Repository:
         if not bodies:
             return []
         now = self._now()
-        named, rows = [], []
+        named = []
         for body in bodies:
             self._require_type(body["resourceType"])
             named.append({**body, "id": self.config.new_id(body["resourceType"])})
-            rows.append({"resource_type": body["resourceType"], "resource_id": named[-1]["id"], "version_id": 1,
-                         "last_updated": now, "deleted": False, "owner": self.owner,
-                         "content": _content(named[-1], 1, now)})
+        rows = [self._first_version(body, now) for body in named]
         await self._create_rows_together(rows, named)
         return [(values["resource_id"], values["content"]) for values in rows]
 
@@ -360,7 +358,7 @@ class Repository:
         hooks = cast(BatchHooks, self.config.hooks_for(resource_type))
         named: list[dict[str, Any]] = []
         for body, resource_id, place in zip(bodies, ids, places, strict=True):
-            with _located(place):
+            with located(place):
                 resources.check_id(resource_id)
                 named.append({**body, "id": resource_id})
                 await self._validate(named[-1])
@@ -369,18 +367,22 @@ class Repository:
         try:
             await hooks.before_creates(self, named)
             for body, context, place in zip(named, contexts, places):
-                with _located(place):
+                with located(place):
                     await hooks.before_write(self, body, context)
         finally:
             self.batch_memo = None
         now = self._now()
-        rows = [{"resource_type": resource_type, "resource_id": body["id"], "version_id": 1, "last_updated": now,
-                 "deleted": False, "owner": self.owner, "content": _content(body, 1, now)} for body in named]
+        rows = [self._first_version(body, now) for body in named]
         await self._create_rows_together(rows, named)
         stored = [StoredResource(resource_type, row["resource_id"], 1, now, False, row["content"], self.owner)
                   for row in rows]
         await hooks.after_creates(self, named, [replace(c, stored=s) for c, s in zip(contexts, stored)])
         return [WriteOutcome(one, created=True) for one in stored]
+
+    def _first_version(self, body: dict[str, Any], now: int) -> dict[str, Any]:
+        """A new resource's row (version 1, owned by this store's owner); `body` carries its id."""
+        return {"resource_type": body["resourceType"], "resource_id": body["id"], "version_id": 1,
+                "last_updated": now, "deleted": False, "owner": self.owner, "content": _content(body, 1, now)}
 
     async def _create_rows_together(self, rows: list[dict[str, Any]], bodies: list[dict[str, Any]]) -> None:
         """New resources' rows, first history rows and index rows: one multi-row insert per table."""
@@ -408,19 +410,10 @@ class Repository:
         )
         await self._prepare(body, context)
         now = self._now()
-        content = _content(body, 1, now)
-        values = {
-            "resource_type": resource_type,
-            "resource_id": resource_id,
-            "version_id": 1,
-            "last_updated": now,
-            "deleted": False,
-            "owner": self.owner,
-            "content": content,
-        }
+        values = self._first_version(body, now)
         if not await self._create_rows(values, method, body):
             raise VersionConflict(f"{resource_type}/{resource_id} was created concurrently; retry")
-        stored = StoredResource(resource_type, resource_id, 1, now, False, content, self.owner)
+        stored = StoredResource(resource_type, resource_id, 1, now, False, values["content"], self.owner)
         await self.config.hooks_for(resource_type).after_write(self, body, replace(context, stored=stored))
         return WriteOutcome(stored, created=True)
 
@@ -1026,15 +1019,6 @@ def _created_at_once_sql(shape: tuple[tuple[str, int], ...]) -> str:
 
 _INDEX_VALUE_COLUMNS = {kind: tuple(name for name in table.c.keys() if name != "rid")
                         for kind, table in INDEX_TABLES.items()}
-
-
-@contextmanager
-def _located(place: str) -> Iterator[None]:
-    try:
-        yield
-    except FhirError as exc:
-        exc.locate(place)
-        raise
 
 
 def _index_of(body: dict[str, Any] | None) -> dict[str, list[dict[str, Any]]]:

@@ -114,14 +114,13 @@ def _queue_matches(hub: Hub) -> Any:
         # Who collects for the event's kind is asked before its bytes are parsed: with no
         # subscriber (the usual case) an event costs no parse. The look-up is kept per transaction.
         concerned = concerned_topics(event)
-        if not concerned or not await queue.collecting_for(conn, [t.url for t in concerned], event.occurred_at):
+        collecting = await queue.collecting_for(conn, [t.url for t in concerned], event.occurred_at) if concerned else []
+        if not collecting:
             return
         resource = event.json()
-        topics = [topic for topic in concerned if topic.matches(event, resource)]
-        if not topics:
-            return
-        for state in await queue.collecting_for(conn, [t.url for t in topics], event.occurred_at):
-            if state.config.accepts(resource):
+        matched = {topic.url for topic in concerned if topic.matches(event, resource)}
+        for state in collecting:
+            if state.config.topic_url in matched and state.config.accepts(resource):
                 await queue.enqueue(conn, state.subscription_id, event)
                 hub.wake.set()
 
