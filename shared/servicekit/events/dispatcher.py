@@ -26,7 +26,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import and_, delete, func, select, update
+from sqlalchemy import Select, and_, delete, func, select, update
 from sqlalchemy import event as sa_event
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -56,6 +56,18 @@ class DispatcherOptions:
     # SQLite leadership: how long a lease lasts unrenewed (a leader that hangs, or dies on
     # another machine, is replaced after this; one that dies on this machine at once).
     lease_seconds: float = 15.0
+
+
+def pending_statement(service: str, limit: int) -> Select[Any]:
+    """The service's first `limit` unpublished rows in sequence order. The order is spelled as
+    the (service, published_at, seq) index's columns, which the condition fixes but the first
+    two: ordered by `seq` alone, PostgreSQL walked the primary key past every published row to
+    the unpublished ones at the end (its statistics cannot tell they are all there): 1.5 s per
+    poll, once a second, with 1,000,000 published rows."""
+    return (select(outbox)
+            .where(outbox.c.service == service, outbox.c.published_at.is_(None))
+            .order_by(outbox.c.service, outbox.c.published_at, outbox.c.seq)
+            .limit(limit))
 
 
 class OutboxDispatcher:
@@ -168,12 +180,7 @@ class OutboxDispatcher:
 
     async def _unpublished(self) -> list[Event]:
         async with self.database.transaction(write=False) as conn:
-            rows = await conn.execute(
-                select(outbox)
-                .where(outbox.c.service == self.service, outbox.c.published_at.is_(None))
-                .order_by(outbox.c.seq)
-                .limit(self.options.batch_size)
-            )
+            rows = await conn.execute(pending_statement(self.service, self.options.batch_size))
             return [event_from_row(row) for row in rows]
 
     async def _mark_published(self, seqs: list[int]) -> None:

@@ -5,7 +5,7 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
-from sqlalchemy import select, update
+from sqlalchemy import select, text, update
 
 from fhirkit import jsonio
 from fhirkit.store.hooks import WriteContext
@@ -13,6 +13,7 @@ from fhirkit.store.repository import Repository, StoreConfig
 from fhirkit.store.tables import resource as resource_table
 from servicekit.db import Database
 from servicekit.events import Event, InProcessBus, ServiceEvents, emit, outbox, subject_matches
+from servicekit.events.dispatcher import pending_statement
 from servicekit.events.envelope import event_from_message, event_from_row, message_headers
 from servicekit.events.testing import DatabaseTemplates, count, database_params, running
 
@@ -240,3 +241,35 @@ async def test_a_business_event_emitted_by_a_hook_follows_the_change_it_explains
         "directory.Patient.create",
         "directory.business.patient.activated",
     ]
+
+
+async def _plan(database: Database, statement: Any) -> str:
+    async with database.transaction(write=False) as conn:
+        sql = str(statement.compile(dialect=conn.dialect, compile_kwargs={"literal_binds": True}))
+        explain = "EXPLAIN " if database.dialect == "postgresql" else "EXPLAIN QUERY PLAN "
+        return "\n".join(" ".join(str(c) for c in row) for row in await conn.exec_driver_sql(explain + sql))
+
+
+async def test_the_dispatcher_finds_pending_rows_through_their_index_not_past_published_ones(
+    database: Database,
+) -> None:
+    """Statistics taken while every row was pending (a bulk load, autovacuum not yet round),
+    then all but the last five published: the read must still go straight to those five. Ordered
+    by `seq` alone, PostgreSQL walked the primary key past every published row."""
+    rows = [{"event_id": f"e{i}", "service": "referral", "kind": "business", "event_type": "a.b",
+             "occurred_at": i} for i in range(3000)]
+    async with database.transaction(write=True) as conn:
+        await conn.execute(outbox.insert(), rows)
+    async with database.engine.connect() as conn:
+        await conn.execute(text("ANALYZE servicekit_outbox"))
+        await conn.commit()
+    async with database.transaction(write=True) as conn:
+        await conn.execute(update(outbox).where(outbox.c.occurred_at < 2995).values(published_at=1))
+
+    statement = pending_statement("referral", 200)
+    plan = await _plan(database, statement)
+    assert "ix_servicekit_outbox_service_published_at_seq" in plan
+    assert "pk_servicekit_outbox" not in plan and "Sort" not in plan and "TEMP B-TREE" not in plan
+    async with database.transaction(write=False) as conn:
+        pending = [row.event_id for row in await conn.execute(statement)]
+    assert pending == [f"e{i}" for i in range(2995, 3000)]
