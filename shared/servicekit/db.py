@@ -150,9 +150,11 @@ class Database:
 
     @asynccontextmanager
     async def statement(self) -> AsyncIterator[AsyncConnection]:
-        """For a request that reads with one statement (a read by id). On PostgreSQL it runs
-        without BEGIN and COMMIT: two round trips of three, and the statement is atomic on its
-        own. SQLite: a read transaction as usual (no round trips to save)."""
+        """For a request that only reads (a read by id, a search, a history). On PostgreSQL its
+        statements run without BEGIN and COMMIT, each seeing what was committed when it started:
+        what READ COMMITTED gives inside a transaction too, without its two round trips (a read
+        by id is one statement in all). SQLite: a read transaction as usual (no round trips to
+        save)."""
         if is_sqlite(self.url):
             async with self.transaction(write=False) as conn:
                 yield conn

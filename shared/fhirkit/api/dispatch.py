@@ -77,12 +77,12 @@ class FhirDispatch:
             return responses.fhir_response(capabilities.capability_statement(self.service, base_url(request)))
         if first == "_history":
             return await self.ctx.run(request, lambda c: interactions.history(
-                c.repo, None, None, c.params, c.options, self_path="_history"))
+                c.repo, None, None, c.params, c.options, self_path="_history"), only_reads=True)
         if first.startswith("$"):
             return await self.ctx.operation(request, first[1:], "system", None, None)
         await self.ctx.require_type(request, first)
         return await self.ctx.run(request, lambda c: interactions.search_type(
-            c.repo, first, c.params, c.options, self_path=first))
+            c.repo, first, c.params, c.options, self_path=first), only_reads=True)
 
     async def type_level_post(self, request: Request, resource_type: str) -> Response:
         if resource_type.startswith("$"):
@@ -112,15 +112,16 @@ class FhirDispatch:
             return await self.ctx.operation(request, resource_id[1:], "type", resource_type, None)
         if resource_id == "_history":
             return await self.ctx.run(request, lambda c: interactions.history(
-                c.repo, resource_type, None, c.params, c.options, self_path=f"{resource_type}/_history"))
+                c.repo, resource_type, None, c.params, c.options, self_path=f"{resource_type}/_history"),
+                only_reads=True)
         resources.check_id(resource_id)
         return await self.ctx.run(
-            request, lambda c: interactions.read(c.repo, resource_type, resource_id, c.options), one_statement=True)
+            request, lambda c: interactions.read(c.repo, resource_type, resource_id, c.options), only_reads=True)
 
     async def instance_post(self, request: Request, resource_type: str, second: str) -> Response:
         await self.ctx.require_type(request, resource_type)
         if second == "_search":
-            return await self.ctx.run(request, lambda c: _search_form(c, resource_type))
+            return await self.ctx.run(request, lambda c: _search_form(c, resource_type), only_reads=True)
         if not second.startswith("$"):
             raise MethodNotAllowed(f"POST to {resource_type}/{second[:64]} is not an interaction; use PUT to update")
         return await self.ctx.operation(request, second[1:], "type", resource_type, None)
@@ -150,7 +151,7 @@ class FhirDispatch:
         if operation == "_history" and request.method in ("GET", "HEAD"):
             return await self.ctx.run(request, lambda c: interactions.history(
                 c.repo, resource_type, resource_id, c.params, c.options,
-                self_path=f"{resource_type}/{resource_id}/_history"))
+                self_path=f"{resource_type}/{resource_id}/_history"), only_reads=True)
         if not operation.startswith("$"):
             raise InvalidRequest(f"'{operation[:64]}' is not an operation (operations start with $)")
         return await self.ctx.operation(request, operation[1:], "instance", resource_type, resource_id)
@@ -161,7 +162,7 @@ class FhirDispatch:
         await self.ctx.require_type(request, resource_type)
         resources.check_id(resource_id)
         return await self.ctx.run(request, lambda c: interactions.vread(
-            c.repo, resource_type, resource_id, version_id, c.options))
+            c.repo, resource_type, resource_id, version_id, c.options), only_reads=True)
 
 
 async def _search_form(call: InteractionCall, resource_type: str) -> Result:

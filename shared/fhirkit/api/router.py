@@ -222,14 +222,15 @@ class InteractionContext:
 
     async def run(
         self, request: Request, action: Callable[[InteractionCall], Awaitable[Result]], *, write: bool = False,
-        one_statement: bool = False,
+        only_reads: bool = False,
     ) -> Response:
-        """`one_statement`: the action reads with a single statement, so it needs no transaction."""
+        """`only_reads`: the action writes nothing, so it runs without a transaction
+        (`Database.statement`)."""
         responses.check_format(request.query_params.get("_format"), request.headers.get("accept"))
         caller = await self.caller(request)
         raw = await read_body(request) if write or request.method in ("POST", "PUT", "PATCH") else b""
         database = self.service.database
-        connection = database.statement() if one_statement and not write else database.transaction(write=write)
+        connection = database.statement() if only_reads and not write else database.transaction(write=write)
         async with connection as conn:
             repo = self._repository(conn, caller)
             result = await action(InteractionCall(repo, request, raw, caller))

@@ -627,6 +627,10 @@ class Repository:
         self._require_type(request.resource_type)
         for flt in request.filters:
             self._require_local(flt)
+        with driver.planned_for_values(self.conn):
+            return await self._search(request)
+
+    async def _search(self, request: SearchRequest) -> SearchPage:
         target = _SEARCH_TARGET
         key = query.template_key(request)
         if key is not None:  # built once per shape of search and caller's condition, values bound
@@ -634,8 +638,6 @@ class Repository:
             values = query.template_values(request)
         else:
             base, page, values = query.base_search(target, request, self._search_visibility(request)), None, {}
-        if self._is_postgres:
-            await driver.execute(self.conn, _CUSTOM_PLANS, {})
         if request.summary == "count" or request.count == 0:
             return SearchPage([], [], await self._total(base, values), None, None)
         matches, next_cursor, previous_cursor = await self._page(target, base, request, page, values)
@@ -872,12 +874,6 @@ _CURRENT = select(resource).where(
 _CURRENT_FOR_UPDATE = _CURRENT.with_for_update()
 _INSERT_HISTORY = insert(resource_history)
 _SEARCH_TARGET = resource.alias(SEARCH_ALIAS)  # one object, so the access condition on it is reused
-# A search is planned for its values. psycopg prepares a statement after five runs, and PostgreSQL
-# then may settle on a generic plan that cannot tell a patient (a few rows) from a lab code (a
-# share of the store): it drove `Observation?patient&code` from every row of the code, 17 ms at
-# 40,000 results against 1.5 ms planned for the values, and growing with the store. Planning
-# costs 2–4 ms; a generic plan's cost grows without bound. For the rest of the transaction.
-_CUSTOM_PLANS = text("SET LOCAL plan_cache_mode = force_custom_plan")
 _NEXT_VERSION = (
     update(resource)
     .where(

@@ -5,7 +5,9 @@ any system, another prefix or modifier each get what they ask for."""
 from types import SimpleNamespace
 from typing import Any
 
+import pytest
 import pytest_asyncio
+from sqlalchemy import text
 
 from fhirkit.access import AccessPolicy
 from fhirkit.search.request import parse_search
@@ -84,3 +86,25 @@ def test_what_is_built_per_search_has_no_template() -> None:
     paged = parse_search("Observation", [("code", "x")])
     paged.cursor = "abc"
     assert query.template_key(paged) is None
+
+
+async def test_searches_are_planned_for_their_values_while_other_statements_keep_their_plans(
+    seeded: Database,
+) -> None:
+    """psycopg prepares a statement after five runs, and a prepared search may get a generic plan
+    that cannot tell a patient from a lab code. Searches are never prepared; a read by id, run as
+    often on the same connection, is (its plan is kept)."""
+    if seeded.dialect != "postgresql":
+        pytest.skip("SQLite plans every statement for its values")
+    prepared = text("SELECT statement FROM pg_prepared_statements WHERE NOT from_sql")
+    async with seeded.transaction(write=False) as conn:
+        repo = Repository(conn, STORE, caller=SimpleNamespace(organization=LAB_A, roles=(), level="county"))
+        for _ in range(8):
+            page = await repo.search(parse_search("Observation", [("subject", "Patient/p1"),
+                                                                  ("code", f"{LOINC}|2345-7")]))
+            assert [m.resource_id for m in page.matches] == ["a1"]
+        for _ in range(8):
+            await repo.read("Observation", "a1")
+        statements = [row[0] for row in await conn.execute(prepared)]
+    assert not [s for s in statements if "fhir_token_index" in s]
+    assert [s for s in statements if "fhir_resource" in s]
