@@ -45,7 +45,7 @@ from gateway.capabilities import merge_capabilities
 from gateway.platform import DEFINITION as PLATFORM_DEFINITION
 from gateway.rate_limit import RateLimiter
 from gateway.upstream import Upstreams
-from servicekit.app import FhirLaneApp, ServiceDefinition, create_service_app
+from servicekit.app import FhirLaneApp, ServiceDefinition, create_service_app, startup_heap_frozen
 from servicekit.identity import IDENTITY_HEADER, sign_identity
 from servicekit.inprocess import call_asgi
 from servicekit.observability import Metrics, RequestContextMiddleware, request_id_var
@@ -513,7 +513,8 @@ def create_gateway_app(
             audit.start()
             stack.push_async_callback(audit.stop)  # drained before the services stop
             try:
-                yield
+                with startup_heap_frozen():  # again: the gateway's own start-up is done now
+                    yield
             finally:
                 for client in clients.values():
                     await client.aclose()
