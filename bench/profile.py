@@ -4,7 +4,7 @@
                             [--connections 8] [--seconds 10] [--spy out.raw]
 
 Starts `alliance serve` with one worker on fresh PostgreSQL databases (as `python -m bench` does),
-loads the demo alliance and lab Observations, ANALYZEs, warms the figure up with wrk for 3 s, then
+loads the demo alliance and lab Observations, VACUUM ANALYZEs, warms the figure up with wrk for 3 s, then
 drives it for `--seconds` and prints requests/s, p50/p95 and the server's CPU per request (for
 `transaction`: posts `--observations` more lab results in bundles of 100 from 4 loaders, as the
 bench's load does, and prints Observations/s and CPU per Observation). With
