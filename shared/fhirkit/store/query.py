@@ -28,6 +28,7 @@ from sqlalchemy import (
     true,
 )
 from sqlalchemy.sql.expression import FromClause
+from sqlalchemy.sql.util import ClauseAdapter
 
 from fhirkit.errors import InvalidRequest
 from fhirkit.search.request import (
@@ -83,7 +84,7 @@ def filter_clause(target: FromClause, flt: Filter | HasFilter, visible: Visibili
         present = target.c.rid.in_(select(table.c.rid).where(
             table.c.resource_type == flt.resource_type, table.c.param == flt.name))
         return not_(present) if flt.values[0] else present
-    return _indexed_clause(target, flt, lambda _: _as_is)
+    return _indexed_clause(target, flt, _bind_as_is)
 
 
 # How a value's data enters the SQL: `bind(value, field)` for `value.field` (field None: the
@@ -96,14 +97,60 @@ def _as_is(value: Any, field: str | None) -> Any:
     return value if field is None else getattr(value, field)
 
 
+def _bind_as_is(_: int) -> Bind:  # `bind_value` for a statement built for one search
+    return _as_is
+
+
 def _indexed_clause(target: FromClause, flt: Filter, bind_value: Callable[[int], Bind]) -> Clause:
     """The semi-join on the filter's index table, its values ORed; `bind_value(j)` binds the data
     of the filter's j-th value."""
     table = _INDEX_FOR_KIND[flt.kind]
-    base = and_(table.c.resource_type == flt.resource_type, table.c.param == flt.name)
-    matches = or_(*(_value_clause(flt, value, bind_value(j)) for j, value in enumerate(flt.values)))
-    semi = target.c.rid.in_(select(table.c.rid).where(base, matches))
+    semi = target.c.rid.in_(select(table.c.rid).where(_index_condition(table, flt, bind_value)))
     return not_(semi) if flt.modifier == "not" else semi
+
+
+def _index_condition(table: FromClause, flt: Filter, bind_value: Callable[[int], Bind]) -> Clause:
+    """The rows of the filter's index table that match it (the value builders name the table's
+    own columns)."""
+    base = and_(table.c.resource_type == flt.resource_type, table.c.param == flt.name)
+    return and_(base, or_(*(_value_clause(flt, value, bind_value(j)) for j, value in enumerate(flt.values))))
+
+
+def _joins_on_rid(flt: Filter | HasFilter) -> bool:
+    """A filter that keeps the rows its index table holds for it (no chain, `_has`, `:not`,
+    `:missing` or hierarchy, not `_id` or `_lastUpdated`, which are columns of the resource)."""
+    return (isinstance(flt, Filter) and flt.kind in _INDEX_FOR_KIND and flt.chain is None
+            and flt.name not in ("_id", "_lastUpdated")
+            and flt.modifier not in ("not", "missing")
+            and not (flt.kind == "reference" and flt.modifier in ("above", "below")))
+
+
+def _joined_clause(target: FromClause, filters: list[tuple[Filter, Callable[[int], Bind]]]) -> Clause:
+    """Several such filters as one semi-join: their index rows joined on `rid`, then the resource
+    rows of what is left. As one semi-join each, PostgreSQL fetched every resource row of the
+    patient before checking the code (24 to return one); joined, it checks the code on the
+    index and fetches the match (execution 0.18-0.29 ms against 0.42-0.82 at 1,000,000 stored).
+    Each filter gets its own alias of its table, so two filters of one kind stay apart."""
+    first: Any = None
+    joined: Any = None
+    conditions = []
+    for n, (flt, bind_value) in enumerate(filters):
+        table = _INDEX_FOR_KIND[flt.kind]
+        alias = table.alias(f"joined_{n}")
+        conditions.append(ClauseAdapter(alias).traverse(_index_condition(table, flt, bind_value)))
+        joined = alias if joined is None else joined.join(alias, alias.c.rid == first.c.rid)
+        first = alias if first is None else first
+    return target.c.rid.in_(select(first.c.rid).select_from(joined).where(*conditions))
+
+
+def _filter_conditions(target: FromClause, filters: list[tuple[Any, Callable[[int], Bind]]],
+                       one: Callable[[Any, Callable[[int], Bind]], Clause]) -> list[Clause]:
+    """A condition per filter (`one(filter, bind_value)`), but two or more filters that keep their
+    index rows go in one semi-join (`_joined_clause`)."""
+    joining = [(flt, bind) for flt, bind in filters if _joins_on_rid(flt)]
+    if len(joining) < 2:
+        return [one(flt, bind) for flt, bind in filters]
+    return [_joined_clause(target, joining), *(one(flt, bind) for flt, bind in filters if not _joins_on_rid(flt))]
 
 
 def _id_clause(target: FromClause, flt: Filter) -> Clause:
@@ -493,9 +540,8 @@ def _bind_name(i: int, j: int, field: str | None) -> str:
 def template_search(target: FromClause, request: SearchRequest, visible: Clause | None) -> Select[Any]:
     """`base_search` with named placeholders where the filters' values go (`template_values`)."""
     conditions: list[Clause] = [target.c.resource_type == request.resource_type, target.c.deleted == false()]
-    for i, flt in enumerate(request.filters):
-        assert isinstance(flt, Filter)
-        conditions.append(_indexed_clause(target, flt, lambda j, i=i: _placeholders(i, j)))
+    binds = [(flt, lambda j, i=i: _placeholders(i, j)) for i, flt in enumerate(request.filters)]
+    conditions.extend(_filter_conditions(target, binds, lambda flt, bind: _indexed_clause(target, flt, bind)))
     conditions.extend(_present(visible))
     return select(target.c.rid).where(*conditions)
 
@@ -506,6 +552,7 @@ def _placeholders(i: int, j: int) -> Bind:
 
 def base_search(target: FromClause, request: SearchRequest, visible: Visibility = _everything) -> Select[Any]:
     conditions: list[Clause] = [target.c.resource_type == request.resource_type, target.c.deleted == false()]
-    conditions.extend(filter_clause(target, flt, visible) for flt in request.filters)
+    binds = [(flt, _bind_as_is) for flt in request.filters]
+    conditions.extend(_filter_conditions(target, binds, lambda flt, _: filter_clause(target, flt, visible)))
     conditions.extend(_present(visible(target)))
     return select(target.c.rid).where(*conditions)

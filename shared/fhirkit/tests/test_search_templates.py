@@ -79,6 +79,22 @@ async def test_prefixes_and_quantities(seeded: Database) -> None:
     assert await ids(seeded, LAB_A, ("value-quantity", "le5")) == ["a1", "a2", "a4"]
 
 
+async def test_filters_joined_on_their_index_rows_keep_apart_each_filters_own_conditions(seeded: Database) -> None:
+    """Two or more filters that keep index rows are one semi-join over aliases of their tables
+    (query._joined_clause): two token filters must not share an alias, `:not` and per-search
+    filters (`_id`, `ap`) stay conditions of their own."""
+    both = [("subject", "Patient/p1"), ("code", f"{LOINC}|2345-7")]
+    assert await ids(seeded, LAB_A, *both, ("status", "final")) == ["a1"]
+    assert await ids(seeded, LAB_A, *both, ("status", "amended")) == []
+    assert await ids(seeded, LAB_A, ("code", "2345-7"), ("status", "final"), ("value-quantity", "le5")) == [
+        "a1", "a2", "a4"]
+    assert await ids(seeded, LAB_A, ("code", "2345-7"), ("code", f"{LOINC}|2345-7")) == ["a1", "a2"]  # AND
+    assert await ids(seeded, LAB_A, ("subject", "Patient/p1"), ("code:not", f"{LOINC}|2345-7"),
+                     ("date", "ge2026-11-21")) == ["a3"]
+    assert await ids(seeded, LAB_A, *both, ("_id", "a1,a2")) == ["a1"]  # built per search
+    assert await ids(seeded, LAB_A, ("subject", "Patient/p1"), ("date", "ap2026-11-22")) == ["a3"]
+
+
 def test_what_is_built_per_search_has_no_template() -> None:
     for params in ([("subject:Patient.name", "x")], [("_id", "a1")],
                    [("date", "ap2026-11-20")], [("code:missing", "true")], [("_has:Observation:subject:code", "x")]):
