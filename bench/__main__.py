@@ -101,7 +101,7 @@ def embedded(args: argparse.Namespace, postgres: str | None, logs: Path, stack: 
     stack.callback(shutil.rmtree, data_dir, True)
     urls = _databases(postgres, f"bench_{run}", [*system.DATABASES, "floor"], stack)
     floor_url = urls.pop("floor", None) or f"sqlite+aiosqlite:///{data_dir / 'floor.db'}"
-    env = system.environment(data_dir, urls)
+    env = system.environment(data_dir, urls, **system.pool_size_for(urls, args.workers))
     _timed("migrate", lambda: system.run_cli(env, "migrate"))
     _timed("demo load", lambda: system.run_cli(env, "demo", "load"))
     server = system.serve(env, "all", system.free_port(), args.workers, logs)

@@ -61,7 +61,7 @@ def main() -> None:
         data_dir = Path(tempfile.mkdtemp(prefix="bench-profile-"))
         stack.callback(shutil.rmtree, data_dir, True)
         urls = _databases(args.postgres_url, f"profile_{uuid.uuid4().hex[:8]}", list(system.DATABASES), stack)
-        env = system.environment(data_dir, urls)
+        env = system.environment(data_dir, urls, **system.pool_size_for(urls, 1))
         system.run_cli(env, "migrate")
         system.run_cli(env, "demo", "load")
         server = system.serve(env, "all", system.free_port(), 1, data_dir)
