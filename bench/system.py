@@ -111,13 +111,13 @@ def pool_size_for(database_urls: dict[str, str], workers: int) -> dict[str, str]
     connections than PostgreSQL accepts (servicekit.pg_budget): each worker keeps up to the pool
     size per database and as many again in a burst. With the default (20) and this machine's 100
     connections, 13.6 % of the reads at 32 connections were 503s (session 10). Nothing on SQLite."""
-    from servicekit.pg_budget import server_max_connections
+    from servicekit.pg_budget import largest_pool, server_max_connections
 
     postgres = [url for url in database_urls.values() if url.startswith("postgresql")]
     limit = server_max_connections(postgres[0]) if postgres else None
     if limit is None:
         return {}
-    return {"ALLIANCE_DATABASE_POOL_SIZE": str(max(2, min(20, limit // (workers * len(postgres) * 2))))}
+    return {"ALLIANCE_DATABASE_POOL_SIZE": str(max(2, min(20, largest_pool(limit, workers, len(postgres)))))}
 
 
 def environment(data_dir: Path, database_urls: dict[str, str], **extra: str) -> dict[str, str]:

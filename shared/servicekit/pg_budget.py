@@ -26,12 +26,18 @@ def connection_budget(
     for server, databases in by_server.items():
         need = workers * len(databases) * 2 * pool_size
         limit = ask(databases[0])
-        if limit is not None and need > limit:
+        if limit is not None and pool_size > largest_pool(limit, workers, len(databases)):
             warnings.append(
                 f"PostgreSQL at {server} accepts {limit} connections; {workers} worker(s) may open up to {need} "
                 f"({len(databases)} database(s) × 2 × ALLIANCE_DATABASE_POOL_SIZE {pool_size} each), and requests "
                 "past its limit are answered 503: raise max_connections or lower the pool size (docs/operations.md)")
     return warnings
+
+
+def largest_pool(limit: int, workers: int, databases: int) -> int:
+    """The largest pool size whose connections fit a server accepting `limit`: each of `workers`
+    keeps up to the pool size per database, and as many again in a burst."""
+    return limit // (workers * databases * 2)
 
 
 def server_max_connections(url: str) -> int | None:

@@ -69,6 +69,8 @@ def filter_clause(target: FromClause, flt: Filter | HasFilter, visible: Visibili
     `visible` is the caller's access condition: the resources a chain or `_has` looks through
     must be visible too, or the search would answer questions about what the caller cannot see.
     """
+    if _on_own_index(flt):
+        return _indexed_clause(target, flt, _bind_as_is)
     if isinstance(flt, HasFilter):
         return _has_clause(target, flt, visible)
     if flt.name == "_id":
@@ -79,12 +81,17 @@ def filter_clause(target: FromClause, flt: Filter | HasFilter, visible: Visibili
         return _chain_clause(target, flt, visible)
     if flt.kind == "reference" and flt.modifier in ("above", "below"):
         return _hierarchy_clause(target, flt)
-    if flt.modifier == "missing":
-        table = _INDEX_FOR_KIND[flt.kind]
-        present = target.c.rid.in_(select(table.c.rid).where(
-            table.c.resource_type == flt.resource_type, table.c.param == flt.name))
-        return not_(present) if flt.values[0] else present
-    return _indexed_clause(target, flt, _bind_as_is)
+    table = _INDEX_FOR_KIND[flt.kind]  # :missing, the one case left
+    present = target.c.rid.in_(select(table.c.rid).where(
+        table.c.resource_type == flt.resource_type, table.c.param == flt.name))
+    return not_(present) if flt.values[0] else present
+
+
+def _on_own_index(flt: Filter | HasFilter) -> bool:
+    """A filter matched on the rows its own index table holds for it, `:not` included: no `_has`,
+    chain, hierarchy or `:missing`, not `_id` or `_lastUpdated` (columns of the resource)."""
+    return (isinstance(flt, Filter) and flt.chain is None and flt.name not in ("_id", "_lastUpdated")
+            and flt.modifier != "missing" and not (flt.kind == "reference" and flt.modifier in ("above", "below")))
 
 
 # How a value's data enters the SQL: `bind(value, field)` for `value.field` (field None: the
@@ -117,12 +124,8 @@ def _index_condition(table: FromClause, flt: Filter, bind_value: Callable[[int],
 
 
 def _joins_on_rid(flt: Filter | HasFilter) -> bool:
-    """A filter that keeps the rows its index table holds for it (no chain, `_has`, `:not`,
-    `:missing` or hierarchy, not `_id` or `_lastUpdated`, which are columns of the resource)."""
-    return (isinstance(flt, Filter) and flt.kind in _INDEX_FOR_KIND and flt.chain is None
-            and flt.name not in ("_id", "_lastUpdated")
-            and flt.modifier not in ("not", "missing")
-            and not (flt.kind == "reference" and flt.modifier in ("above", "below")))
+    """A filter that keeps the rows of its own index table (`:not` keeps the others)."""
+    return _on_own_index(flt) and isinstance(flt, Filter) and flt.modifier != "not"
 
 
 def _joined_clause(target: FromClause, filters: list[tuple[Filter, Callable[[int], Bind]]]) -> Clause:
