@@ -11,7 +11,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -233,6 +233,25 @@ def _cpu_seconds(pid: int) -> float:
     except OSError:
         return 0.0
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+def postgres_cpu_seconds(databases: Iterable[str]) -> dict[str, float]:
+    """CPU seconds so far of the local PostgreSQL backends connected to each of `databases` (a
+    backend's title is `postgres: <cluster>: <user> <database> <client> <state>`). Pooled
+    connections live through a figure, so the difference of two readings is the figure's
+    database work; a backend that exits in between takes its share with it."""
+    wanted = set(databases)
+    seconds = dict.fromkeys(wanted, 0.0)
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            title = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").split()
+        except OSError:
+            continue
+        if len(title) > 3 and title[0] == "postgres:" and title[3] in wanted:
+            seconds[title[3]] += _cpu_seconds(int(entry.name))
+    return seconds
 
 
 def _vm_rss_kb(pid: int) -> int:

@@ -253,14 +253,17 @@ async def grant_access(
     expires_at: int | None,
     now: int | None = None,
     targets: Sequence[tuple[str, str] | None] = (None,),
+    renew_within: int = 0,
 ) -> None:
     """Record that `grantee` may read `patient`'s data of `scope` until `expires_at` (None: until
     revoked). Called inside the transaction of the write (or event) that creates the relationship;
     a source granting again replaces its earlier grant's expiry (the relationship's latest state).
     Each of `targets`, a (type, id), narrows a grant to one resource of the patient; None grants
     all of them. Several at once (a recognition check's results) cost one look-up of the source's
-    grants, one insert of the new ones and an update of those whose expiry changed, in statements
-    built once and run on the driver."""
+    grants, one insert of the new ones and one update of those whose expiry changed.
+    `renew_within` (microseconds): a held grant already lasting until less than that before the
+    new expiry is left as it is, so that a source granting again and again (the same check
+    repeated) does not rewrite its rows each time; a shorter expiry always applies."""
     patient_id = _patient_id(patient)
     reason = reason[:255]
     held: dict[tuple[str | None, str | None], tuple[int, int | None]] = {}
@@ -269,19 +272,28 @@ async def grant_access(
         held.setdefault((target_type, target_id), (gid, held_until))
     created = now if now is not None else now_micros()
     new: dict[tuple[str | None, str | None], dict[str, Any]] = {}
-    extended: list[dict[str, Any]] = []
+    extended: list[int] = []
     for target_type, target_id in (target or (None, None) for target in targets):
         key = (target_type, target_id)
         if key in held:
             gid, held_until = held.pop(key)  # popped: a target named twice is extended once
-            if held_until != expires_at:
-                extended.append({"b_gid": gid, "b_expires_at": expires_at, "b_reason": reason})
+            if _moves(held_until, expires_at, renew_within):
+                extended.append(gid)
         elif key not in new:
             new[key] = {"grantee": grantee, "patient_id": patient_id, "scope": scope, "source": source,
                         "reason": reason, "expires_at": expires_at, "created_at": created,
                         "target_type": target_type, "target_id": target_id}
     await driver.insert_rows(conn, access_grant, list(new.values()))
-    await driver.execute_many(conn, _EXTEND_GRANT, extended)
+    if extended:
+        await conn.execute(access_grant.update().where(access_grant.c.gid.in_(extended))
+                           .values(expires_at=expires_at, reason=reason))
+
+
+def _moves(held_until: int | None, expires_at: int | None, renew_within: int) -> bool:
+    """Whether a held grant's expiry changes to `expires_at` (None: never expires)."""
+    if held_until is None or expires_at is None:
+        return held_until != expires_at
+    return expires_at < held_until or expires_at - held_until >= max(1, renew_within)
 
 
 _GRANTS_OF_SOURCE = select(
@@ -290,8 +302,6 @@ _GRANTS_OF_SOURCE = select(
     access_grant.c.grantee == bindparam("b_grantee"), access_grant.c.patient_id == bindparam("b_patient_id"),
     access_grant.c.scope == bindparam("b_scope"), access_grant.c.source == bindparam("b_source"),
 ).order_by(access_grant.c.gid)
-_EXTEND_GRANT = access_grant.update().where(access_grant.c.gid == bindparam("b_gid")).values(
-    expires_at=bindparam("b_expires_at"), reason=bindparam("b_reason"))
 
 
 async def revoke_access(conn: AsyncConnection, *, source: str, now: int | None = None) -> None:

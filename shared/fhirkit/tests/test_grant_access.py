@@ -3,6 +3,7 @@ again moves the expiry of those held and adds only the new ones."""
 
 
 from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from fhirkit.access import grant_access
 from fhirkit.store.tables import access_grant
@@ -16,10 +17,14 @@ GRANT = {"grantee": "Organization/thc-xikou", "patient": "Patient/p1", "scope": 
 
 async def _grants(database: Database) -> list[tuple[object, ...]]:
     async with database.transaction(write=False) as conn:
-        rows = await conn.execute(select(access_grant.c.source, access_grant.c.target_type, access_grant.c.target_id,
-                                         access_grant.c.expires_at, access_grant.c.created_at, access_grant.c.patient_id)
-                                  .order_by(access_grant.c.gid))
-        return [tuple(row) for row in rows]
+        return await _grants_in(conn)
+
+
+async def _grants_in(conn: AsyncConnection) -> list[tuple[object, ...]]:
+    rows = await conn.execute(select(access_grant.c.source, access_grant.c.target_type, access_grant.c.target_id,
+                                     access_grant.c.expires_at, access_grant.c.created_at, access_grant.c.patient_id)
+                              .order_by(access_grant.c.gid))
+    return [tuple(row) for row in rows]
 
 
 async def test_several_targets_are_granted_once_each_and_granting_again_extends_them(database: Database) -> None:
@@ -52,3 +57,28 @@ async def test_a_whole_patient_grant_and_another_sources_grant_are_rows_of_their
     assert [(row[0], row[1], row[3]) for row in rows] == [
         (GRANT["source"], "Observation", NOW + HOUR), (GRANT["source"], None, None),
         ("ServiceRequest/sr1", "Observation", NOW + HOUR)]
+
+
+async def test_granting_again_within_renew_within_leaves_the_expiry_but_a_later_or_shorter_one_moves_it(
+        database: Database) -> None:
+    minute = 60 * 1_000_000
+    target = [("Observation", "o1")]
+    async with database.transaction(write=True) as conn:
+        await grant_access(conn, **GRANT, targets=target, expires_at=NOW + HOUR, now=NOW, renew_within=minute)
+    async with database.transaction(write=True) as conn:  # the check repeated 59 s later
+        await grant_access(conn, **GRANT, targets=target, expires_at=NOW + HOUR + minute - 1_000_000,
+                           now=NOW + minute - 1_000_000, renew_within=minute)
+    assert [row[3] for row in await _grants(database)] == [NOW + HOUR]
+    async with database.transaction(write=True) as conn:  # a minute later: renewed
+        await grant_access(conn, **GRANT, targets=target, expires_at=NOW + HOUR + minute, now=NOW + minute,
+                           renew_within=minute)
+    assert [row[3] for row in await _grants(database)] == [NOW + HOUR + minute]
+    async with database.transaction(write=True) as conn:  # a shorter expiry applies however close
+        await grant_access(conn, **GRANT, targets=target, expires_at=NOW + HOUR + minute - 1, now=NOW + minute,
+                           renew_within=minute)
+    assert [row[3] for row in await _grants(database)] == [NOW + HOUR + minute - 1]
+    async with database.transaction(write=True) as conn:  # until revoked, then back to an expiry
+        await grant_access(conn, **GRANT, targets=target, expires_at=None, now=NOW + minute, renew_within=minute)
+        assert [row[3] for row in await _grants_in(conn)] == [None]
+        await grant_access(conn, **GRANT, targets=target, expires_at=NOW + HOUR, now=NOW + minute, renew_within=minute)
+    assert [row[3] for row in await _grants(database)] == [NOW + HOUR]
