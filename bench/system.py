@@ -109,8 +109,8 @@ def autovacuum(base_url: str | None) -> str | None:
 def pool_size_for(database_urls: dict[str, str], workers: int) -> dict[str, str]:
     """The pool size an operator sets after `alliance serve` warned that the pools may open more
     connections than PostgreSQL accepts (servicekit.pg_budget): each worker keeps up to the pool
-    size per database and as many again in a burst. With the default (20) and this machine's 100
-    connections, 13.6 % of the reads at 32 connections were 503s (session 10). Nothing on SQLite."""
+    size per database. With the default (20) and this machine's 100 connections, 13.6 % of the
+    reads at 32 connections were 503s (session 10). Nothing on SQLite."""
     from servicekit.pg_budget import largest_pool, server_max_connections
 
     postgres = [url for url in database_urls.values() if url.startswith("postgresql")]

@@ -13,9 +13,10 @@ def connection_budget(
     max_connections: Callable[[str], int | None] | None = None,
 ) -> list[str]:
     """Warnings for PostgreSQL servers that these processes could ask for more connections than
-    they accept: each worker keeps up to `pool_size` per database and opens as many again in a
-    burst, and past the server's limit a request is answered 503: better said once at start than
-    found under load. `max_connections(url)` is the server's limit, None when it cannot be asked."""
+    they accept: each worker keeps up to `pool_size` per database (opened as requests need them,
+    never more), and past the server's limit a request is answered 503: better said once at start
+    than found under load. `max_connections(url)` is the server's limit, None when it cannot be
+    asked."""
     ask = max_connections or server_max_connections
     by_server: dict[str, list[str]] = {}
     for url in urls:
@@ -24,20 +25,20 @@ def connection_budget(
             by_server.setdefault(f"{parsed.hostname or 'localhost'}:{parsed.port or 5432}", []).append(url)
     warnings = []
     for server, databases in by_server.items():
-        need = workers * len(databases) * 2 * pool_size
+        need = workers * len(databases) * pool_size
         limit = ask(databases[0])
         if limit is not None and pool_size > largest_pool(limit, workers, len(databases)):
             warnings.append(
                 f"PostgreSQL at {server} accepts {limit} connections; {workers} worker(s) may open up to {need} "
-                f"({len(databases)} database(s) × 2 × ALLIANCE_DATABASE_POOL_SIZE {pool_size} each), and requests "
+                f"({len(databases)} database(s) × ALLIANCE_DATABASE_POOL_SIZE {pool_size} each), and requests "
                 "past its limit are answered 503: raise max_connections or lower the pool size (docs/operations.md)")
     return warnings
 
 
 def largest_pool(limit: int, workers: int, databases: int) -> int:
     """The largest pool size whose connections fit a server accepting `limit`: each of `workers`
-    keeps up to the pool size per database, and as many again in a burst."""
-    return limit // (workers * databases * 2)
+    keeps up to the pool size per database."""
+    return limit // (workers * databases)
 
 
 def server_max_connections(url: str) -> int | None:

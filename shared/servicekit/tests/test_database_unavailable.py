@@ -165,3 +165,25 @@ async def test_a_lone_statement_on_a_dropped_connection_fails_once_and_the_conne
             assert await conn.scalar(text("SELECT pg_current_xact_id() = pg_current_xact_id()")) is True
     finally:
         await database.stop()
+
+
+@pytest.mark.skipif(not POSTGRES, reason="needs ALLIANCE_TEST_POSTGRES_URL")
+async def test_requests_past_the_pool_size_wait_for_a_pooled_connection_and_open_no_more() -> None:
+    """No burst connections: a fifth request on a pool of two waits for one of the two. A burst
+    connection is closed as it comes back, so under a steady load above the pool size each
+    request would pay for a new PostgreSQL backend."""
+    database = Database(f"{POSTGRES}/postgres", pool_size=2)
+    await database.start()
+    backend = text("SELECT pg_backend_pid() FROM pg_sleep(0.05)")
+
+    async def one() -> int:
+        async with database.transaction(write=False) as conn:
+            return int(await conn.scalar(backend))
+
+    try:
+        first = set(await asyncio.gather(*(one() for _ in range(5))))
+        again = set(await asyncio.gather(*(one() for _ in range(5))))
+        assert len(first) <= 2
+        assert again == first  # the same backends, kept: none was closed and opened anew
+    finally:
+        await database.stop()
