@@ -110,6 +110,7 @@ def embedded(args: argparse.Namespace, postgres: str | None, logs: Path, stack: 
     dataset = data.Dataset(run, data.lab_items())
     for size in args.sizes:
         result["loads"].append(load_to(args, server, tokens, dataset, size))
+        result["loads"][-1]["events_pending"] = _events_pending(urls.values())
         _timed("analyze", lambda: system.analyze(urls.values()))
         result["rows"] += [search(args, server, tokens, dataset), check(args, server, tokens, dataset)]
     result["memory"]["embedded"] = _memory(server, {"stored_observations": dataset.observations})
@@ -127,6 +128,13 @@ def _databases(postgres: str | None, prefix: str, names: list[str], stack: ExitS
     db_names = {name: f"{prefix}_{name.replace('-', '_')}" for name in names}
     urls = stack.enter_context(system.postgres_databases(postgres, list(db_names.values())))
     return {name: urls[db] for name, db in db_names.items()}
+
+
+def _events_pending(urls: Any) -> int | None:
+    pending = system.events_pending(urls)
+    if pending is not None:
+        print(f"  events not yet delivered as the load ended: {pending:,}", flush=True)
+    return pending
 
 
 def _timed(label: str, action: Any) -> Any:

@@ -36,7 +36,7 @@ from urllib.parse import quote
 import psycopg
 
 from bench import data, system, wrk
-from bench.__main__ import POSTGRES, TOWNSHIP, _bearer, _databases, create_load, load_to
+from bench.__main__ import POSTGRES, TOWNSHIP, _bearer, _databases, _events_pending, create_load, load_to
 
 FIGURES = ("search", "recognition", "read", "create", "transaction")
 
@@ -56,7 +56,7 @@ def figure_load(figure: str, tokens: system.Tokens, dataset: data.Dataset) -> wr
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--figure", choices=FIGURES, required=True)
+    parser.add_argument("--figure", choices=FIGURES)
     parser.add_argument("--observations", type=int, default=2000)
     parser.add_argument("--connections", type=int, default=8)
     parser.add_argument("--workers", type=int, default=1, help="server workers (py-spy samples them all)")
@@ -67,6 +67,8 @@ def main() -> None:
                         "later runs (loading 1,000,000 takes 15 minutes); PostgreSQL databases keep_<dir>_*")
     parser.add_argument("--drop", action="store_true", help="with --store: drop its databases and directory")
     args = parser.parse_args()
+    if args.figure is None and not (args.store and args.drop):
+        parser.error("--figure is required (unless --store DIR --drop)")
     if args.spy is not None and shutil.which("py-spy") is None:
         parser.error("--spy needs py-spy on PATH (uv pip install py-spy)")
     loading = argparse.Namespace(per_patient=20, loaders=4)
@@ -97,6 +99,7 @@ def main() -> None:
             print(f"transaction: {summary['resources_per_s']} Observations/s, {stats.failed_bundles} failed "
                   f"bundles, server CPU per Observation {cpu / max(1, stats.resources) * 1000:.3f} ms")
             _print_postgres(pg, stats.resources, "Observation")
+            _events_pending(urls.values())
             return
         load = figure_load(args.figure, tokens, dataset)
         wrk.run(server.url, load, connections=args.connections, seconds=3)

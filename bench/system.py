@@ -96,6 +96,22 @@ def analyze(urls: Any) -> None:
                 print("  (no CHECKPOINT: the role may not; figures may overlap the load's writes)", flush=True)
 
 
+def events_pending(urls: Any) -> int | None:
+    """Outbox events not yet delivered, over the service databases: taken as a load ends, how far
+    the dispatchers were behind it (notifications and alerts wait that long). PostgreSQL only."""
+    import psycopg
+
+    postgres = [url.replace("postgresql+psycopg://", "postgresql://") for url in urls if url.startswith("postgresql")]
+    if not postgres:
+        return None
+    pending = 0
+    for url in postgres:
+        with psycopg.connect(url) as conn:
+            row = conn.execute("SELECT count(*) FROM servicekit_outbox WHERE published_at IS NULL").fetchone()
+            pending += int(row[0]) if row else 0
+    return pending
+
+
 def autovacuum(base_url: str | None) -> str | None:
     if base_url is None:
         return None

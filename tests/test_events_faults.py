@@ -3,7 +3,8 @@ a consumer killed mid-stream, a broker killed during a burst, a dispatcher leade
 Each checks that every event is handled exactly once by a deduplicating consumer."""
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+import dataclasses
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from sqlalchemy import update
 from fhirkit.store.repository import Repository, StoreConfig
 from servicekit.db import Database
 from servicekit.events import (
+    Event,
     EventBus,
     InProcessBus,
     OutboxDispatcher,
@@ -203,6 +205,41 @@ async def test_one_dispatcher_leads_per_postgresql_database_and_another_takes_ov
             await first.stop()
             await second.stop()
             await bus.stop("consumer")
+
+
+class CountingBus(InProcessBus):
+    """The in-process bus, noting how many events each publish carried."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sizes: list[int] = []
+
+    async def publish(self, events: Sequence[Event]) -> None:
+        self.sizes.append(len(events))
+        await super().publish(events)
+
+
+async def test_a_backlog_is_read_in_growing_batches_and_a_drained_outbox_in_small_ones(database: Database) -> None:
+    """Behind a busy process every await of a pass waits its turn, so a dispatcher that is
+    behind (a full batch) doubles the next batch, up to the most; once drained it starts small."""
+    bus = CountingBus()
+    recorder = Recorder("growing-batches")
+    await bus.subscribe("consumer", Consumer("growing-batches", "referral.>", recorder, database, FAST_RETRY))
+    await bus.start("consumer")
+    options = dataclasses.replace(fast_options(poll_interval=0.1).dispatcher, batch_size=10, max_batch_size=40)
+    store = store_for(ServiceEvents("referral", database, InProcessBus()))
+    await write_patients(database, store, 150)  # committed while no dispatcher runs: a backlog
+    dispatcher = OutboxDispatcher("referral", database, bus, options)
+    dispatcher.start()
+    try:
+        await wait_for(lambda: _handled_exactly(database, "growing-batches", 150))
+        assert bus.sizes == [10, 20, 40, 40, 40]
+        await write_patients(database, store, 1, prefix="after")
+        await wait_for(lambda: _handled_exactly(database, "growing-batches", 151))
+        assert bus.sizes[5:] == [1]
+    finally:
+        await dispatcher.stop()
+        await bus.stop("consumer")
 
 
 async def _burst(database: Database, store: StoreConfig, *, resources: int, versions: int) -> None:

@@ -37,7 +37,7 @@ class BusUnavailable(Exception):
 
 
 # At most this many queued events are handled in one consumer transaction.
-MAX_BATCH = 100
+MAX_BATCH = 500
 
 
 class EventBus(Protocol):

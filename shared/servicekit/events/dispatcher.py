@@ -50,6 +50,10 @@ ADVISORY_LOCK_CLASS = 0x0E7E
 class DispatcherOptions:
     poll_interval: float = 1.0
     batch_size: int = 200
+    # A full batch means the dispatcher is behind: the next pass takes twice as many, up to this.
+    # Behind a busy process each of a pass's dozen awaits waits its turn among the requests', so
+    # events per pass, not passes per second, is what lets the dispatcher catch up.
+    max_batch_size: int = 2000
     retention_seconds: float = 8 * 86400
     prune_interval: float = 600.0
     retry_pause_max: float = 5.0  # between publish attempts while the bus is unavailable
@@ -131,10 +135,11 @@ class OutboxDispatcher:
 
     async def _lead(self, still_leader: Callable[[], Awaitable[None]]) -> None:
         bus_failures = 0
+        batch = self.options.batch_size
         while True:
             await still_leader()
             try:
-                published = await self.publish_pending()
+                published = await self.publish_pending(batch)
             except BusUnavailable as exc:
                 bus_failures += 1
                 if bus_failures == 1 or bus_failures % 20 == 0:
@@ -146,8 +151,11 @@ class OutboxDispatcher:
                 bus_failures = 0
             self._failures = 0
             await self._prune_if_due()
-            if published < self.options.batch_size:
+            if published < batch:
+                batch = self.options.batch_size
                 await self._wait_for_work()
+            else:
+                batch = min(batch * 2, max(self.options.max_batch_size, self.options.batch_size))
 
     async def _wait_for_work(self) -> None:
         try:
@@ -162,10 +170,11 @@ class OutboxDispatcher:
 
     # --- one pass ----------------------------------------------------------------------------
 
-    async def publish_pending(self) -> int:
-        """Publish one batch of unpublished rows in sequence order; returns how many the bus
-        acknowledged. Raises BusUnavailable after marking those acknowledged before it failed."""
-        events = await uninterrupted(self._unpublished())
+    async def publish_pending(self, limit: int | None = None) -> int:
+        """Publish one batch (`limit` rows, else the batch size) of unpublished rows in sequence
+        order; returns how many the bus acknowledged. Raises BusUnavailable after marking those
+        acknowledged before it failed."""
+        events = await uninterrupted(self._unpublished(limit or self.options.batch_size))
         if not events:
             return 0
         try:
@@ -178,9 +187,9 @@ class OutboxDispatcher:
         await uninterrupted(self._mark_published([e.seq for e in events]))
         return len(events)
 
-    async def _unpublished(self) -> list[Event]:
+    async def _unpublished(self, limit: int) -> list[Event]:
         async with self.database.transaction(write=False) as conn:
-            rows = await conn.execute(pending_statement(self.service, self.options.batch_size))
+            rows = await conn.execute(pending_statement(self.service, limit))
             return [event_from_row(row) for row in rows]
 
     async def _mark_published(self, seqs: list[int]) -> None:
