@@ -846,9 +846,10 @@ class TestResultsCreatedTogether:
         database = system.state.apps["results-sharing"].state.database
         async with database.transaction(write=False) as conn:
             one_by_one = {pair: await catalog.find_item(conn, *pair) for pair in wanted}
+        catalog.CATALOG.forget()  # what the first transaction kept: the second loads at once
         async with database.transaction(write=False) as conn:
             await catalog.prefetch_items(conn, wanted)
-            memo = dict(driver.transaction_memo(conn, catalog.MEMO))
+            memo = dict(driver.transaction_memo(conn, catalog.CATALOG.name))
             at_once = {pair: await catalog.find_item(conn, *pair) for pair in wanted}
         assert at_once == one_by_one
         assert sum(item is not None for item in at_once.values()) == 5 + len(loincs)

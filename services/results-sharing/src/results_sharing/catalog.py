@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from fhirkit.errors import BusinessRuleViolation
 from fhirkit.store import driver
 from fhirkit.store.hooks import WriteContext
+from fhirkit.store.read_mostly import ReadMostly
 from results_sharing import db
 from results_sharing.vocabulary import CATEGORIES, LOINC, RECOGNITION_ITEM, SCOPES, loinc_check_digit_valid
 
@@ -70,6 +71,7 @@ class CatalogHooks:
             await _replace_items(repo.conn, context.resource_id, items(resource or {}))
         elif is_catalog(context.previous):
             # The catalog in force was retired or deleted: no item is recognizable until another is loaded.
+            CATALOG.changed(repo.conn)
             await repo.conn.execute(delete(db.catalog_item).where(db.catalog_item.c.code_system_id == context.resource_id))
 
 
@@ -134,7 +136,7 @@ def _item(concept: dict[str, Any], version: str, path: str) -> CatalogItem:
 
 
 async def _replace_items(conn: AsyncConnection, code_system_id: str, found: list[CatalogItem]) -> None:
-    driver.transaction_memo(conn, MEMO).clear()
+    CATALOG.changed(conn)
     await conn.execute(delete(db.catalog_item))
     await conn.execute(insert(db.catalog_item), [
         {"code": i.code, "version": i.version, "code_system_id": code_system_id, "display": i.display,
@@ -146,8 +148,8 @@ async def _replace_items(conn: AsyncConnection, code_system_id: str, found: list
 
 
 async def find_item(conn: AsyncConnection, system: str | None, code: str) -> CatalogItem | None:
-    """The item in force for a catalog code or a LOINC code (one indexed look-up, once per
-    transaction: a bundle of results repeats its codes)."""
+    """The item in force for a catalog code or a LOINC code (one indexed look-up, kept for the
+    transaction and a few seconds beyond it: `CATALOG`)."""
     stmt = _ITEM_BY.get(system or "")
     if stmt is None:
         return None
@@ -156,14 +158,13 @@ async def find_item(conn: AsyncConnection, system: str | None, code: str) -> Cat
         rows = await driver.execute(conn, stmt, {"code": code})
         return _from_row(rows[0]) if rows else None
 
-    return await driver.memoised(conn, MEMO, (system, code), load)
+    return await CATALOG.get(conn, (system, code), load)
 
 
 async def prefetch_items(conn: AsyncConnection, wanted: set[tuple[str, str]]) -> None:
     """Look up the items of many (system, code) pairs at once, for `find_item` to answer from its
     memo: a transaction's run of new results names a handful of codes, a query each."""
-    memo = driver.transaction_memo(conn, MEMO)
-    missing = {(system, code) for system, code in wanted if system in _ITEM_BY and (system, code) not in memo}
+    missing = CATALOG.missing(conn, {(system, code) for system, code in wanted if system in _ITEM_BY})
     if not missing:
         return
     item = db.catalog_item.c
@@ -176,7 +177,7 @@ async def prefetch_items(conn: AsyncConnection, wanted: set[tuple[str, str]]) ->
         if one.loinc:
             found.setdefault((LOINC, one.loinc), one)
     for key in missing:
-        memo[key] = found.get(key)
+        CATALOG.remember(conn, key, found.get(key))
 
 
 # Built once: every stored result looks its item up.
@@ -187,7 +188,8 @@ _ITEM_BY = {
     RECOGNITION_ITEM: _ITEMS.where(db.catalog_item.c.code == bindparam("code")).limit(1),
     LOINC: _ITEMS.where(db.catalog_item.c.loinc == bindparam("code")).order_by(db.catalog_item.c.code).limit(1),
 }
-MEMO = "recognition-catalog"
+# Items by (system, code), None for a code in no item: every stored result and every check asks.
+CATALOG = ReadMostly("recognition-catalog")
 
 
 async def find_items(conn: AsyncConnection, codes: set[str]) -> dict[str, CatalogItem]:

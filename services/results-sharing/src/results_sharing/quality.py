@@ -24,6 +24,7 @@ from fhirkit.errors import BusinessRuleViolation
 from fhirkit.search.values import date_range
 from fhirkit.store import driver
 from fhirkit.store.hooks import WriteContext
+from fhirkit.store.read_mostly import ReadMostly
 from results_sharing import catalog, db
 from results_sharing.catalog import CatalogItem
 from results_sharing.vocabulary import CATEGORIES, QUALITY_EVALUATION, RECOGNITION_ITEM, SCOPE_RANK, SCOPES
@@ -72,7 +73,7 @@ class QualityHooks:
                     expression=["VerificationResult.extension"])
 
     async def after_write(self, repo: Any, resource: dict[str, Any] | None, context: WriteContext) -> None:
-        driver.transaction_memo(repo.conn, MEMO).clear()
+        QUALITY.changed(repo.conn)
         await repo.conn.execute(delete(db.quality).where(db.quality.c.record_id == context.resource_id))
         if resource is None or evaluation(resource) is None or resource.get("status") != "validated":
             return
@@ -115,18 +116,19 @@ def _records(resource: dict[str, Any], record_id: str) -> list[QualityRecord]:
             + [QualityRecord(item_code=None, category=c, **common) for c in categories])
 
 
-MEMO = "quality-records"  # a center's records, per transaction
+# A center's records (a few dozen), by center: kept for the transaction and a few seconds beyond.
+QUALITY = ReadMostly("quality-records")
 
 
 async def records_of(conn: AsyncConnection, producer: str, item: CatalogItem) -> list[QualityRecord]:
-    """One center's records for the item. A center's records (a few dozen) are read once per
-    transaction: a bundle of one center's results asks again and again, for item after item
-    (the hook above clears the memo when records change)."""
+    """One center's records for the item. A center's records are read once and kept
+    (`QUALITY`): every result a center posts and every check of its results asks, item after
+    item (the hook above drops them when records change)."""
 
     async def load() -> list[QualityRecord]:
         return [QualityRecord(*row) for row in await driver.execute(conn, _RECORDS_OF, {"organization_id": producer})]
 
-    records = await driver.memoised(conn, MEMO, producer, load)
+    records = await QUALITY.get(conn, producer, load)
     return [r for r in records if r.item_code == item.code or r.category == item.category]
 
 

@@ -4,8 +4,9 @@ ordered, and why (not)?
 It runs each time a doctor orders a test, so it answers from indexed look-ups only: the catalog
 item (by its code or LOINC: one primary-key or index look-up), the patient's results of that item
 (`recognition_result`, one range scan of the (patient, system, code, effective) index, newest
-first, at most MAX_CANDIDATES), and the producers' quality records (one query). Organizations come
-from the directory through the cached peer client. It sees every result of the patient whoever
+first, at most MAX_CANDIDATES), and the producers' quality records (one query each); the catalog
+item and the records are kept for a few seconds (`catalog.CATALOG`, `quality.QUALITY`).
+Organizations come from the directory through the cached peer client. It sees every result of the patient whoever
 produced it: deciding whether a prior result exists is the point, so it never goes through a
 caller-filtered search.
 
