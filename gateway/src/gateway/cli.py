@@ -69,15 +69,14 @@ def serve(
     for warning in connection_budget([settings.database_url(name) for name in served], workers,
                                      settings.database_pool_size):
         typer.echo(f"warning: {warning}", err=True)
-    uvicorn.run(
-        "gateway.cli:serve_worker_app" if workers > 1 else "gateway.main:create_app",
-        factory=True,
-        host=host or settings.host,
-        port=bind_port,
-        workers=workers,
-        log_config=None,
-        access_log=False,
-    )
+    if workers > 1 and sys.platform == "linux":  # a socket per worker (gateway.workers)
+        from gateway.workers import serve_workers
+
+        serve_workers("gateway.cli:serve_worker_app", host or settings.host, bind_port, workers,
+                      log_config=None, access_log=False)
+        return
+    uvicorn.run("gateway.cli:serve_worker_app" if workers > 1 else "gateway.main:create_app", factory=True,
+                host=host or settings.host, port=bind_port, workers=workers, log_config=None, access_log=False)
 
 
 def _prepare_workers(settings: AllianceSettings, workers: int) -> None:

@@ -1,0 +1,84 @@
+"""`alliance serve --workers N` on Linux: N server processes, each accepting on its own socket.
+
+uvicorn's own supervisor binds one socket and shares it with its workers, and whichever worker
+wakes first accepts every connection waiting: 16 connections opened at once landed 15 on one
+worker and 1 on the other, and a keep-alive connection stays with its worker, so one core queued
+fifteen clients while the other served one. Here each worker binds its own socket to the same
+address with SO_REUSEPORT, and the kernel spreads new connections over them.
+
+The parent only supervises: it starts the workers (spawned, one `uvicorn.Server` each), starts
+again one that dies, and on SIGINT or SIGTERM asks every worker to stop (each finishes its
+requests and its lifespan shutdown) and waits for them.
+"""
+
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import threading
+from multiprocessing.process import BaseProcess
+from typing import Any
+
+log = logging.getLogger("alliance.serve")
+
+STOP_SECONDS = 30.0  # how long a worker may take to finish its requests before it is killed
+RESTART_PAUSE = 1.0  # between a worker's death and its replacement (a crash loop must not spin)
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to (host, port) that other processes may bind too (SO_REUSEPORT); uvicorn
+    starts listening on it."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve_workers(app: str, host: str, port: int, workers: int, **options: Any) -> None:
+    """Run `workers` uvicorn servers of the app factory `app` on (host, port) until SIGINT/SIGTERM."""
+    listening_socket(host, port).close()  # the address is free (and ours to share), or fail here
+    context = multiprocessing.get_context("spawn")
+    stopping = threading.Event()
+
+    def start() -> BaseProcess:
+        process = context.Process(target=_worker, args=(app, host, port, options), daemon=False)
+        process.start()
+        return process
+
+    processes = [start() for _ in range(workers)]
+    previous = {sig: signal.signal(sig, lambda *_: stopping.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while not stopping.wait(0.5):
+            for index, process in enumerate(processes):
+                if not process.is_alive() and not stopping.is_set():
+                    log.error("worker %s exited with %s; starting another", process.pid, process.exitcode)
+                    stopping.wait(RESTART_PAUSE)
+                    if not stopping.is_set():
+                        processes[index] = start()
+    finally:
+        _stop(processes)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _stop(processes: list[BaseProcess]) -> None:
+    for process in processes:
+        if process.is_alive() and process.pid is not None:
+            os.kill(process.pid, signal.SIGTERM)  # uvicorn: finish the requests, run the shutdown
+    for process in processes:
+        process.join(STOP_SECONDS)
+        if process.is_alive():
+            log.error("worker %s did not stop in %.0f s; killing it", process.pid, STOP_SECONDS)
+            process.kill()
+            process.join()
+
+
+def _worker(app: str, host: str, port: int, options: dict[str, Any]) -> None:
+    import uvicorn
+
+    config = uvicorn.Config(app, host=host, port=port, factory=True, **options)
+    uvicorn.Server(config).run(sockets=[listening_socket(host, port)])
