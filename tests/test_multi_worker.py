@@ -15,7 +15,9 @@ requests, a method nothing else sends. The checks:
 * connections opened while a worker is busy still reach it (each accepts on its own socket);
 * a worker SIGKILLed while it leads the referral outbox (on SQLite: the lease's holder) is
   replaced at once by the other for dispatching: the next events arrive once each, in seconds;
-  and the parent starts a new worker in its place.
+  and the parent starts a new worker in its place;
+* SIGTERM stops the workers and the parent exits 0; a killed parent's workers stop too; a second
+  server on the same port refuses to start.
 
 The development secrets are not given: the workers must agree on the ones `serve` generates.
 Two quick in-process tests pin down the SQLite dispatcher lease itself (one leader, take-over
@@ -435,6 +437,37 @@ def test_sigterm_stops_every_worker_and_the_parent_exits_cleanly(server: Server)
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=40) == 0
         assert not [pid for pid in workers if Path(f"/proc/{pid}").exists()], "a worker outlived its parent"
+
+
+def test_workers_stop_when_their_parent_is_killed(server: Server) -> None:
+    """SIGKILL leaves no chance to stop the workers: the kernel sends them SIGTERM instead
+    (PR_SET_PDEATHSIG), so that no orphan goes on serving the port."""
+    port = live.free_port()
+    with live.server_process(server.env, port, "--workers", str(WORKERS), timeout=90) as (url, process):
+        parent = Server(url, server.env, server.platform_url, process.pid, server.postgres)
+        workers = wait_until("both workers started", lambda: _workers(parent) if len(_workers(parent)) >= WORKERS
+                             else None, timeout=60)
+        process.kill()
+        process.wait()
+        wait_until("the orphaned workers gone", lambda: not [p for p in workers if _alive(p)], timeout=40)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_a_second_server_on_the_same_port_refuses_to_start(server: Server) -> None:
+    """Workers share their port with each other only: another `serve` on it must fail, not
+    quietly take half of the connections."""
+    port = server.url.rsplit(":", 1)[1]
+    result = subprocess.run([live.ALLIANCE, "serve", "--port", port, "--workers", str(WORKERS)], env=server.env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
 
 
 def _http_body(sock: socket.socket) -> bytes:

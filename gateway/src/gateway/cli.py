@@ -72,8 +72,12 @@ def serve(
     if workers > 1 and sys.platform == "linux":  # a socket per worker (gateway.workers)
         from gateway.workers import serve_workers
 
-        serve_workers("gateway.cli:serve_worker_app", host or settings.host, bind_port, workers,
-                      log_config=None, access_log=False)
+        try:
+            serve_workers("gateway.cli:serve_worker_app", host or settings.host, bind_port, workers,
+                          log_config=None, access_log=False)
+        except OSError as error:  # the address is taken (another server on the port)
+            typer.echo(f"error: cannot listen on {host or settings.host}:{bind_port}: {error.strerror}", err=True)
+            raise typer.Exit(1) from None
         return
     uvicorn.run("gateway.cli:serve_worker_app" if workers > 1 else "gateway.main:create_app", factory=True,
                 host=host or settings.host, port=bind_port, workers=workers, log_config=None, access_log=False)

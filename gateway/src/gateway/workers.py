@@ -8,9 +8,11 @@ address with SO_REUSEPORT, and the kernel spreads new connections over them.
 
 The parent only supervises: it starts the workers (spawned, one `uvicorn.Server` each), starts
 again one that dies, and on SIGINT or SIGTERM asks every worker to stop (each finishes its
-requests and its lifespan shutdown) and waits for them.
+requests and its lifespan shutdown) and waits for them. A worker whose parent dies (even
+killed) is sent SIGTERM by the kernel: no orphan goes on serving the port.
 """
 
+import ctypes
 import logging
 import multiprocessing
 import os
@@ -24,6 +26,7 @@ log = logging.getLogger("alliance.serve")
 
 STOP_SECONDS = 30.0  # how long a worker may take to finish its requests before it is killed
 RESTART_PAUSE = 1.0  # between a worker's death and its replacement (a crash loop must not spin)
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def listening_socket(host: str, port: int) -> socket.socket:
@@ -38,14 +41,23 @@ def listening_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def address_free(host: str, port: int) -> None:
+    """Raise OSError unless nothing listens on (host, port). Bound without SO_REUSEPORT: a
+    socket that sets it would join another server's workers on the port instead of failing."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind((host, port))
+
+
 def serve_workers(app: str, host: str, port: int, workers: int, **options: Any) -> None:
     """Run `workers` uvicorn servers of the app factory `app` on (host, port) until SIGINT/SIGTERM."""
-    listening_socket(host, port).close()  # the address is free (and ours to share), or fail here
+    address_free(host, port)
     context = multiprocessing.get_context("spawn")
     stopping = threading.Event()
 
     def start() -> BaseProcess:
-        process = context.Process(target=_worker, args=(app, host, port, options), daemon=False)
+        process = context.Process(target=_worker, args=(app, host, port, options, os.getpid()), daemon=False)
         process.start()
         return process
 
@@ -77,8 +89,18 @@ def _stop(processes: list[BaseProcess]) -> None:
             process.join()
 
 
-def _worker(app: str, host: str, port: int, options: dict[str, Any]) -> None:
+def _worker(app: str, host: str, port: int, options: dict[str, Any], parent: int) -> None:
     import uvicorn
+
+    _stop_with(parent)
 
     config = uvicorn.Config(app, host=host, port=port, factory=True, **options)
     uvicorn.Server(config).run(sockets=[listening_socket(host, port)])
+
+
+def _stop_with(parent: int) -> None:
+    """SIGTERM this worker when its parent dies, even killed (Linux's PR_SET_PDEATHSIG): an orphan
+    would go on serving the port beside the next server."""
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # it died before the call
+        os.kill(os.getpid(), signal.SIGTERM)
