@@ -32,11 +32,7 @@ PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 def listening_socket(host: str, port: int) -> socket.socket:
     """A socket bound to (host, port) that other processes may bind too (SO_REUSEPORT); uvicorn
     starts listening on it."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((host, port))
+    sock = _bound(host, port, shared=True)
     sock.set_inheritable(True)
     return sock
 
@@ -44,10 +40,20 @@ def listening_socket(host: str, port: int) -> socket.socket:
 def address_free(host: str, port: int) -> None:
     """Raise OSError unless nothing listens on (host, port). Bound without SO_REUSEPORT: a
     socket that sets it would join another server's workers on the port instead of failing."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        probe.bind((host, port))
+    _bound(host, port, shared=False).close()
+
+
+def _bound(host: str, port: int, *, shared: bool) -> socket.socket:
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if shared:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 def serve_workers(app: str, host: str, port: int, workers: int, **options: Any) -> None:
