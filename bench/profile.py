@@ -33,8 +33,6 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from urllib.parse import quote
 
-import psycopg
-
 from bench import data, system, wrk
 from bench.__main__ import POSTGRES, TOWNSHIP, _bearer, _databases, _events_pending, create_load, load_to
 
@@ -81,10 +79,9 @@ def main() -> None:
         server = system.serve(env, "all", system.free_port(), args.workers, data_dir)
         stack.callback(system.stop, server)
         tokens = system.Tokens(server.url, data_dir)
-        if dataset.observations < args.observations or args.figure == "transaction":
-            if dataset.observations < args.observations:
-                load_to(loading, server, tokens, dataset, args.observations)
-                system.analyze(urls.values())
+        if dataset.observations < args.observations:
+            load_to(loading, server, tokens, dataset, args.observations)
+            system.analyze(urls.values())
             _save_store(args, dataset)
         databases = {url.rsplit("/", 1)[1]: name for name, url in urls.items()}
         if args.figure == "transaction":
@@ -126,10 +123,7 @@ def _store(args: argparse.Namespace, stack: ExitStack) -> tuple[Path, dict[str, 
     if (args.store / "dataset.pickle").exists():
         return data_dir, urls, pickle.loads((args.store / "dataset.pickle").read_bytes())
     data_dir.mkdir(parents=True, exist_ok=True)
-    with psycopg.connect(system.admin_url(args.postgres_url), autocommit=True) as conn:
-        for db in names.values():
-            conn.execute(f'DROP DATABASE IF EXISTS "{db}"')
-            conn.execute(f'CREATE DATABASE "{db}"')
+    system.create_databases(args.postgres_url, names.values())
     return data_dir, urls, _fresh(data_dir, urls)
 
 
@@ -151,9 +145,7 @@ def _save_store(args: argparse.Namespace, dataset: data.Dataset) -> None:
 
 
 def _drop_store(args: argparse.Namespace) -> None:
-    with psycopg.connect(system.admin_url(args.postgres_url), autocommit=True) as conn:
-        for db in _store_names(args).values():
-            conn.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
+    system.drop_databases(args.postgres_url, _store_names(args).values())
     shutil.rmtree(args.store, ignore_errors=True)
     print(f"dropped the store {args.store}")
 

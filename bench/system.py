@@ -40,24 +40,46 @@ def free_port() -> int:
 # --- databases ----------------------------------------------------------------------------------
 
 def admin_url(base_url: str) -> str:
-    return base_url.replace("postgresql+psycopg://", "postgresql://").rstrip("/") + "/postgres"
+    return libpq_url(base_url).rstrip("/") + "/postgres"
+
+
+def libpq_url(url: str) -> str:
+    """A SQLAlchemy PostgreSQL URL as psycopg (libpq) takes it."""
+    return url.replace("postgresql+psycopg://", "postgresql://")
+
+
+def _libpq_urls(urls: Any) -> list[str]:
+    """The PostgreSQL ones of `urls`, for psycopg."""
+    return [libpq_url(url) for url in urls if url.startswith("postgresql")]
 
 
 @contextmanager
 def postgres_databases(base_url: str, names: list[str]) -> Iterator[dict[str, str]]:
     """Fresh databases named `names`, dropped afterwards (even when the run fails)."""
+    try:
+        yield create_databases(base_url, names)
+    finally:
+        drop_databases(base_url, names)
+
+
+def create_databases(base_url: str, names: Iterable[str]) -> dict[str, str]:
+    """Databases named `names`, empty (dropped first if they exist); their URLs by name."""
     import psycopg
 
+    names = list(names)
     with psycopg.connect(admin_url(base_url), autocommit=True) as conn:
         for name in names:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
             conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield {name: f"{base_url.rstrip('/')}/{name}" for name in names}
-    finally:
-        with psycopg.connect(admin_url(base_url), autocommit=True) as conn:
-            for name in names:
-                conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    return {name: f"{base_url.rstrip('/')}/{name}" for name in names}
+
+
+def drop_databases(base_url: str, names: Iterable[str]) -> None:
+    import psycopg
+
+    with psycopg.connect(admin_url(base_url), autocommit=True) as conn:
+        for name in names:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def database_version(base_url: str | None) -> str:
@@ -84,7 +106,7 @@ def analyze(urls: Any) -> None:
     SQLite: nothing."""
     import psycopg
 
-    postgres = [url.replace("postgresql+psycopg://", "postgresql://") for url in urls if url.startswith("postgresql")]
+    postgres = _libpq_urls(urls)
     for url in postgres:
         with psycopg.connect(url, autocommit=True) as conn:
             conn.execute("VACUUM ANALYZE")
@@ -101,7 +123,7 @@ def events_pending(urls: Any) -> int | None:
     the dispatchers were behind it (notifications and alerts wait that long). PostgreSQL only."""
     import psycopg
 
-    postgres = [url.replace("postgresql+psycopg://", "postgresql://") for url in urls if url.startswith("postgresql")]
+    postgres = _libpq_urls(urls)
     if not postgres:
         return None
     pending = 0
