@@ -12,6 +12,7 @@ without an organization gets 403, never unfiltered rows (ARCHITECTURE.md §5).
 """
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -254,6 +255,7 @@ async def grant_access(
     now: int | None = None,
     targets: Sequence[tuple[str, str] | None] = (None,),
     renew_within: int = 0,
+    writing: Callable[[], AbstractAsyncContextManager[Any]] = nullcontext,
 ) -> None:
     """Record that `grantee` may read `patient`'s data of `scope` until `expires_at` (None: until
     revoked). Called inside the transaction of the write (or event) that creates the relationship;
@@ -263,7 +265,9 @@ async def grant_access(
     grants, one insert of the new ones and one update of those whose expiry changed.
     `renew_within` (microseconds): a held grant already lasting until less than that before the
     new expiry is left as it is, so that a source granting again and again (the same check
-    repeated) does not rewrite its rows each time; a shorter expiry always applies."""
+    repeated) does not rewrite its rows each time; a shorter expiry always applies.
+    `writing()` wraps the writes, when there are any (`OperationCall.writing`: a repeated check
+    that finds every grant held looks them up outside a transaction and opens none)."""
     patient_id = _patient_id(patient)
     reason = reason[:255]
     held: dict[tuple[str | None, str | None], tuple[int, int | None]] = {}
@@ -283,10 +287,13 @@ async def grant_access(
             new[key] = {"grantee": grantee, "patient_id": patient_id, "scope": scope, "source": source,
                         "reason": reason, "expires_at": expires_at, "created_at": created,
                         "target_type": target_type, "target_id": target_id}
-    await driver.insert_rows(conn, access_grant, list(new.values()))
-    if extended:
-        await conn.execute(access_grant.update().where(access_grant.c.gid.in_(extended))
-                           .values(expires_at=expires_at, reason=reason))
+    if not new and not extended:
+        return
+    async with writing():
+        await driver.insert_rows(conn, access_grant, list(new.values()))
+        if extended:
+            await conn.execute(access_grant.update().where(access_grant.c.gid.in_(extended))
+                               .values(expires_at=expires_at, reason=reason))
 
 
 def _moves(held_until: int | None, expires_at: int | None, renew_within: int) -> bool:

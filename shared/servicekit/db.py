@@ -12,7 +12,7 @@ otherwise wait seconds while newcomers slip in ahead of them.
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 from sqlalchemy import event, make_url, text
@@ -179,6 +179,25 @@ class Database:
                     await raw.set_autocommit(False)
                 except Exception:  # a broken connection: never back into the pool
                     await conn.invalidate()
+
+    def reads_then_writes(self) -> AbstractAsyncContextManager[AsyncConnection]:
+        """For a request that reads and writes only when it finds something to record (a repeated
+        `$recognition-check` records nothing): on PostgreSQL its reads run as `statement()`'s and
+        `writing(conn)` opens the transaction for the writes; on SQLite one write transaction
+        throughout (a read transaction cannot take the write lock safely later, and there are no
+        round trips to save)."""
+        return self.transaction(write=True) if is_sqlite(self.url) else self.statement()
+
+    @asynccontextmanager
+    async def writing(self, conn: AsyncConnection) -> AsyncIterator[None]:
+        """The writes of a `reads_then_writes()` connection, as one transaction (BEGIN … COMMIT,
+        ROLLBACK on an error). Inside a transaction already: nothing more."""
+        raw = None if is_sqlite(self.url) else (await conn.get_raw_connection()).driver_connection
+        if raw is None or not raw.autocommit:
+            yield
+            return
+        async with raw.transaction():
+            yield
 
     @asynccontextmanager
     async def transaction(self, *, write: bool) -> AsyncIterator[AsyncConnection]:

@@ -6,7 +6,7 @@ spec with the context here (the caller, the request's one transaction, the repos
 """
 
 from collections.abc import Awaitable, Callable
-from contextlib import AbstractAsyncContextManager
+from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 from urllib.parse import parse_qsl, urlencode
@@ -39,6 +39,14 @@ class Database(Protocol):
         """A connection for one reading statement, outside any transaction."""
         ...
 
+    def reads_then_writes(self) -> AbstractAsyncContextManager[AsyncConnection]:
+        """A connection whose reads may run outside a transaction; `writing(conn)` wraps its writes."""
+        ...
+
+    def writing(self, conn: AsyncConnection) -> AbstractAsyncContextManager[None]:
+        """A transaction for the writes on a `reads_then_writes` connection (nothing more inside one)."""
+        ...
+
 
 class Caller(Protocol):
     organization: str
@@ -54,6 +62,9 @@ class OperationCall:
     resource_id: str | None
     body: Any
     params: list[tuple[str, str]]
+    # Wraps what the operation writes: a transaction of its own when its reads ran outside one
+    # (`Operation.records_on_get`), nothing more when the whole call is a transaction already.
+    writing: Callable[[], AbstractAsyncContextManager[Any]] = nullcontext
 
     def parameter(self, name: str) -> Any:
         """A named input from a Parameters body or the query string (first match)."""
@@ -112,8 +123,9 @@ class Operation:
     methods: tuple[str, ...] = ("POST",)
     writes: bool = True
     definition: str | None = None  # canonical URL of its OperationDefinition
-    # A GET that records something besides answering (a recognition check grants access to what
-    # it returned): run in a write transaction as a POST is.
+    # A GET that may record something besides answering (a recognition check grants access to
+    # what it returned): its reads run outside a transaction and what it records inside
+    # `OperationCall.writing()` (`Database.reads_then_writes`); a POST is one write transaction.
     records_on_get: bool = False
     # The body may be a resource ($validate's, $book's Appointment), not only Parameters.
     takes_resource: bool = False
@@ -222,15 +234,21 @@ class InteractionContext:
 
     async def run(
         self, request: Request, action: Callable[[InteractionCall], Awaitable[Result]], *, write: bool = False,
-        only_reads: bool = False,
+        only_reads: bool = False, records: bool = False,
     ) -> Response:
         """`only_reads`: the action writes nothing, so it runs without a transaction
-        (`Database.statement`)."""
+        (`Database.statement`). `records`: it writes only now and then, inside
+        `Database.writing` (`Database.reads_then_writes`)."""
         responses.check_format(request.query_params.get("_format"), request.headers.get("accept"))
         caller = await self.caller(request)
         raw = await read_body(request) if write or request.method in ("POST", "PUT", "PATCH") else b""
         database = self.service.database
-        connection = database.statement() if only_reads and not write else database.transaction(write=write)
+        if records and not write:
+            connection = database.reads_then_writes()
+        elif only_reads and not write:
+            connection = database.statement()
+        else:
+            connection = database.transaction(write=write)
         async with connection as conn:
             repo = self._repository(conn, caller)
             result = await action(InteractionCall(repo, request, raw, caller))
@@ -255,11 +273,12 @@ class InteractionContext:
         async def invoke(call: InteractionCall) -> Result:
             body = call.body() if call.raw.strip() else None
             require_operation_body(op, body)
-            op_call = OperationCall(call.repo, request, call.options, call.caller, resource_type, resource_id, body, call.params)
+            op_call = OperationCall(call.repo, request, call.options, call.caller, resource_type, resource_id, body,
+                                    call.params, writing=lambda: self.service.database.writing(call.repo.conn))
             return await op.handler(op_call)
 
-        write = op.writes and (request.method == "POST" or op.records_on_get)
-        return await self.run(request, invoke, write=write)
+        write = op.writes and request.method == "POST"
+        return await self.run(request, invoke, write=write, records=op.writes and op.records_on_get)
 
     def _repository(self, conn: AsyncConnection, caller: Any) -> Repository:
         return Repository(conn, self.service.store, owner=getattr(caller, "organization", None), caller=caller)

@@ -2,6 +2,9 @@
 again moves the expiry of those held and adds only the new ones."""
 
 
+from typing import Any
+
+import pytest
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -82,3 +85,40 @@ async def test_granting_again_within_renew_within_leaves_the_expiry_but_a_later_
         assert [row[3] for row in await _grants_in(conn)] == [None]
         await grant_access(conn, **GRANT, targets=target, expires_at=NOW + HOUR, now=NOW + minute, renew_within=minute)
     assert [row[3] for row in await _grants(database)] == [NOW + HOUR]
+
+
+async def test_grants_all_held_open_no_transaction_and_new_ones_are_written_in_one(database: Database) -> None:
+    """A repeated `$recognition-check` looks its grants up outside a transaction (`reads_then_writes`)
+    and opens one only to write: with every grant held, `writing` is never entered."""
+    entered: list[str] = []
+    target = [("Observation", "o1")]
+    async with database.reads_then_writes() as conn:
+
+        def writing() -> Any:
+            entered.append("writing")
+            return database.writing(conn)
+
+        await grant_access(conn, **GRANT, targets=target, expires_at=NOW + HOUR, now=NOW, writing=writing)
+        assert entered == ["writing"]
+        await grant_access(conn, **GRANT, targets=target, expires_at=NOW + HOUR, now=NOW, writing=writing)
+        assert entered == ["writing"]  # held with the same expiry: nothing to write
+        # On PostgreSQL the writes committed as `writing` ended: another connection sees them
+        # while this one is still out.
+        if not database.url.startswith("sqlite"):
+            assert [row[1:4] for row in await _grants(database)] == [("Observation", "o1", NOW + HOUR)]
+    assert [row[1:4] for row in await _grants(database)] == [("Observation", "o1", NOW + HOUR)]
+
+
+async def test_writes_on_a_reads_then_writes_connection_fail_whole(database: Database) -> None:
+    """An error inside `writing` rolls back every write made in it: nothing half-written."""
+    with pytest.raises(RuntimeError):
+        async with database.reads_then_writes() as conn:
+            async with database.writing(conn):
+                await grant_access(conn, **GRANT, targets=[("Observation", "o1")], expires_at=NOW + HOUR, now=NOW)
+                assert len(await _grants_in(conn)) == 1
+                raise RuntimeError("the second write failed")
+    assert await _grants(database) == []
+    async with database.reads_then_writes() as conn:  # the connection went back to the pool usable
+        await grant_access(conn, **GRANT, targets=[("Observation", "o2")], expires_at=NOW + HOUR, now=NOW,
+                           writing=lambda: database.writing(conn))
+    assert [row[2] for row in await _grants(database)] == ["o2"]

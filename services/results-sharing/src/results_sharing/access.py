@@ -53,7 +53,7 @@ async def grant_checked_results(
         conn, grantee=organization, patient=f"Patient/{patient_id}", scope=RESULTS_SCOPE,
         source=f"recognition-check#{organization}", reason="$recognition-check", now=now,
         expires_at=now + int(hours * 3600 * 1_000_000), targets=[*results, *await _report_members(conn, results)],
-        renew_within=RENEW_WITHIN,
+        renew_within=RENEW_WITHIN, writing=call.writing,
     )
 
 
