@@ -457,6 +457,31 @@ class TestRecognitionCheck:
         assert [c["result"]["reference"] for c in candidates(answer)] == [ours, elsewhere]
         assert reasons(answer) == ["recognizable", "no-eqa"]
 
+    async def test_the_directory_is_asked_only_about_a_patient_without_results_here(
+            self, api: Any, system: Any) -> None:
+        with_results, without = [(await api.post("Patient", {"resourceType": "Patient", "gender": "male", "name": [
+            {"family": "钱", "given": [given]}]})).json()["id"] for given in ("已检", "未检")]
+        with_results = f"Patient/{with_results}"
+        await lab_result(api, with_results)
+        peers = system.state.apps["results-sharing"].state.peers
+        peers._seen.clear()  # what the result's own reference check remembered
+        asked: list[str] = []
+        original = peers._get
+
+        async def counting(service: str, path: str) -> Any:
+            asked.append(path)
+            return await original(service, path)
+
+        peers._get = counting
+        try:
+            assert reasons(await check(api, with_results, POTASSIUM)) == ["recognizable"]
+            assert not [path for path in asked if path.startswith("/fhir/Patient")], asked
+            answer = await check(api, f"Patient/{without}", POTASSIUM)
+            assert value(answer["parameter"], "recognizable") is False and candidates(answer) == []
+            assert f"/fhir/Patient/{without}" in asked
+        finally:
+            del peers._get
+
     @pytest.mark.parametrize(("params", "status", "code"), [
         ("patient=Patient/no-such-patient&code=http://loinc.org|2823-3", 404, "not-found"),
         ("patient=Patient/pat-0119", 400, "invalid"),

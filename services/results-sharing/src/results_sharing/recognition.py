@@ -83,6 +83,7 @@ class CheckRequest:
     as_of: int
     encounter_class: str | None
     same_person: tuple[str, ...] = ()  # patient_id and the records merged into it
+    known: bool = True  # False: named by reference, not yet confirmed by the directory (`_require_known`)
 
 
 def judge(candidate: Candidate, item: CatalogItem | None, standing: Standing, producer: Place, requester: Place,
@@ -121,6 +122,7 @@ async def recognition_check(call: OperationCall) -> Result:
     conn = call.repo.conn
     item = await _item(conn, request.system, request.code)
     candidates = await candidates_for(conn, request, item)
+    await _require_known(directory, request, candidates)
     verdicts = await _judge_all(conn, directory, request, item, candidates)
     await access.grant_checked_results(call, request.patient_id, request.requester,
                                        [(v.candidate.resource_type, v.candidate.resource_id) for v in verdicts])
@@ -237,19 +239,30 @@ async def _check_request(call: OperationCall, directory: Any) -> CheckRequest:
     requester = _requester(call)
     as_of = _as_of(call)
     encounter_class = _encounter_class(call.parameter("encounter-class"))
-    named = await _patient(call.parameter("patient"), directory)
+    named, known = await _patient(call.parameter("patient"), directory)
     patient_id, same_person = await merges.person_of(call.repo.conn, named)
-    return CheckRequest(patient_id, system, code, requester, as_of, encounter_class, tuple(same_person))
+    return CheckRequest(patient_id, system, code, requester, as_of, encounter_class, tuple(same_person), known)
 
 
-async def _patient(value: Any, directory: Any) -> str:
+async def _require_known(directory: Any, request: CheckRequest, candidates: list[Candidate]) -> None:
+    """A patient named by reference is known if results of it are stored here (each was checked
+    against the directory as it was stored) or the directory merged records into it; only one
+    with neither is asked of the directory, so that a mistyped reference is 404, not "no prior
+    result". Most checks are for a patient not asked about in the last 30 s (the peer client's
+    cache): the directory's answer was a request and a statement of every such check."""
+    if request.known or candidates or len(request.same_person) > 1:
+        return
+    if not await directory.exists("Patient", request.patient_id):
+        raise ResourceNotFound(f"Patient/{request.patient_id[:64]} is not known to the directory")
+
+
+async def _patient(value: Any, directory: Any) -> tuple[str, bool]:
+    """The patient's id, and whether the directory has vouched for it already (an identifier is
+    looked up there; a reference is confirmed later, only if needed: `_require_known`)."""
     if isinstance(value, dict) and "reference" in value:
         value = value["reference"]
     if isinstance(value, str) and value.startswith("Patient/"):
-        patient_id = value.split("/", 1)[1]
-        if not await directory.exists("Patient", patient_id):
-            raise ResourceNotFound(f"Patient/{patient_id[:64]} is not known to the directory")
-        return patient_id
+        return value.split("/", 1)[1], False
     identifier = _identifier(value)
     if identifier is None:
         raise InvalidRequest("patient is required: a Patient reference, or an identifier such as the national ID "
@@ -262,7 +275,7 @@ async def _patient(value: Any, directory: Any) -> str:
     if len(people) > 1:
         raise UnprocessableEntity(f"Identifier {identifier[0]}|{identifier[1][:40]} names several patients; "
                                   "give the Patient reference")
-    return people.pop()
+    return people.pop(), True
 
 
 def _identifier(value: Any) -> tuple[str, str] | None:
