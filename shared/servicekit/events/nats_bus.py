@@ -38,6 +38,7 @@ from servicekit.events.tasks import stop_task
 
 log = logging.getLogger("alliance.events")
 
+PUBLISH_WINDOW = 256  # publishes awaiting their acknowledgements together
 FETCH_WAIT_SECONDS = 1.0  # a pull waits this long for messages before asking again
 RETRY_PAUSE_SECONDS = 0.5  # after a broker error, before the next fetch
 
@@ -67,6 +68,7 @@ class NatsBus:
         self.client_name = client_name
         self._members: set[str] = set()
         self._client: Client | None = None
+        self._js: JetStreamContext | None = None
         self._ready = asyncio.Event()  # connected and the stream exists
         self._connecting: asyncio.Task[None] | None = None
         self._stream_ready = False
@@ -134,6 +136,7 @@ class NatsBus:
             except Exception as exc:
                 log.debug("closing the NATS connection: %s", exc)
         self._client = None
+        self._js = None
         self._connecting = None
         self._ready = asyncio.Event()
         self._stream_ready = False
@@ -146,8 +149,11 @@ class NatsBus:
     # --- the stream --------------------------------------------------------------------------
 
     def _jetstream(self) -> JetStreamContext:
+        # One context per connection: its asynchronous publishes share one reply subscription.
         assert self._client is not None
-        return self._client.jetstream(timeout=self.publish_timeout)
+        if self._js is None:
+            self._js = self._client.jetstream(timeout=self.publish_timeout)
+        return self._js
 
     async def _ensure_stream(self) -> None:
         if self._stream_ready:
@@ -183,29 +189,44 @@ class NatsBus:
     # --- publishing --------------------------------------------------------------------------
 
     async def publish(self, events: Sequence[Event]) -> None:
-        for accepted, event in enumerate(events):
-            try:
-                await self._publish_one(event)
-            except BusUnavailable as exc:
-                exc.accepted = accepted
-                raise
+        """Publishes in windows of up to PUBLISH_WINDOW events: a window is sent in order, then
+        its acknowledgements are awaited together, instead of a round trip per event. Two events
+        of one resource are never in flight together (the second opens the next window), so a
+        failed publish followed by an acknowledged one can only reorder different resources."""
+        accepted = 0
+        for window in _windows(events):
+            acknowledged, error = await self._publish_window(window)
+            accepted += acknowledged
+            if error is not None:
+                if isinstance(error, nats.js.errors.NoStreamResponseError | nats.js.errors.NotFoundError):
+                    self._stream_ready = False  # the stream is gone (a broker with a new store)
+                failed = window[acknowledged]
+                raise BusUnavailable(f"NATS did not acknowledge event {failed.id}: {type(error).__name__}",
+                                     accepted=accepted) from error
 
-    async def _publish_one(self, event: Event) -> None:
+    async def _publish_window(self, window: Sequence[Event]) -> tuple[int, BaseException | None]:
+        """How many of the window's events the stream acknowledged from its first on, and the
+        error that stopped the next one (None: all of them)."""
+        acks: list[asyncio.Future[Any]] = []
+        error: BaseException | None = None
         try:
             js = await self._connected()
-            await js.publish(
-                self.full_subject(event.subject),
-                event.payload or b"",
-                timeout=self.publish_timeout,
-                stream=self.stream,
-                headers=message_headers(event),
-            )
-        except BusUnavailable:
-            raise
-        except (nats.errors.Error, OSError, TimeoutError) as exc:
-            if isinstance(exc, nats.js.errors.NoStreamResponseError | nats.js.errors.NotFoundError):
-                self._stream_ready = False  # the stream is gone (a broker with a new store)
-            raise BusUnavailable(f"NATS did not acknowledge event {event.id}: {type(exc).__name__}") from exc
+            for event in window:
+                acks.append(await js.publish_async(
+                    self.full_subject(event.subject), event.payload or b"", stream=self.stream,
+                    headers=message_headers(event), wait_stall=self.publish_timeout))
+        except (BusUnavailable, nats.errors.Error, OSError, TimeoutError) as exc:
+            error = exc
+        if acks:
+            _, late = await asyncio.wait(acks, timeout=self.publish_timeout)
+            for ack in late:
+                ack.cancel()  # frees its slot in nats-py's table of pending publishes
+        for index, ack in enumerate(acks):
+            if ack.cancelled():
+                return index, TimeoutError()
+            if ack.exception() is not None:
+                return index, ack.exception()
+        return len(acks), error
 
     # --- consuming ---------------------------------------------------------------------------
 
@@ -316,3 +337,20 @@ async def _log_client_error(error: Exception) -> None:
 
 async def _log_reconnected() -> None:
     log.warning("reconnected to NATS")
+
+
+def _windows(events: Sequence[Event]) -> list[Sequence[Event]]:
+    """`events` cut into runs of at most PUBLISH_WINDOW, each holding one event per resource."""
+    windows: list[Sequence[Event]] = []
+    start = 0
+    resources: set[tuple[str | None, str | None]] = set()
+    for index, event in enumerate(events):
+        resource = (event.resource_type, event.resource_id) if event.resource_id is not None else None
+        if index - start >= PUBLISH_WINDOW or (resource is not None and resource in resources):
+            windows.append(events[start:index])
+            start, resources = index, set()
+        if resource is not None:
+            resources.add(resource)
+    if start < len(events):
+        windows.append(events[start:])
+    return windows
