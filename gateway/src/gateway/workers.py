@@ -6,6 +6,12 @@ worker and 1 on the other, and a keep-alive connection stays with its worker, so
 fifteen clients while the other served one. Here each worker binds its own socket to the same
 address with SO_REUSEPORT, and the kernel spreads new connections over them.
 
+The kernel hashes each new connection to a socket, so a few long-lived connections split
+unevenly (16 went 11:5 and 10:6 as often as 8:8) and the fuller worker queues its clients longer.
+The workers therefore keep their connection counts in shared memory, and one holding more than
+its share closes the surplus after their next response (`Connection: close`): the clients
+reconnect and the kernel hashes them anew (`ConnectionBalance`).
+
 The parent only supervises: it starts the workers (spawned, one `uvicorn.Server` each), starts
 again one that dies, and on SIGINT or SIGTERM asks every worker to stop (each finishes its
 requests and its lifespan shutdown) and waits for them. A worker whose parent dies (even
@@ -14,11 +20,13 @@ killed) is sent SIGTERM by the kernel: no orphan goes on serving the port.
 
 import ctypes
 import logging
+import math
 import multiprocessing
 import os
 import signal
 import socket
 import threading
+from collections.abc import Awaitable, Callable, MutableSequence
 from multiprocessing.process import BaseProcess
 from typing import Any
 
@@ -56,18 +64,65 @@ def _bound(host: str, port: int, *, shared: bool) -> socket.socket:
     return sock
 
 
+class ConnectionBalance:
+    """One worker's view of every worker's open connections (`counts`, shared memory, a slot
+    each). `update` (every 0.1 s) records its own and how many it holds beyond its share, the
+    total divided by the workers, rounded up; `take` says whether to close the connection of the
+    response being sent, one surplus connection each."""
+
+    def __init__(self, counts: MutableSequence[int], slot: int) -> None:
+        self.counts = counts
+        self.slot = slot
+        self.surplus = 0
+
+    def update(self, held: int) -> None:
+        self.counts[self.slot] = held
+        share = math.ceil(sum(self.counts) / len(self.counts))
+        self.surplus = max(0, held - share)
+
+    def take(self) -> bool:
+        if self.surplus <= 0:
+            return False
+        self.surplus -= 1
+        return True
+
+
+class ShedSurplusConnections:
+    """ASGI middleware: `Connection: close` on a response while the worker holds more than its
+    share of the connections (uvicorn then closes the connection after that response)."""
+
+    def __init__(self, app: Callable[..., Awaitable[None]], balance: ConnectionBalance) -> None:
+        self.app = app
+        self.balance = balance
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or not self.balance.take():
+            await self.app(scope, receive, send)
+            return
+
+        async def closing(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
+            await send(message)
+
+        await self.app(scope, receive, closing)
+
+
 def serve_workers(app: str, host: str, port: int, workers: int, **options: Any) -> None:
     """Run `workers` uvicorn servers of the app factory `app` on (host, port) until SIGINT/SIGTERM."""
     address_free(host, port)
     context = multiprocessing.get_context("spawn")
     stopping = threading.Event()
+    counts = context.Array("i", workers, lock=False)  # each worker's open connections
 
-    def start() -> BaseProcess:
-        process = context.Process(target=_worker, args=(app, host, port, options, os.getpid()), daemon=False)
+    def start(slot: int) -> BaseProcess:
+        counts[slot] = 0
+        process = context.Process(target=_worker, args=(app, host, port, options, os.getpid(), counts, slot),
+                                  daemon=False)
         process.start()
         return process
 
-    processes = [start() for _ in range(workers)]
+    processes = [start(slot) for slot in range(workers)]
     previous = {sig: signal.signal(sig, lambda *_: stopping.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         while not stopping.wait(0.5):
@@ -76,7 +131,7 @@ def serve_workers(app: str, host: str, port: int, workers: int, **options: Any) 
                     log.error("worker %s exited with %s; starting another", process.pid, process.exitcode)
                     stopping.wait(RESTART_PAUSE)
                     if not stopping.is_set():
-                        processes[index] = start()
+                        processes[index] = start(index)
     finally:
         _stop(processes)
         for sig, handler in previous.items():
@@ -95,13 +150,23 @@ def _stop(processes: list[BaseProcess]) -> None:
             process.join()
 
 
-def _worker(app: str, host: str, port: int, options: dict[str, Any], parent: int) -> None:
+def _worker(app: str, host: str, port: int, options: dict[str, Any], parent: int, counts: MutableSequence[int],
+            slot: int) -> None:
     import uvicorn
 
     _stop_with(parent)
+    balance = ConnectionBalance(counts, slot)
 
-    config = uvicorn.Config(app, host=host, port=port, factory=True, **options)
-    uvicorn.Server(config).run(sockets=[listening_socket(host, port)])
+    class BalancedServer(uvicorn.Server):
+        async def on_tick(self, counter: int) -> bool:  # every 0.1 s, in the server's loop
+            balance.update(len(self.server_state.connections))
+            return await super().on_tick(counter)
+
+    def balanced_app() -> Any:
+        return ShedSurplusConnections(uvicorn.importer.import_from_string(app)(), balance)
+
+    config = uvicorn.Config(balanced_app, host=host, port=port, factory=True, **options)
+    BalancedServer(config).run(sockets=[listening_socket(host, port)])
 
 
 def _stop_with(parent: int) -> None:
