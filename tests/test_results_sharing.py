@@ -7,6 +7,8 @@ demo patients, so tests do not see each other's results.
 """
 
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -147,6 +149,24 @@ async def check(api: Any, patient: Any, code: dict[str, str], *, caller: str = T
                               organization=caller, level=level)
     assert response.status_code == 200, response.text
     return response.json()
+
+
+@contextmanager
+def paths_asked_of_peers(system: Any) -> Iterator[list[str]]:
+    """The paths results-sharing's peer client asks other services for, while inside."""
+    peers = system.state.apps["results-sharing"].state.peers
+    asked: list[str] = []
+    original = peers._get
+
+    async def counting(service: str, path: str) -> Any:
+        asked.append(path)
+        return await original(service, path)
+
+    peers._get = counting
+    try:
+        yield asked
+    finally:
+        del peers._get
 
 
 def value(parameters: list[dict[str, Any]], name: str) -> Any:
@@ -463,24 +483,13 @@ class TestRecognitionCheck:
             {"family": "钱", "given": [given]}]})).json()["id"] for given in ("已检", "未检")]
         with_results = f"Patient/{with_results}"
         await lab_result(api, with_results)
-        peers = system.state.apps["results-sharing"].state.peers
-        peers._seen.clear()  # what the result's own reference check remembered
-        asked: list[str] = []
-        original = peers._get
-
-        async def counting(service: str, path: str) -> Any:
-            asked.append(path)
-            return await original(service, path)
-
-        peers._get = counting
-        try:
+        system.state.apps["results-sharing"].state.peers._seen.clear()  # the result's own reference check
+        with paths_asked_of_peers(system) as asked:
             assert reasons(await check(api, with_results, POTASSIUM)) == ["recognizable"]
             assert not [path for path in asked if path.startswith("/fhir/Patient")], asked
             answer = await check(api, f"Patient/{without}", POTASSIUM)
             assert value(answer["parameter"], "recognizable") is False and candidates(answer) == []
             assert f"/fhir/Patient/{without}" in asked
-        finally:
-            del peers._get
 
     @pytest.mark.parametrize(("params", "status", "code"), [
         ("patient=Patient/no-such-patient&code=http://loinc.org|2823-3", 404, "not-found"),
@@ -773,20 +782,9 @@ class TestBundleReferences:
 
     async def test_the_patients_of_a_transaction_are_asked_for_in_one_search(self, api: Any, system: Any) -> None:
         patients = await self.new_patients(api, 5)  # results-sharing has never seen them
-        peers = system.state.apps["results-sharing"].state.peers
-        asked: list[str] = []
-        original = peers._get
-
-        async def counting(service: str, path: str) -> Any:
-            asked.append(path)
-            return await original(service, path)
-
-        peers._get = counting
-        try:
+        with paths_asked_of_peers(system) as asked:
             bundle, _ = transaction(*(observation(p, LAB, "2823-3", "钾", value=4.0) for p in patients))
             await upload(api, LAB, bundle)
-        finally:
-            del peers._get
         patient_requests = [path for path in asked if path.startswith("/fhir/Patient")]
         assert len(patient_requests) == 1 and "_id=" in patient_requests[0], asked
 
