@@ -153,6 +153,7 @@ def _stop(processes: list[BaseProcess]) -> None:
 def _worker(app: str, host: str, port: int, options: dict[str, Any], parent: int, counts: MutableSequence[int],
             slot: int) -> None:
     import uvicorn
+    from uvicorn.importer import import_from_string
 
     _stop_with(parent)
     balance = ConnectionBalance(counts, slot)
@@ -163,7 +164,7 @@ def _worker(app: str, host: str, port: int, options: dict[str, Any], parent: int
             return await super().on_tick(counter)
 
     def balanced_app() -> Any:
-        return ShedSurplusConnections(uvicorn.importer.import_from_string(app)(), balance)
+        return ShedSurplusConnections(import_from_string(app)(), balance)
 
     config = uvicorn.Config(balanced_app, host=host, port=port, factory=True, **options)
     BalancedServer(config).run(sockets=[listening_socket(host, port)])

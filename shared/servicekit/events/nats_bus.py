@@ -222,10 +222,9 @@ class NatsBus:
             for ack in late:
                 ack.cancel()  # frees its slot in nats-py's table of pending publishes
         for index, ack in enumerate(acks):
-            if ack.cancelled():
-                return index, TimeoutError()
-            if ack.exception() is not None:
-                return index, ack.exception()
+            failure = TimeoutError() if ack.cancelled() else ack.exception()
+            if failure is not None:
+                return index, failure
         return len(acks), error
 
     # --- consuming ---------------------------------------------------------------------------
