@@ -405,6 +405,17 @@ class TestRecognitionCheck:
         assert [c["result"]["reference"] for c in candidates(answer)] == [fresh, preliminary, old]
         assert reasons(answer) == ["recognizable", "not-final", "expired"]
 
+    async def test_each_result_once_and_only_the_newest_twenty(self, api: Any) -> None:
+        # A potassium result is kept under its catalog code and its LOINC, and the check reads both:
+        # each result is answered once, newest first, at most MAX_CANDIDATES of them.
+        from results_sharing.recognition import MAX_CANDIDATES
+
+        patient = "Patient/pat-0125"
+        stored = [await lab_result(api, patient, effective=ago(days=days)) for days in range(MAX_CANDIDATES + 2)]
+        answer = await check(api, patient, POTASSIUM)
+        assert [c["result"]["reference"] for c in candidates(answer)] == stored[:MAX_CANDIDATES]
+        assert reasons(answer)[:7] == ["recognizable"] * 7 and set(reasons(answer)[7:]) == {"expired"}
+
     async def test_expired_and_the_encounter_class_validity(self, api: Any) -> None:
         patient = "Patient/pat-0113"
         await lab_result(api, patient, effective=ago(days=2))

@@ -32,7 +32,20 @@ grant made for the merged-away record still opens only what is stored under that
 from typing import Any
 
 from fastapi import FastAPI
-from sqlalchemy import bindparam, delete, exists, func, insert, literal, select, text, update
+from sqlalchemy import (
+    CTE,
+    bindparam,
+    delete,
+    exists,
+    false,
+    func,
+    insert,
+    literal,
+    select,
+    text,
+    true,
+    update,
+)
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from fhirkit.store import driver
@@ -57,19 +70,21 @@ def replaced_by(patient: dict[str, Any]) -> str | None:
 # --- reading: who is the same person ------------------------------------------------------------
 
 _SURVIVOR = select(db.patient_merge.c.survivor_id).where(db.patient_merge.c.merged_id == bindparam("patient_id"))
-# The records merged into the survivor of a patient (the patient itself, unless it was merged
-# away): one statement, as every recognition check asks it.
-_PERSON = select(db.patient_merge.c.survivor_id, db.patient_merge.c.merged_id).where(
-    db.patient_merge.c.survivor_id == func.coalesce(_SURVIVOR.scalar_subquery(), bindparam("patient_id")))
 
 
-async def person_of(conn: AsyncConnection, patient_id: str) -> tuple[str, list[str]]:
-    """The record a patient lives on as (itself unless it was merged away), and that record's id
-    with the ids of every record merged into it (the table keeps each chain flattened: a merged
-    id points at the last survivor)."""
-    rows = await driver.execute(conn, _PERSON, {"patient_id": patient_id})
-    survivor = rows[0][0] if rows else patient_id
-    return survivor, [survivor, *sorted(row[1] for row in rows)]
+def same_person(patient: Any) -> CTE:
+    """The records of one person, as a CTE of (`patient_id`, `survivor`): the record `patient` (a
+    bound parameter) lives on as (itself unless it was merged away; `survivor` true) and every
+    record merged into that one. The table keeps each chain flattened: a merged id points at the
+    last survivor. A CTE so that `$recognition-check` reads the person and their results in one
+    statement."""
+    table = db.patient_merge
+    lives_on = select(func.coalesce(select(table.c.survivor_id).where(table.c.merged_id == patient)
+                                    .scalar_subquery(), patient).label("survivor_id")).cte("lives_on")
+    merged_into = (select(table.c.merged_id, false())
+                   .join_from(table, lives_on, table.c.survivor_id == lives_on.c.survivor_id))
+    return select(lives_on.c.survivor_id.label("patient_id"), true().label("survivor")).union_all(
+        merged_into).cte("same_person")
 
 
 # --- writing: a merge arrives -------------------------------------------------------------------

@@ -2,13 +2,14 @@
 ordered, and why (not)?
 
 It runs each time a doctor orders a test, so it answers from indexed look-ups only: the catalog
-item (by its code or LOINC: one primary-key or index look-up), the patient's results of that item
-(`recognition_result`, one range scan of the (patient, system, code, effective) index, newest
-first, at most MAX_CANDIDATES), and the producers' quality records (one query each); the catalog
-item and the records are kept for a few seconds (`catalog.CATALOG`, `quality.QUALITY`).
-Organizations come from the directory through the cached peer client. It sees every result of the patient whoever
-produced it: deciding whether a prior result exists is the point, so it never goes through a
-caller-filtered search.
+item (by its code or LOINC: one primary-key or index look-up), then one statement for who the
+patient is and their results of that item (`person_and_candidates`: the merge table's look-ups,
+and per code one range scan of `recognition_result`'s (patient, system, code, effective) index,
+newest first, at most MAX_CANDIDATES), and the producers' quality records (one query each); the
+catalog item and the records are kept for a few seconds (`catalog.CATALOG`, `quality.QUALITY`).
+Organizations come from the directory through the cached peer client. It sees every result of the
+patient whoever produced it: deciding whether a prior result exists is the point, so it never goes
+through a caller-filtered search.
 
 A patient the directory merged (`Patient/$merge`) is one person: the check answers for the surviving
 record and finds the results stored under every record merged into it (`results_sharing.merges`).
@@ -18,10 +19,10 @@ Each candidate gets the first reason that applies, in this order: `diagnostic-co
 `scope`; otherwise `recognizable`. Recognizable candidates come first, newest first.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
-from sqlalchemy import and_, bindparam, or_, select
+from sqlalchemy import bindparam, case, literal, null, select, union_all
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from fhirkit import jsonio
@@ -76,13 +77,13 @@ class Verdict:
 
 @dataclass(frozen=True)
 class CheckRequest:
-    patient_id: str  # the surviving record when the one named was merged away
+    patient_id: str  # as named; once `person_and_candidates` ran, the surviving record if it was merged away
     system: str | None
     code: str
     requester: str
     as_of: int
     encounter_class: str | None
-    same_person: tuple[str, ...] = ()  # patient_id and the records merged into it
+    same_person: tuple[str, ...] = ()  # patient_id and the records merged into it (`person_and_candidates`)
     known: bool = True  # False: named by reference, not yet confirmed by the directory (`_require_known`)
 
 
@@ -118,10 +119,10 @@ def judge(candidate: Candidate, item: CatalogItem | None, standing: Standing, pr
 
 async def recognition_check(call: OperationCall) -> Result:
     directory = call.repo.config.references
-    request = await _check_request(call, directory)
+    asked = await _check_request(call, directory)
     conn = call.repo.conn
-    item = await _item(conn, request.system, request.code)
-    candidates = await candidates_for(conn, request, item)
+    item = await _item(conn, asked.system, asked.code)
+    request, candidates = await person_and_candidates(conn, asked, item)
     await _require_known(directory, request, candidates)
     verdicts = await _judge_all(conn, directory, request, item, candidates)
     await access.grant_checked_results(call, request.patient_id, request.requester,
@@ -150,46 +151,72 @@ async def _item(conn: AsyncConnection, system: str | None, code: str) -> Catalog
     return await catalog.find_item(conn, RECOGNITION_ITEM, code) or await catalog.find_item(conn, LOINC, code)
 
 
-async def candidates_for(conn: AsyncConnection, request: CheckRequest, item: CatalogItem | None) -> list[Candidate]:
-    """The patient's latest results of the item (by catalog code or LOINC), whoever produced them."""
+async def person_and_candidates(conn: AsyncConnection, asked: CheckRequest,
+                                item: CatalogItem | None) -> tuple[CheckRequest, list[Candidate]]:
+    """Who the named patient is (the surviving record and those merged into it, `merges`) and that
+    person's latest results of the item (by catalog code or LOINC), whoever produced them: one
+    statement, as every check asks both."""
     if item is not None:
         wanted = [(RECOGNITION_ITEM, item.code), *([(LOINC, item.loinc)] if item.loinc else [])]
-    elif request.system is not None:
-        wanted = [(request.system, request.code)]
+    elif asked.system is not None:
+        wanted = [(asked.system, asked.code)]
     else:
-        wanted = [(RECOGNITION_ITEM, request.code), (LOINC, request.code)]
-    patients = request.same_person or (request.patient_id,)
-    values: dict[str, Any] = {"b_as_of": request.as_of}
-    values.update({f"b_patient{i}": patient for i, patient in enumerate(patients)})
+        wanted = [(RECOGNITION_ITEM, asked.code), (LOINC, asked.code)]
+    values: dict[str, Any] = {"b_patient": asked.patient_id, "b_as_of": asked.as_of}
     for j, (system, code) in enumerate(wanted):
         values.update({f"b_system{j}": system, f"b_code{j}": code})
+    survivor, merged, rows = asked.patient_id, [], []
+    for kind, *row in await driver.execute(conn, _check_statement(len(wanted)), values):
+        if kind == _SURVIVOR:
+            survivor = row[0]
+        elif kind == _MERGED:
+            merged.append(row[0])
+        else:
+            rows.append(row)
+    rows.sort(key=lambda row: -row[3])  # newest first (a UNION promises no order)
     found: dict[tuple[str, str], Candidate] = {}
-    for row in await driver.execute(conn, _candidates_statement(len(patients), len(wanted)), values):
+    for row in rows:
         # bool(): SQLite hands booleans back as 0 and 1 on the driver.
         found.setdefault((row[0], row[1]), Candidate(*row[:5], bool(row[5]), bool(row[6]), row[7]))
-    return list(found.values())[:MAX_CANDIDATES]
+    request = replace(asked, patient_id=survivor, same_person=(survivor, *sorted(merged)))
+    return request, list(found.values())[:MAX_CANDIDATES]
 
 
-# (patients, codes) → the candidates' statement, built once: building it per check cost more
-# than running it. The columns are `Candidate`'s fields, in order.
+# codes → the check's statement, built once: building it per check cost more than running it.
+# Its rows are (kind, …): the surviving record's id, the ids merged into it, and the results
+# (`Candidate`'s fields, in order).
+_SURVIVOR, _MERGED, _RESULT = "survivor", "merged", "result"
 _CANDIDATE_COLUMNS = ("resource_type", "resource_id", "producer_id", "effective", "status", "critical_open",
                       "diagnostic_conclusion", "mark_label")
-_CANDIDATES: dict[tuple[int, int], Any] = {}
+_CHECKS: dict[int, Any] = {}
 
 
-def _candidates_statement(patients: int, codes: int) -> Any:
-    statement = _CANDIDATES.get((patients, codes))
+def _check_statement(codes: int) -> Any:
+    statement = _CHECKS.get(codes)
     if statement is None:
-        r = db.result.c
-        statement = _CANDIDATES[(patients, codes)] = (
-            select(*(r[name] for name in _CANDIDATE_COLUMNS))
-            .where(r.patient_id.in_([bindparam(f"b_patient{i}") for i in range(patients)]),
-                   r.effective <= bindparam("b_as_of"),
-                   or_(*(and_(r.system == bindparam(f"b_system{j}"), r.code == bindparam(f"b_code{j}"))
-                         for j in range(codes))))
-            .order_by(r.effective.desc())
-            .limit(MAX_CANDIDATES * codes))
+        person = merges.same_person(bindparam("b_patient"))
+        padding = [null()] * (len(_CANDIDATE_COLUMNS) - 1)
+        people = select(case((person.c.survivor, literal(_SURVIVOR)), else_=literal(_MERGED)), person.c.patient_id,
+                        *padding)
+        results = [select(literal(_RESULT), *found.c) for found in _results(person, codes)]
+        statement = _CHECKS[codes] = union_all(people, *results)
     return statement
+
+
+def _results(person: Any, codes: int) -> list[Any]:
+    """The person's newest results of each code, one subquery per code: each is a range scan of
+    the (patient, system, code, effective) index per record of the person. (Codes ORed in one
+    query let PostgreSQL use only the patient of that index and read all of their results.)"""
+    r = db.result.c
+    return [
+        select(*(r[name] for name in _CANDIDATE_COLUMNS))
+        .where(r.patient_id.in_(select(person.c.patient_id)), r.system == bindparam(f"b_system{j}"),
+               r.code == bindparam(f"b_code{j}"), r.effective <= bindparam("b_as_of"))
+        .order_by(r.effective.desc())
+        .limit(MAX_CANDIDATES * codes)
+        .subquery(f"results{j}")
+        for j in range(codes)
+    ]
 
 
 def answer(request: CheckRequest, item: CatalogItem | None, verdicts: list[Verdict]) -> dict[str, Any]:
@@ -239,9 +266,8 @@ async def _check_request(call: OperationCall, directory: Any) -> CheckRequest:
     requester = _requester(call)
     as_of = _as_of(call)
     encounter_class = _encounter_class(call.parameter("encounter-class"))
-    named, known = await _patient(call.parameter("patient"), directory)
-    patient_id, same_person = await merges.person_of(call.repo.conn, named)
-    return CheckRequest(patient_id, system, code, requester, as_of, encounter_class, tuple(same_person), known)
+    patient_id, known = await _patient(call.parameter("patient"), directory)
+    return CheckRequest(patient_id, system, code, requester, as_of, encounter_class, known=known)
 
 
 async def _require_known(directory: Any, request: CheckRequest, candidates: list[Candidate]) -> None:
