@@ -181,6 +181,21 @@ def candidates(answer: dict[str, Any]) -> list[dict[str, Any]]:
             for c in answer["parameter"] if c["name"] == "candidate"]
 
 
+async def check_grants(system: Any, patient: str) -> list[tuple[str, int]]:
+    """The township's recognition-check grants of the patient: (target, expiry), oldest first."""
+    from sqlalchemy import select
+
+    from fhirkit.store.tables import access_grant
+
+    grant = access_grant.c
+    async with system.state.apps["results-sharing"].state.database.transaction(write=False) as conn:
+        rows = await conn.execute(
+            select(grant.target_type, grant.target_id, grant.expires_at)
+            .where(grant.patient_id == patient.split("/")[1], grant.source == f"recognition-check#{TOWNSHIP}")
+            .order_by(grant.gid))
+        return [(f"{row[0]}/{row[1]}", row[2]) for row in rows]
+
+
 def reasons(answer: dict[str, Any]) -> list[str]:
     return [c["reason"]["code"] for c in candidates(answer)]
 
@@ -691,6 +706,21 @@ class TestAccess:
         assert await read_as(api, TOWNSHIP, potassium) == 200
         assert await read_as(api, TOWNSHIP, sodium) == 404  # only what the check returned
         assert await read_as(api, OTHER_TOWNSHIP, potassium) == 404
+
+    async def test_a_repeated_check_keeps_its_grants_and_adds_only_a_new_result(self, api: Any, system: Any) -> None:
+        # The check reads the grants it holds in the statement that finds the results: read wrong,
+        # a repeat would write every grant again.
+        patient = "Patient/pat-0137"
+        first = await lab_result(api, patient, effective=ago(days=2))
+        await check(api, patient, POTASSIUM)
+        granted = await check_grants(system, patient)
+        assert [target for target, _ in granted] == [first]
+        await check(api, patient, POTASSIUM)  # within the minute: nothing rewritten
+        assert await check_grants(system, patient) == granted
+        second = await lab_result(api, patient, effective=ago(days=1))
+        await check(api, patient, POTASSIUM)
+        now_held = await check_grants(system, patient)
+        assert now_held[0] == granted[0] and [target for target, _ in now_held] == [first, second]
 
     async def test_naming_another_requester_opens_nothing(self, api: Any) -> None:
         patient = "Patient/pat-0133"

@@ -243,6 +243,26 @@ def _resource_alias() -> FromClause:
     return resource.alias()
 
 
+# A grant the source holds: (gid, target type, target id, expires at); the targets None when it
+# opens every resource of the patient.
+HeldGrant = tuple[int, str | None, str | None, int | None]
+
+
+def held_grants(patient: Any) -> Any:
+    """The grants a source holds of one patient, as `grant_access` looks them up first: `patient` is
+    a bound parameter or an SQL expression; `b_grantee`, `b_scope` and `b_source` are bound. For a
+    caller that reads them in a statement of its own (`grant_access(held=…)`)."""
+    return select(
+        access_grant.c.gid, access_grant.c.target_type, access_grant.c.target_id, access_grant.c.expires_at,
+    ).where(
+        access_grant.c.grantee == bindparam("b_grantee"), access_grant.c.patient_id == patient,
+        access_grant.c.scope == bindparam("b_scope"), access_grant.c.source == bindparam("b_source"),
+    )
+
+
+_GRANTS_OF_SOURCE = held_grants(bindparam("b_patient_id"))
+
+
 async def grant_access(
     conn: AsyncConnection,
     *,
@@ -256,6 +276,7 @@ async def grant_access(
     targets: Sequence[tuple[str, str] | None] = (None,),
     renew_within: int = 0,
     writing: Callable[[], AbstractAsyncContextManager[Any]] = nullcontext,
+    held: Iterable[HeldGrant] | None = None,
 ) -> None:
     """Record that `grantee` may read `patient`'s data of `scope` until `expires_at` (None: until
     revoked). Called inside the transaction of the write (or event) that creates the relationship;
@@ -267,20 +288,24 @@ async def grant_access(
     new expiry is left as it is, so that a source granting again and again (the same check
     repeated) does not rewrite its rows each time; a shorter expiry always applies.
     `writing()` wraps the writes, when there are any (`OperationCall.writing`: a repeated check
-    that finds every grant held looks them up outside a transaction and opens none)."""
+    that finds every grant held looks them up outside a transaction and opens none).
+    `held`: the source's grants of the patient as `held_grants` selects them, when the caller read
+    them in a statement of its own (a recognition check, with its results); else looked up here."""
     patient_id = _patient_id(patient)
     reason = reason[:255]
-    held: dict[tuple[str | None, str | None], tuple[int, int | None]] = {}
-    for gid, target_type, target_id, held_until in await driver.execute(conn, _GRANTS_OF_SOURCE, {
-            "b_grantee": grantee, "b_patient_id": patient_id, "b_scope": scope, "b_source": source}):
-        held.setdefault((target_type, target_id), (gid, held_until))
+    if held is None:
+        held = await driver.execute(conn, _GRANTS_OF_SOURCE, {
+            "b_grantee": grantee, "b_patient_id": patient_id, "b_scope": scope, "b_source": source})
+    by_target: dict[tuple[str | None, str | None], tuple[int, int | None]] = {}
+    for gid, target_type, target_id, held_until in sorted(held, key=lambda grant: grant[0]):
+        by_target.setdefault((target_type, target_id), (gid, held_until))  # the oldest, if twice
     created = now if now is not None else now_micros()
     new: dict[tuple[str | None, str | None], dict[str, Any]] = {}
     extended: list[int] = []
     for target_type, target_id in (target or (None, None) for target in targets):
         key = (target_type, target_id)
-        if key in held:
-            gid, held_until = held.pop(key)  # popped: a target named twice is extended once
+        if key in by_target:
+            gid, held_until = by_target.pop(key)  # popped: a target named twice is extended once
             if _moves(held_until, expires_at, renew_within):
                 extended.append(gid)
         elif key not in new:
@@ -301,14 +326,6 @@ def _moves(held_until: int | None, expires_at: int | None, renew_within: int) ->
     if held_until is None or expires_at is None:
         return held_until != expires_at
     return expires_at < held_until or expires_at - held_until >= max(1, renew_within)
-
-
-_GRANTS_OF_SOURCE = select(
-    access_grant.c.gid, access_grant.c.target_type, access_grant.c.target_id, access_grant.c.expires_at,
-).where(
-    access_grant.c.grantee == bindparam("b_grantee"), access_grant.c.patient_id == bindparam("b_patient_id"),
-    access_grant.c.scope == bindparam("b_scope"), access_grant.c.source == bindparam("b_source"),
-).order_by(access_grant.c.gid)
 
 
 async def revoke_access(conn: AsyncConnection, *, source: str, now: int | None = None) -> None:

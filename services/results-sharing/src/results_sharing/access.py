@@ -7,10 +7,12 @@ check it made for the patient. A Provenance (a report's signature) is visible wi
 (sterile packs and sterilizers) carry no patient data and are read by every member.
 """
 
+from collections.abc import Iterable
+
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from fhirkit.access import AccessPolicy, grant_access
+from fhirkit.access import AccessPolicy, HeldGrant, grant_access
 from fhirkit.api.router import OperationCall
 from fhirkit.store.tables import reference_index, resource
 from servicekit.grants import TaskGrants
@@ -37,12 +39,19 @@ RENEW_WITHIN = 60 * 1_000_000
 GRANTS = TaskGrants(RESULTS_SCOPE, from_services=("referral", "telemedicine"))
 
 
+def check_source(organization: str) -> str:
+    """The grants source of an organization's recognition checks (one per organization)."""
+    return f"recognition-check#{organization}"
+
+
 async def grant_checked_results(
-    call: OperationCall, patient_id: str, requester: str, results: list[tuple[str, str]]
+    call: OperationCall, patient_id: str, requester: str, results: list[tuple[str, str]],
+    held: Iterable[HeldGrant] | None = None,
 ) -> None:
     """A recognition check is made for the patient in front of the caller's doctor: the caller may
     read the results it returned (and a report's member observations) for a while. Only for its
-    own organization: naming another requester answers the question but opens nothing."""
+    own organization: naming another requester answers the question but opens nothing. `held`:
+    the grants the caller's checks already hold of the patient, if the check read them."""
     organization = getattr(call.caller, "organization", None)
     if organization != requester or not results:
         return
@@ -51,9 +60,9 @@ async def grant_checked_results(
     hours = call.request.app.state.settings.recognition_grant_hours
     await grant_access(
         conn, grantee=organization, patient=f"Patient/{patient_id}", scope=RESULTS_SCOPE,
-        source=f"recognition-check#{organization}", reason="$recognition-check", now=now,
+        source=check_source(organization), reason="$recognition-check", now=now,
         expires_at=now + int(hours * 3600 * 1_000_000), targets=[*results, *await _report_members(conn, results)],
-        renew_within=RENEW_WITHIN, writing=call.writing,
+        renew_within=RENEW_WITHIN, writing=call.writing, held=held,
     )
 
 

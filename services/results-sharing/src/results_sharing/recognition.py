@@ -3,10 +3,11 @@ ordered, and why (not)?
 
 It runs each time a doctor orders a test, so it answers from indexed look-ups only: the catalog
 item (by its code or LOINC: one primary-key or index look-up), then one statement for who the
-patient is and their results of that item (`person_and_candidates`: the merge table's look-ups,
-and per code one range scan of `recognition_result`'s (patient, system, code, effective) index,
-newest first, at most MAX_CANDIDATES), and the producers' quality records (one query each); the
-catalog item and the records are kept for a few seconds (`catalog.CATALOG`, `quality.QUALITY`).
+patient is, their results of that item and the grants the caller's checks hold of them (`find`:
+the merge table's look-ups, per code one range scan of `recognition_result`'s (patient, system,
+code, effective) index, newest first, at most MAX_CANDIDATES, and one of the grants' index),
+and the producers' quality records (one query each); the catalog item and the records are kept
+for a few seconds (`catalog.CATALOG`, `quality.QUALITY`).
 Organizations come from the directory through the cached peer client. It sees every result of the
 patient whoever produced it: deciding whether a prior result exists is the point, so it never goes
 through a caller-filtered search.
@@ -22,10 +23,11 @@ Each candidate gets the first reason that applies, in this order: `diagnostic-co
 from dataclasses import dataclass, replace
 from typing import Any
 
-from sqlalchemy import bindparam, case, literal, null, select, union_all
+from sqlalchemy import String, bindparam, case, cast, literal, null, select, union_all
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from fhirkit import jsonio
+from fhirkit.access import HeldGrant, held_grants
 from fhirkit.api.interactions import Result
 from fhirkit.api.router import OperationCall
 from fhirkit.errors import InvalidRequest, ResourceNotFound, UnprocessableEntity
@@ -77,13 +79,13 @@ class Verdict:
 
 @dataclass(frozen=True)
 class CheckRequest:
-    patient_id: str  # as named; once `person_and_candidates` ran, the surviving record if it was merged away
+    patient_id: str  # as named; once `find` ran, the surviving record if it was merged away
     system: str | None
     code: str
     requester: str
     as_of: int
     encounter_class: str | None
-    same_person: tuple[str, ...] = ()  # patient_id and the records merged into it (`person_and_candidates`)
+    same_person: tuple[str, ...] = ()  # patient_id and the records merged into it (`find`)
     known: bool = True  # False: named by reference, not yet confirmed by the directory (`_require_known`)
 
 
@@ -122,11 +124,13 @@ async def recognition_check(call: OperationCall) -> Result:
     asked = await _check_request(call, directory)
     conn = call.repo.conn
     item = await _item(conn, asked.system, asked.code)
-    request, candidates = await person_and_candidates(conn, asked, item)
-    await _require_known(directory, request, candidates)
-    verdicts = await _judge_all(conn, directory, request, item, candidates)
+    found = await find(conn, asked, item, grantee=getattr(call.caller, "organization", None) or "")
+    request = found.request
+    await _require_known(directory, request, found.candidates)
+    verdicts = await _judge_all(conn, directory, request, item, found.candidates)
     await access.grant_checked_results(call, request.patient_id, request.requester,
-                                       [(v.candidate.resource_type, v.candidate.resource_id) for v in verdicts])
+                                       [(v.candidate.resource_type, v.candidate.resource_id) for v in verdicts],
+                                       held=found.held)
     return Result(200, jsonio.dumps(answer(request, item, verdicts)))
 
 
@@ -151,41 +155,53 @@ async def _item(conn: AsyncConnection, system: str | None, code: str) -> Catalog
     return await catalog.find_item(conn, RECOGNITION_ITEM, code) or await catalog.find_item(conn, LOINC, code)
 
 
-async def person_and_candidates(conn: AsyncConnection, asked: CheckRequest,
-                                item: CatalogItem | None) -> tuple[CheckRequest, list[Candidate]]:
-    """Who the named patient is (the surviving record and those merged into it, `merges`) and that
-    person's latest results of the item (by catalog code or LOINC), whoever produced them: one
-    statement, as every check asks both."""
+@dataclass(frozen=True)
+class Found:
+    """What a check's one statement read."""
+
+    request: CheckRequest  # with the surviving record and the records merged into it
+    candidates: list[Candidate]  # newest first
+    held: list[HeldGrant]  # the grants the caller's checks already hold of the person
+
+
+async def find(conn: AsyncConnection, asked: CheckRequest, item: CatalogItem | None, *, grantee: str) -> Found:
+    """Who the named patient is (the surviving record and those merged into it, `merges`), that
+    person's latest results of the item (by catalog code or LOINC), whoever produced them, and the
+    grants `grantee`'s checks hold of the person: one statement, as every check asks all three."""
     if item is not None:
         wanted = [(RECOGNITION_ITEM, item.code), *([(LOINC, item.loinc)] if item.loinc else [])]
     elif asked.system is not None:
         wanted = [(asked.system, asked.code)]
     else:
         wanted = [(RECOGNITION_ITEM, asked.code), (LOINC, asked.code)]
-    values: dict[str, Any] = {"b_patient": asked.patient_id, "b_as_of": asked.as_of}
+    values: dict[str, Any] = {"b_patient": asked.patient_id, "b_as_of": asked.as_of, "b_grantee": grantee,
+                              "b_scope": access.RESULTS_SCOPE, "b_source": access.check_source(grantee)}
     for j, (system, code) in enumerate(wanted):
         values.update({f"b_system{j}": system, f"b_code{j}": code})
-    survivor, merged, rows = asked.patient_id, [], []
+    survivor, merged, rows, held = asked.patient_id, [], [], []
     for kind, *row in await driver.execute(conn, _check_statement(len(wanted)), values):
         if kind == _SURVIVOR:
             survivor = row[0]
         elif kind == _MERGED:
             merged.append(row[0])
+        elif kind == _GRANT:
+            held.append((int(row[2]), row[0], row[1], row[3]))
         else:
             rows.append(row)
     rows.sort(key=lambda row: -row[3])  # newest first (a UNION promises no order)
-    found: dict[tuple[str, str], Candidate] = {}
+    candidates: dict[tuple[str, str], Candidate] = {}
     for row in rows:
         # bool(): SQLite hands booleans back as 0 and 1 on the driver.
-        found.setdefault((row[0], row[1]), Candidate(*row[:5], bool(row[5]), bool(row[6]), row[7]))
+        candidates.setdefault((row[0], row[1]), Candidate(*row[:5], bool(row[5]), bool(row[6]), row[7]))
     request = replace(asked, patient_id=survivor, same_person=(survivor, *sorted(merged)))
-    return request, list(found.values())[:MAX_CANDIDATES]
+    return Found(request, list(candidates.values())[:MAX_CANDIDATES], held)
 
 
 # codes → the check's statement, built once: building it per check cost more than running it.
-# Its rows are (kind, …): the surviving record's id, the ids merged into it, and the results
-# (`Candidate`'s fields, in order).
-_SURVIVOR, _MERGED, _RESULT = "survivor", "merged", "result"
+# Its rows are (kind, …): the surviving record's id, the ids merged into it, the results
+# (`Candidate`'s fields, in order) and the grants held (type, id, gid as text, expiry: a UNION's
+# columns share their types).
+_SURVIVOR, _MERGED, _RESULT, _GRANT = "survivor", "merged", "result", "grant"
 _CANDIDATE_COLUMNS = ("resource_type", "resource_id", "producer_id", "effective", "status", "critical_open",
                       "diagnostic_conclusion", "mark_label")
 _CHECKS: dict[int, Any] = {}
@@ -199,7 +215,10 @@ def _check_statement(codes: int) -> Any:
         people = select(case((person.c.survivor, literal(_SURVIVOR)), else_=literal(_MERGED)), person.c.patient_id,
                         *padding)
         results = [select(literal(_RESULT), *found.c) for found in _results(person, codes)]
-        statement = _CHECKS[codes] = union_all(people, *results)
+        grants = held_grants(select(person.c.patient_id).where(person.c.survivor).scalar_subquery()).subquery()
+        held = select(literal(_GRANT), grants.c.target_type, grants.c.target_id, cast(grants.c.gid, String),
+                      grants.c.expires_at, *padding[:4])
+        statement = _CHECKS[codes] = union_all(people, *results, held)
     return statement
 
 
