@@ -6,6 +6,7 @@ evaluations are loaded once, exactly as `alliance demo load` loads them. Each te
 demo patients, so tests do not see each other's results.
 """
 
+import base64
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -721,6 +722,19 @@ class TestAccess:
         await check(api, patient, POTASSIUM)
         now_held = await check_grants(system, patient)
         assert now_held[0] == granted[0] and [target for target, _ in now_held] == [first, second]
+
+    async def test_a_check_is_in_the_patients_audit(self, api: Any, system: Any) -> None:
+        patient = "Patient/pat-0138"
+        await lab_result(api, patient)
+        response = await api.get(f"$recognition-check?patient={patient}&code={LOINC}|2823-3", organization=TOWNSHIP,
+                                 level="township")
+        assert response.status_code == 200, response.text
+        await system.state.audit.flush()
+        audit = await api.get("AuditEvent", params={"patient": patient, "subtype": "operation"},
+                              organization=TOWNSHIP, level="township")
+        [event] = [e["resource"] for e in audit.json()["entry"]]
+        assert event["agent"][0]["who"]["reference"] == TOWNSHIP
+        assert base64.b64decode(event["entity"][0]["query"]).decode().startswith(f"patient={patient}")
 
     async def test_naming_another_requester_opens_nothing(self, api: Any) -> None:
         patient = "Patient/pat-0133"

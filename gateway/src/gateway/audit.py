@@ -270,8 +270,27 @@ def patients_in(note: AccessNote) -> set[str]:
             resource = entry.get("resource") if isinstance(entry, dict) else None
             if isinstance(resource, dict):
                 found |= _patients_of(resource)
+    elif isinstance(content, dict) and content.get("resourceType") == "Parameters":
+        found |= _patients_in_parameters(content.get("parameter"))
     elif isinstance(content, dict):
         found |= _patients_of(content)
+    return found
+
+
+def _patients_in_parameters(parameters: Any) -> set[str]:
+    """An operation's answer (`$recognition-check`: the patient it was about): the patients its
+    parameters and their parts name, and those of the resources they carry."""
+    found: set[str] = set()
+    for parameter in parameters if isinstance(parameters, list) else []:
+        if not isinstance(parameter, dict):
+            continue
+        value = parameter.get("valueReference")
+        reference = value.get("reference") if isinstance(value, dict) else None
+        if isinstance(reference, str) and reference.startswith("Patient/"):
+            found.add(reference)
+        if isinstance(parameter.get("resource"), dict):
+            found |= _patients_of(parameter["resource"])
+        found |= _patients_in_parameters(parameter.get("part"))
     return found
 
 
