@@ -4,7 +4,7 @@
                             [--connections 8] [--seconds 10] [--spy out.raw] [--store DIR [--drop]]
 
 Starts `alliance serve` with one worker on fresh PostgreSQL databases (as `python -m bench` does),
-loads the demo alliance and lab Observations, VACUUM ANALYZEs, warms the figure up with wrk for 3 s, then
+loads the demo alliance and lab Observations, VACUUM ANALYZEs, warms the figure up with wrk (`--warmup`, 3 s), then
 drives it for `--seconds` and prints requests/s, p50/p95 and the server's CPU per request (for
 `transaction`: posts `--observations` more lab results in bundles of 100 from 4 loaders, as the
 bench's load does, and prints Observations/s and CPU per Observation). It also prints PostgreSQL's
@@ -59,6 +59,7 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=8)
     parser.add_argument("--workers", type=int, default=1, help="server workers (py-spy samples them all)")
     parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--warmup", type=float, default=3.0, help="seconds of wrk before the measured run")
     parser.add_argument("--postgres-url", default=POSTGRES)
     parser.add_argument("--spy", type=Path, help="write py-spy's raw samples of the server here")
     parser.add_argument("--store", type=Path, help="keep the loaded databases and dataset here and reuse them on "
@@ -99,7 +100,7 @@ def main() -> None:
             _events_pending(urls.values())
             return
         load = figure_load(args.figure, tokens, dataset)
-        wrk.run(server.url, load, connections=args.connections, seconds=3)
+        wrk.run(server.url, load, connections=args.connections, seconds=args.warmup)
         with _spied(args, server):
             before, pg_before = server.cpu_seconds(), system.postgres_cpu_seconds(databases)
             result = wrk.run(server.url, load, connections=args.connections, seconds=args.seconds)

@@ -287,8 +287,9 @@ async def grant_access(
     `renew_within` (microseconds): a held grant already lasting until less than that before the
     new expiry is left as it is, so that a source granting again and again (the same check
     repeated) does not rewrite its rows each time; a shorter expiry always applies.
-    `writing()` wraps the writes, when there are any (`OperationCall.writing`: a repeated check
-    that finds every grant held looks them up outside a transaction and opens none).
+    `writing()` wraps the writes when they take two statements, inserts and an update
+    (`OperationCall.writing`: a check looks its grants up outside a transaction and opens one only
+    then; a repeated check that finds every grant held opens none).
     `held`: the source's grants of the patient as `held_grants` selects them, when the caller read
     them in a statement of its own (a recognition check, with its results); else looked up here."""
     patient_id = _patient_id(patient)
@@ -314,7 +315,10 @@ async def grant_access(
                         "target_type": target_type, "target_id": target_id}
     if not new and not extended:
         return
-    async with writing():
+    # Inserting or extending alone is one statement (`insert_rows` writes many rows in one on
+    # PostgreSQL), atomic by itself: on an autocommit connection BEGIN and COMMIT would be two
+    # more round trips, which a check's first grants paid.
+    async with writing() if new and extended else nullcontext():
         await driver.insert_rows(conn, access_grant, list(new.values()))
         if extended:
             await conn.execute(access_grant.update().where(access_grant.c.gid.in_(extended))

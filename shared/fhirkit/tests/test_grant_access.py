@@ -87,26 +87,36 @@ async def test_granting_again_within_renew_within_leaves_the_expiry_but_a_later_
     assert [row[3] for row in await _grants(database)] == [NOW + HOUR]
 
 
-async def test_grants_all_held_open_no_transaction_and_new_ones_are_written_in_one(database: Database) -> None:
-    """A repeated `$recognition-check` looks its grants up outside a transaction (`reads_then_writes`)
-    and opens one only to write: with every grant held, `writing` is never entered."""
+async def test_only_inserts_and_an_update_together_open_a_transaction(database: Database) -> None:
+    """A `$recognition-check` looks its grants up outside a transaction (`reads_then_writes`) and
+    opens one (`writing`) only for writes of two statements: new grants alone are one insert, held
+    ones with the same expiry nothing at all."""
     entered: list[str] = []
-    target = [("Observation", "o1")]
+    minute = 60 * 1_000_000
     async with database.reads_then_writes() as conn:
 
         def writing() -> Any:
             entered.append("writing")
             return database.writing(conn)
 
-        await grant_access(conn, **GRANT, targets=target, expires_at=NOW + HOUR, now=NOW, writing=writing)
-        assert entered == ["writing"]
-        await grant_access(conn, **GRANT, targets=target, expires_at=NOW + HOUR, now=NOW, writing=writing)
-        assert entered == ["writing"]  # held with the same expiry: nothing to write
-        # On PostgreSQL the writes committed as `writing` ended: another connection sees them
-        # while this one is still out.
+        two = [("Observation", "o1"), ("Observation", "o2")]
+        await grant_access(conn, **GRANT, targets=two, expires_at=NOW + HOUR, now=NOW, writing=writing)
+        assert entered == []  # one insert
+        # On PostgreSQL that insert committed on its own: another connection sees it while this
+        # one is still out.
         if not database.url.startswith("sqlite"):
-            assert [row[1:4] for row in await _grants(database)] == [("Observation", "o1", NOW + HOUR)]
-    assert [row[1:4] for row in await _grants(database)] == [("Observation", "o1", NOW + HOUR)]
+            assert [row[1:4] for row in await _grants(database)] == [
+                ("Observation", "o1", NOW + HOUR), ("Observation", "o2", NOW + HOUR)]
+        await grant_access(conn, **GRANT, targets=two, expires_at=NOW + HOUR, now=NOW, writing=writing,
+                           renew_within=minute)
+        assert entered == []  # held with the same expiry: nothing to write
+        three = [*two, ("Observation", "o3")]
+        await grant_access(conn, **GRANT, targets=three, expires_at=NOW + 2 * HOUR, now=NOW + HOUR,
+                           writing=writing, renew_within=minute)
+        assert entered == ["writing"]  # two extended and one new: an update and an insert, together
+    assert [row[1:4] for row in await _grants(database)] == [
+        ("Observation", "o1", NOW + 2 * HOUR), ("Observation", "o2", NOW + 2 * HOUR),
+        ("Observation", "o3", NOW + 2 * HOUR)]
 
 
 async def test_writes_on_a_reads_then_writes_connection_fail_whole(database: Database) -> None:
