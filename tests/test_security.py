@@ -6,6 +6,7 @@ is party to one Encounter only. Every test asks, as B, a question whose answer w
 records if one path forgot the predicate.
 """
 
+import asyncio
 import base64
 import uuid
 from dataclasses import dataclass
@@ -221,6 +222,33 @@ class TestAudit:
         assert any(e["resource"]["outcomeDesc"].startswith("HTTP 404") for e in refused.json()["entry"])
         others = await _as(api, world.b, "GET", "AuditEvent", params={"agent": world.a})
         assert _ids(others) == set()  # A's audit trail is A's
+
+    async def test_the_writer_lets_requests_in_while_it_builds_a_batch(self, api: Any) -> None:
+        """Building and indexing a batch's AuditEvents in one go held the event loop for milliseconds;
+        the writer yields every few notes (on SQLite its statements never yield by themselves)."""
+        from fhirkit.search.values import now_micros
+        from gateway.audit import YIELD_EVERY, AccessNote
+
+        notes = [AccessNote("GET", ["Observation", f"yield-{i}"], "", 200, "test", "Organization/test-org",
+                            now_micros()) for i in range(25 * YIELD_EVERY)]
+        turns = 0
+        writing = True
+
+        async def another_request() -> None:
+            nonlocal turns
+            while writing:
+                turns += 1
+                await asyncio.sleep(0)
+
+        other = asyncio.create_task(another_request())
+        await asyncio.sleep(0)
+        before = turns
+        await api.system.state.audit._write(notes)
+        during, writing = turns - before, False
+        await other
+        # 25 turns while the events are built and 25 while they are indexed, at least; without the
+        # yields only the statements' own (about fifteen, as many for 200 notes as for 2).
+        assert during >= 50, during
 
     async def test_only_auditors_read_the_audit_trail(self, api: Any, world: World) -> None:
         plain = await api.request("GET", "AuditEvent", organization=world.a, scope="system/*.cruds")

@@ -51,6 +51,10 @@ ACT_REASON = "http://terminology.hl7.org/CodeSystem/v3-ActReason"
 CLIENT_SYSTEM = "http://county-alliance.org/fhir/sid/api-client"
 PATIENT_ELEMENTS = ("subject", "patient", "for", "beneficiary")
 MAX_PATIENTS = 50
+# The writer lets the requests in every few notes as it builds a batch's AuditEvents (and the
+# store as it indexes them): a batch of some forty notes built in one go held the event loop for
+# milliseconds, which the requests arriving meanwhile waited out (a tenth of $recognition-check's p95).
+YIELD_EVERY = 8
 MAX_SCANNED_BYTES = 4 * 1024 * 1024
 ACTIONS = {"create": "C", "read": "R", "vread": "R", "history-instance": "R", "history-type": "R",
            "search-type": "R", "update": "U", "patch": "U", "delete": "D"}
@@ -158,7 +162,11 @@ class AuditTrail:
                 log.error("an audit note of request %s could not be stored", note.request_id)
 
     async def _write(self, batch: list["Note"]) -> None:
-        events = [event for note in batch for event in await self._events(note)]
+        events = []
+        for n, note in enumerate(batch, 1):
+            events += await self._events(note)
+            if n % YIELD_EVERY == 0:
+                await asyncio.sleep(0)  # let requests in (see YIELD_EVERY)
         async with self.database.transaction(write=True) as conn:
             stored = await Repository(conn, self.store).create_records(events)
             await audit_chain.append(conn, stored)

@@ -5,6 +5,7 @@ Writes validate once, check references, run the service's hooks, then store the 
 bytes and never build a model.
 """
 
+import asyncio
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -395,9 +396,11 @@ class Repository:
         await driver.insert_rows(self.conn, resource_history,
                                  [{"rid": rid, "method": "POST", **values} for rid, values in zip(rids, rows)])
         by_kind: dict[str, list[dict[str, Any]]] = {}
-        for rid, body in zip(rids, bodies):
+        for n, (rid, body) in enumerate(zip(rids, bodies), 1):
             for kind, index in _index_of(body).items():
                 by_kind.setdefault(kind, []).extend({"rid": rid, **row} for row in index)
+            if n % INDEX_YIELD_EVERY == 0:
+                await asyncio.sleep(0)  # let other requests in (see INDEX_YIELD_EVERY)
         for kind, index in by_kind.items():
             await driver.insert_rows(self.conn, INDEX_TABLES[kind], index)
 
@@ -933,6 +936,9 @@ def _current_where(clause: ColumnElement[bool]) -> Any:
     return statement
 
 
+# Indexing many new resources at once (an audit batch, a bundle's run of creates) lets other
+# requests in every few resources: in one go it held the event loop for milliseconds.
+INDEX_YIELD_EVERY = 8
 MAX_ROWS_AT_ONCE = 1000  # index rows written in one statement (PostgreSQL takes 65,535 parameters)
 _HISTORY_KEYS = ("rid", "method", "resource_type", "resource_id", "version_id", "last_updated", "deleted", "owner",
                  "content")
