@@ -178,7 +178,7 @@ async def find(conn: AsyncConnection, asked: CheckRequest, item: CatalogItem | N
                               "b_scope": access.RESULTS_SCOPE, "b_source": access.check_source(grantee)}
     for j, (system, code) in enumerate(wanted):
         values.update({f"b_system{j}": system, f"b_code{j}": code})
-    survivor, merged, rows, held = asked.patient_id, [], [], []
+    survivor, merged, results, held = asked.patient_id, [], [], []
     for kind, *row in await driver.execute(conn, _check_statement(len(wanted)), values):
         if kind == _SURVIVOR:
             survivor = row[0]
@@ -187,14 +187,19 @@ async def find(conn: AsyncConnection, asked: CheckRequest, item: CatalogItem | N
         elif kind == _GRANT:
             held.append((int(row[2]), row[0], row[1], row[3]))
         else:
-            rows.append(row)
-    rows.sort(key=lambda row: -row[3])  # newest first (a UNION promises no order)
+            results.append(row)
+    request = replace(asked, patient_id=survivor, same_person=(survivor, *sorted(merged)))
+    return Found(request, _newest(results), held)
+
+
+def _newest(results: list[list[Any]]) -> list[Candidate]:
+    """The newest MAX_CANDIDATES results, each once (a result is stored under each of its codes)."""
+    results.sort(key=lambda row: -row[3])  # a UNION promises no order
     candidates: dict[tuple[str, str], Candidate] = {}
-    for row in rows:
+    for row in results:
         # bool(): SQLite hands booleans back as 0 and 1 on the driver.
         candidates.setdefault((row[0], row[1]), Candidate(*row[:5], bool(row[5]), bool(row[6]), row[7]))
-    request = replace(asked, patient_id=survivor, same_person=(survivor, *sorted(merged)))
-    return Found(request, list(candidates.values())[:MAX_CANDIDATES], held)
+    return list(candidates.values())[:MAX_CANDIDATES]
 
 
 # codes → the check's statement, built once: building it per check cost more than running it.
@@ -211,15 +216,19 @@ def _check_statement(codes: int) -> Any:
     statement = _CHECKS.get(codes)
     if statement is None:
         person = merges.same_person(bindparam("b_patient"))
-        padding = [null()] * (len(_CANDIDATE_COLUMNS) - 1)
         people = select(case((person.c.survivor, literal(_SURVIVOR)), else_=literal(_MERGED)), person.c.patient_id,
-                        *padding)
+                        *_padding(1))
         results = [select(literal(_RESULT), *found.c) for found in _results(person, codes)]
         grants = held_grants(select(person.c.patient_id).where(person.c.survivor).scalar_subquery()).subquery()
         held = select(literal(_GRANT), grants.c.target_type, grants.c.target_id, cast(grants.c.gid, String),
-                      grants.c.expires_at, *padding[:4])
+                      grants.c.expires_at, *_padding(4))
         statement = _CHECKS[codes] = union_all(people, *results, held)
     return statement
+
+
+def _padding(columns: int) -> list[Any]:
+    """NULLs for the candidate columns a UNION branch of `columns` others does not fill."""
+    return [null()] * (len(_CANDIDATE_COLUMNS) - columns)
 
 
 def _results(person: Any, codes: int) -> list[Any]:
