@@ -444,12 +444,15 @@ def access_note(
 ) -> AccessNote:
     """What the audit records of a request; `auth` None: the caller could not be authenticated."""
     identity = auth.identity if auth is not None else None
+    # The answers read for patients: what a GET returned and what an operation answered (a POST
+    # `$recognition-check`, `Patient/$merge`, a Task's `$accept`), not a create's or a bundle's.
+    scanned = request.method == "GET" or any(segment.startswith("$") for segment in segments)
     return AccessNote(
         method=request.method, segments=segments, query=request.url.query if identity else "", status=status,
         client_id=identity.client_id if identity else "unauthenticated",
         organization=identity.organization if identity else "", recorded=now_micros(),
         request_id=request_id_var.get(), address=request.client.host if request.client else None,
-        break_glass=identity.break_glass if identity else None, body=body if request.method == "GET" else b"",
+        break_glass=identity.break_glass if identity else None, body=body if scanned else b"",
         diagnostics=diagnostics,
     )
 
