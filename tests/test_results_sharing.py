@@ -738,6 +738,20 @@ class TestAccess:
         queries = [entity["query"] for e in events for entity in e["entity"] if "query" in entity]
         assert [base64.b64decode(q).decode().split("&")[0] for q in queries] == [f"patient={patient}"]
 
+    async def test_a_created_result_is_in_its_patients_audit(self, api: Any, system: Any) -> None:
+        patient = "Patient/pat-0139"
+        created = await api.post("Observation", observation(patient, LAB, "2823-3", "钾", value=4.0),
+                                 organization=LAB, level="center")
+        assert created.status_code == 201, created.text
+        result = f"Observation/{created.json()['id']}"
+        await system.state.audit.flush()
+        audit = await api.get("AuditEvent", params={"patient": patient, "subtype": "create"}, organization=LAB,
+                              level="center")
+        [event] = [e["resource"] for e in audit.json()["entry"]]
+        assert [e["what"]["reference"] for e in event["entity"]] == [result, patient]
+        by_result = await api.get("AuditEvent", params={"entity": result}, organization=LAB, level="center")
+        assert [e["resource"]["id"] for e in by_result.json()["entry"]] == [event["id"]]
+
     async def test_naming_another_requester_opens_nothing(self, api: Any) -> None:
         patient = "Patient/pat-0133"
         potassium = await lab_result(api, patient)

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 import httpx
 import orjson
@@ -440,21 +440,30 @@ def _entry_type(bundle: dict[str, Any], index: int) -> str:
 
 def access_note(
     request: Request, auth: Authenticated | None, segments: list[str], status: int, body: bytes = b"",
-    *, diagnostics: str | None = None,
+    *, diagnostics: str | None = None, location: str | None = None,
 ) -> AccessNote:
-    """What the audit records of a request; `auth` None: the caller could not be authenticated."""
+    """What the audit records of a request; `auth` None: the caller could not be authenticated.
+    `location`: the answer's Location header (a create names there what it wrote)."""
     identity = auth.identity if auth is not None else None
-    # The answers read for patients: what a GET returned and what an operation answered (a POST
-    # `$recognition-check`, `Patient/$merge`, a Task's `$accept`), not a create's or a bundle's.
-    scanned = request.method == "GET" or any(segment.startswith("$") for segment in segments)
+    # The answers read for patients: what a GET returned, what an operation answered (a POST
+    # `$recognition-check`, `Patient/$merge`, a Task's `$accept`) and what a write of one resource
+    # stored; not a bundle's (segments empty), whose patients may be hundreds.
+    scanned = request.method == "GET" or bool(segments)
     return AccessNote(
         method=request.method, segments=segments, query=request.url.query if identity else "", status=status,
         client_id=identity.client_id if identity else "unauthenticated",
         organization=identity.organization if identity else "", recorded=now_micros(),
         request_id=request_id_var.get(), address=request.client.host if request.client else None,
         break_glass=identity.break_glass if identity else None, body=body if scanned else b"",
-        diagnostics=diagnostics,
+        diagnostics=diagnostics, written=written_by(location) if len(segments) == 1 and location else None,
     )
+
+
+def written_by(location: str) -> str | None:
+    """`Type/id` of a Location header (`…/fhir/Observation/1/_history/1`)."""
+    parts = [part for part in urlsplit(location).path.split("/") if part]
+    end = parts.index("_history") if "_history" in parts else len(parts)
+    return "/".join(parts[end - 2:end]) if end >= 2 else None
 
 
 def _chained(params: list[tuple[str, str]]) -> bool:
@@ -568,7 +577,8 @@ def create_gateway_app(
         except FhirError as exc:
             audit.note(access_note(request, auth, segments, exc.status_code, diagnostics=exc.diagnostics))
             raise
-        audit.note(access_note(request, auth, segments, upstream.status, upstream.content))
+        audit.note(access_note(request, auth, segments, upstream.status, upstream.content,
+                               location=upstream.headers.get("location")))
         return _response(upstream)
 
     async def fhir_lane(scope: Any, receive: Any, send: Any) -> None:

@@ -77,6 +77,7 @@ class AccessNote:
     body: bytes = b""
     diagnostics: str | None = None
     patients: set[str] = field(default_factory=set)
+    written: str | None = None  # what a create wrote (`Type/id`): its path names only the type
 
 
 class AuditTrail:
@@ -248,8 +249,11 @@ def _client_agent(note: AccessNote) -> dict[str, Any]:
 
 def _entities(note: AccessNote, patients: list[str], custodians: list[str]) -> list[dict[str, Any]]:
     entities: list[dict[str, Any]] = []
-    if len(note.segments) >= 2 and not note.segments[1].startswith(("$", "_")):
-        entities.append({"what": {"reference": "/".join(note.segments[:2])},
+    named = note.written
+    if named is None and len(note.segments) >= 2 and not note.segments[1].startswith(("$", "_")):
+        named = "/".join(note.segments[:2])
+    if named is not None:
+        entities.append({"what": {"reference": named},
                          "type": {"system": OBJECT_TYPE, "code": "2", "display": "System Object"}})
     if note.query:
         entities.append({"type": {"system": OBJECT_TYPE, "code": "2"}, "role": {"system": OBJECT_ROLE, "code": "24",
