@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import urlencode
 
 import httpx
 import orjson
@@ -36,6 +36,7 @@ from fhirkit.errors import (
     UpstreamUnavailable,
 )
 from fhirkit.search.values import now_micros
+from fhirkit.store.indexing import split_reference
 from gateway import cross_transaction, foreign_includes, merged_search, routing
 from gateway.audit import AccessNote, AuditTrail
 from gateway.auth import Authenticated, AuthSettings, authenticate, build_auth_router
@@ -461,9 +462,8 @@ def access_note(
 
 def written_by(location: str) -> str | None:
     """`Type/id` of a Location header (`…/fhir/Observation/1/_history/1`)."""
-    parts = [part for part in urlsplit(location).path.split("/") if part]
-    end = parts.index("_history") if "_history" in parts else len(parts)
-    return "/".join(parts[end - 2:end]) if end >= 2 else None
+    target = split_reference(location)
+    return f"{target['target_type']}/{target['target_id']}" if target["target_type"] else None
 
 
 def _chained(params: list[tuple[str, str]]) -> bool:
