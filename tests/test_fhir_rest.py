@@ -518,6 +518,8 @@ async def test_format_json_is_served_and_xml_is_406(api):
     for fmt in ("xml", "application/fhir+xml"):
         response = await api.get(f"Patient/{pid}?_format={fmt}")
         assert response.status_code == 406 and outcome_code(response) == "not-supported"
+    encoded = await api.get(f"Patient/{pid}?%5Fformat=xml")  # the name percent-encoded is the same parameter
+    assert encoded.status_code == 406 and outcome_code(encoded) == "not-supported"
     accept_xml = await api.get(f"Patient/{pid}", headers={"Accept": "application/fhir+xml"})
     assert accept_xml.status_code == 406
     accept_any = await api.get(f"Patient/{pid}", headers={"Accept": "application/fhir+json, */*;q=0.1"})

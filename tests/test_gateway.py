@@ -1,6 +1,7 @@
 """The gateway: authentication, scope enforcement per type and interaction, routing, operations."""
 
 import httpx
+import orjson
 
 from tests.support import outcome_code
 
@@ -147,6 +148,24 @@ async def test_services_refuse_callers_without_the_gateway_identity(system) -> N
                 response = await direct.get(path, headers={"X-Alliance-Identity": "forged.token.value"})
                 assert response.status_code == 401, (name, path, response.status_code)
                 assert outcome_code(response) == "login"
+
+
+async def test_a_service_called_in_this_process_takes_the_handed_identity_and_only_that(system) -> None:
+    # In-process calls hand the caller over in the ASGI scope (servicekit.inprocess), unsigned:
+    # the scope is built by code, so a header of the same name is still only a header to verify.
+    from servicekit.identity import IN_PROCESS_CALLER
+    from servicekit.inprocess import call_asgi
+    from servicekit.peers import SYSTEM_IDENTITY
+
+    app = system.state.apps["directory"]
+    handed, _, body = await call_asgi(app, "GET", "/fhir/Organization?_count=1", {}, b"", host="directory",
+                                      caller=SYSTEM_IDENTITY)
+    assert handed == 200 and orjson.loads(body)["resourceType"] == "Bundle"
+    bare, _, _ = await call_asgi(app, "GET", "/fhir/Organization?_count=1", {}, b"", host="directory")
+    assert bare == 401
+    as_header, _, _ = await call_asgi(app, "GET", "/fhir/Organization?_count=1", {IN_PROCESS_CALLER: "x"}, b"",
+                                      host="directory")
+    assert as_header == 401
 
 
 async def test_the_platform_mount_serves_fhir_to_signed_services_only(system, client: httpx.AsyncClient) -> None:

@@ -10,7 +10,7 @@ import gc
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import httpx
 from fastapi import FastAPI, Request
@@ -30,7 +30,7 @@ from servicekit.consent import apply_consent_event
 from servicekit.db import Database
 from servicekit.events import EVENTS_LINEAGE, EventOptions, ServiceEvents, shared_bus
 from servicekit.grants import TaskGrants, apply_task_grants, task_event_handler
-from servicekit.identity import IDENTITY_HEADER, CallerIdentity, verify_identity
+from servicekit.identity import IDENTITY_HEADER, IN_PROCESS_CALLER, CallerIdentity, verify_identity
 from servicekit.migrations import FHIRKIT_LINEAGE, Lineage
 from servicekit.observability import Metrics, RequestContextMiddleware
 from servicekit.peers import Peers
@@ -104,6 +104,9 @@ def create_service_app(
         store.clock = clock
 
     async def authenticate(request: Request) -> CallerIdentity:
+        handed = request.scope["extensions"].get(IN_PROCESS_CALLER) if "extensions" in request.scope else None
+        if handed is not None:  # called in this process (servicekit.inprocess)
+            return cast(CallerIdentity, handed)
         token = request.headers.get(IDENTITY_HEADER)
         if not token:
             raise Unauthorized(

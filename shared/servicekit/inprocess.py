@@ -3,7 +3,8 @@
 In the embedded mode the gateway reaches each service in-process. Going through httpx's
 ASGITransport builds a client request, a transport request and a response object for every hop;
 on a read by id that was about a tenth of the CPU. The service still sees an ordinary HTTP
-request (the same headers, the signed identity), so both modes run the same code behind it.
+request (the same headers), so both modes run the same code behind it; only the caller's identity
+comes in the scope (`IN_PROCESS_CALLER`) rather than as a signed header.
 """
 
 import asyncio
@@ -11,18 +12,20 @@ from typing import Any
 from urllib.parse import unquote
 
 from fhirkit.api.interactions import PARSED_BODY
+from servicekit.identity import IN_PROCESS_CALLER, CallerIdentity
 
 Headers = dict[str, str]
 
 
 async def call_asgi(
     app: Any, method: str, path: str, headers: dict[str, str | bytes], content: bytes, *, host: str,
-    parsed: Any = None,
+    parsed: Any = None, caller: CallerIdentity | None = None,
 ) -> tuple[int, Headers, bytes]:
     """Send one request to `app`; returns status, headers (lower-case names; repeated ones
     joined with ", " as httpx does) and the whole body. `parsed`: the caller's parse of `content`,
     handed over so that the app does not parse it again (the caller must not use it afterwards:
-    the app may change it)."""
+    the app may change it). `caller`: the identity the request is made for, handed over instead of
+    a signed identity header (`IN_PROCESS_CALLER`)."""
     raw_path, _, query = path.partition("?")
     scope = {
         "type": "http",
@@ -38,8 +41,12 @@ async def call_asgi(
                     *((name.lower().encode("latin-1"), _bytes(value)) for name, value in headers.items())],
         "client": ("127.0.0.1", 0),
         "server": (host, 80),
-        "extensions": {} if parsed is None else {PARSED_BODY: (content, parsed)},
+        "extensions": {},
     }
+    if parsed is not None:
+        scope["extensions"][PARSED_BODY] = (content, parsed)
+    if caller is not None:
+        scope["extensions"][IN_PROCESS_CALLER] = caller
     sent = False
     complete = asyncio.Event()
     status = 500

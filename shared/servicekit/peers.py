@@ -143,14 +143,14 @@ class Peers:
         return self._clients[service]
 
     async def _get(self, service: str, path: str) -> Answer:
-        headers = {IDENTITY_HEADER: sign_identity(SYSTEM_IDENTITY, self.secret)}
         transport = self.transports.get(service)
         if isinstance(transport, httpx.ASGITransport):
             # A sibling in this process: its app is called directly (servicekit.inprocess), as the
             # gateway calls it. httpx's client and ASGI transport around it cost more than the
             # read it asks for, and their check for trio retried a failing import every call.
-            status, _, body = await call_asgi(transport.app, "GET", path, headers, b"", host=service)
+            status, _, body = await call_asgi(transport.app, "GET", path, {}, b"", host=service, caller=SYSTEM_IDENTITY)
             return Answer(status, body)
+        headers = {IDENTITY_HEADER: sign_identity(SYSTEM_IDENTITY, self.secret)}
         try:
             response = await self.client(service).get(path, headers=headers)
             return Answer(response.status_code, response.content)

@@ -23,7 +23,7 @@ from fhirkit.api.bundles import MAX_ENTRIES as MAX_BUNDLE_ENTRIES
 from fhirkit.api.compensation import STEP_HEADER
 from fhirkit.api.dispatch import route_path, serve
 from fhirkit.api.handlers import install_exception_handlers
-from fhirkit.api.responses import FHIR_JSON, check_format
+from fhirkit.api.responses import FHIR_JSON, check_request_format, query_string
 from fhirkit.api.router import read_body
 from fhirkit.errors import (
     FhirError,
@@ -119,14 +119,14 @@ class Gateway:
         # Byte for byte as received: Starlette decodes header values as latin-1, and httpx would
         # refuse to encode a non-ASCII str (a UTF-8 `If-None-Exist`) as ASCII.
         outgoing: dict[str, str | bytes] = {k: v.encode("latin-1", "replace") for k, v in (headers or {}).items()}
-        outgoing[IDENTITY_HEADER] = sign_identity(identity, self.secret, request_id=request_id_var.get())
         outgoing["x-request-id"] = request_id_var.get()
         outgoing["x-forwarded-base"] = self.settings.base_url
         if service in self.local_apps:
             status, answered, body = await call_asgi(
-                self.local_apps[service], method, path, outgoing, content, host=service, parsed=parsed
+                self.local_apps[service], method, path, outgoing, content, host=service, parsed=parsed, caller=identity
             )
             return Upstream(status, {k: v for k, v in answered.items() if k in FORWARDED_RESPONSE_HEADERS}, body)
+        outgoing[IDENTITY_HEADER] = sign_identity(identity, self.secret, request_id=request_id_var.get())
         if service in self.upstreams.urls:
             status, answered, body = await self.upstreams.request(service, method, path, outgoing, content)
             return Upstream(status, {k: v for k, v in answered.items() if k in FORWARDED_RESPONSE_HEADERS}, body)
@@ -451,7 +451,7 @@ def access_note(
     # stored; not a bundle's (segments empty), whose patients may be hundreds.
     scanned = request.method == "GET" or bool(segments)
     return AccessNote(
-        method=request.method, segments=segments, query=request.url.query if identity else "", status=status,
+        method=request.method, segments=segments, query=query_string(request) if identity else "", status=status,
         client_id=identity.client_id if identity else "unauthenticated",
         organization=identity.organization if identity else "", recorded=now_micros(),
         request_id=request_id_var.get(), address=request.client.host if request.client else None,
@@ -544,7 +544,7 @@ def create_gateway_app(
     app.include_router(build_auth_router(get_engine=lambda request: platform_db.engine, settings=auth_settings))
 
     async def metadata(request: Request) -> Response:
-        check_format(request.query_params.get("_format"), request.headers.get("accept"))
+        check_request_format(request)
         return Response(await gateway.capabilities(), media_type=FHIR_JSON)
 
     async def fhir(request: Request) -> Response:
@@ -554,7 +554,7 @@ def create_gateway_app(
         if request.method not in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE") or (
                 request.method != "POST" and not path.strip("/")):
             raise MethodNotAllowed(f"{request.method} is not allowed here")
-        check_format(request.query_params.get("_format"), request.headers.get("accept"))
+        check_request_format(request)
         try:
             auth = await authenticate(request, engine=platform_db.read_engine, settings=auth_settings)
         except FhirError as exc:  # a failed authentication is a security event too
@@ -573,7 +573,7 @@ def create_gateway_app(
         method = "GET" if request.method == "HEAD" else request.method
         try:
             body = await read_body(request) if method in ("POST", "PUT", "PATCH") else b""
-            upstream = await dispatcher.dispatch(auth, method, segments, request.url.query, _forward_headers(request), body)
+            upstream = await dispatcher.dispatch(auth, method, segments, query_string(request), _forward_headers(request), body)
         except FhirError as exc:
             audit.note(access_note(request, auth, segments, exc.status_code, diagnostics=exc.diagnostics))
             raise

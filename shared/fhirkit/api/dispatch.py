@@ -73,7 +73,7 @@ class FhirDispatch:
 
     async def type_level_get(self, request: Request, first: str) -> Response:
         if first == "metadata":
-            responses.check_format(request.query_params.get("_format"), request.headers.get("accept"))
+            responses.check_request_format(request)
             return responses.fhir_response(capabilities.capability_statement(self.service, base_url(request)))
         if first == "_history":
             return await self.ctx.run(request, lambda c: interactions.history(

@@ -239,7 +239,7 @@ class InteractionContext:
         """`only_reads`: the action writes nothing, so it runs without a transaction
         (`Database.statement`). `records`: it writes only now and then, inside
         `Database.writing` (`Database.reads_then_writes`)."""
-        responses.check_format(request.query_params.get("_format"), request.headers.get("accept"))
+        responses.check_request_format(request)
         caller = await self.caller(request)
         raw = await read_body(request) if write or request.method in ("POST", "PUT", "PATCH") else b""
         database = self.service.database
