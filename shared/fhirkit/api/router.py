@@ -313,7 +313,8 @@ def form_parameters(raw: bytes, content_type: str) -> list[tuple[str, str]]:
 
 
 def _query(request: Request) -> list[tuple[str, str]]:
-    params = list(request.query_params.multi_items())
+    # As Starlette's query_params would give them, without building its multi-dict.
+    params = parse_qsl(responses.query_string(request), keep_blank_values=True)
     refuse_nul(params)  # operations read these too, not only searches
     return params
 

@@ -88,14 +88,18 @@ def to_micros(moment: datetime) -> int:
     return (delta.days * 86400 + delta.seconds) * MICROS + delta.microseconds
 
 
+_NAIVE_EPOCH = datetime(1970, 1, 1)  # UTC, without a zone: isoformat then writes none
+
+
 def from_micros(micros: int) -> datetime:
     return _EPOCH + timedelta(microseconds=micros)
 
 
 def format_instant(micros: int) -> str:
-    """FHIR instant with millisecond precision, the form `meta.lastUpdated` is written in."""
-    moment = from_micros(micros)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+    """FHIR instant with millisecond precision, the form `meta.lastUpdated` is written in.
+    `isoformat` pads the year to four digits (strftime's `%Y` wrote year 1 as `1`) and costs
+    half of strftime: a check writes five of these, its AuditEvent one more."""
+    return (_NAIVE_EPOCH + timedelta(microseconds=micros)).isoformat(timespec="milliseconds") + "Z"
 
 
 def date_range(text: str) -> tuple[int, int] | None:
