@@ -268,6 +268,14 @@ class TestAudit:
         deleted = await _as(api, world.a, "DELETE", f"AuditEvent/{stored['id']}")
         assert deleted.status_code == 403
         assert (await _as(api, world.a, "GET", f"AuditEvent/{stored['id']}")).json()["meta"]["versionId"] == "1"
+        # Stored once (no history copy: StoreConfig.append_only), read back whole through vread and history.
+        version = await _as(api, world.a, "GET", f"AuditEvent/{stored['id']}/_history/1")
+        assert version.status_code == 200 and version.json() == stored
+        history = (await _as(api, world.a, "GET", f"AuditEvent/{stored['id']}/_history")).json()
+        assert [(e["resource"], e["request"]["method"], e["response"]["status"]) for e in history["entry"]] == [
+            (stored, "POST", "201 Created")]
+        listed = (await _as(api, world.a, "GET", "AuditEvent/_history", params={"_count": "1000"})).json()
+        assert [e["resource"]["id"] for e in listed["entry"]].count(stored["id"]) == 1
 
     async def test_a_search_leaves_one_event_per_patient_it_returned(self, api: Any, world: World) -> None:
         second = (await _as(api, world.a, "POST", "Patient", {"resourceType": "Patient"})).json()
@@ -288,7 +296,7 @@ class TestAudit:
     async def test_the_hash_chain_finds_a_changed_record(self, api: Any, world: World) -> None:
         from sqlalchemy import select, update
 
-        from fhirkit.store.tables import resource_history
+        from fhirkit.store.tables import resource
         from gateway import audit_chain
 
         await _as(api, world.a, "GET", world.patient)
@@ -300,16 +308,16 @@ class TestAudit:
         async with database.transaction(write=True) as conn:
             row = (await conn.execute(select(audit_chain.audit_chain).order_by(audit_chain.audit_chain.c.seq)
                                       .limit(1))).first()
-            where = (resource_history.c.resource_type == "AuditEvent") & (resource_history.c.resource_id == row.audit_id)
-            original = (await conn.execute(select(resource_history.c.content).where(where))).scalar_one()
-            await conn.execute(update(resource_history).where(where).values(content=original.replace(b'"0"', b'"8"')))
+            where = (resource.c.resource_type == "AuditEvent") & (resource.c.resource_id == row.audit_id)
+            original = (await conn.execute(select(resource.c.content).where(where))).scalar_one()
+            await conn.execute(update(resource).where(where).values(content=original.replace(b'"0"', b'"8"')))
         try:
             async with database.transaction(write=False) as conn:
                 broken = await audit_chain.verify(conn)
             assert broken.broken_at == row.seq and "changed" in (broken.problem or "")
         finally:
             async with database.transaction(write=True) as conn:
-                await conn.execute(update(resource_history).where(where).values(content=original))
+                await conn.execute(update(resource).where(where).values(content=original))
 
 
 class TestRateLimits:

@@ -53,6 +53,8 @@ class ServiceDefinition:
     task_grants: TaskGrants | None = None
     # Whether this service keeps the patients' opt-outs of sharing (servicekit.consent).
     honours_opt_out: bool = False
+    # Types written once and never changed (fhirkit StoreConfig.append_only): no history rows.
+    append_only: frozenset[str] = frozenset()
     on_startup: list[Callable[[FastAPI], Any]] = field(default_factory=list)
     # Long-running jobs (schedulers): started after start-up, cancelled before shutdown.
     background: list[Callable[[FastAPI], Awaitable[None]]] = field(default_factory=list)
@@ -99,6 +101,7 @@ def create_service_app(
         references=peers,
         new_id=new_id_for(definition.name),
         access=definition.access,
+        append_only=definition.append_only,
     )
     if clock is not None:
         store.clock = clock

@@ -21,7 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from fhirkit.errors import Forbidden
 from fhirkit.store import driver
-from fhirkit.store.tables import resource_history
+from fhirkit.store.tables import resource
 from gateway.auth.clients import METADATA
 
 GENESIS = "0" * 64
@@ -74,12 +74,11 @@ async def verify(conn: AsyncConnection, batch: int = 5000) -> Verdict:
     """Walk the chain from the start, recomputing every link from the stored AuditEvent bytes."""
     previous, checked, after = GENESIS, 0, 0
     while True:
-        stmt = (
+        stmt = (  # an AuditEvent's one version is its resource row (append-only: no history row)
             select(audit_chain.c.seq, audit_chain.c.audit_id, audit_chain.c.content_sha256,
-                   audit_chain.c.chain_sha256, resource_history.c.content)
-            .outerjoin(resource_history, (resource_history.c.resource_type == "AuditEvent")
-                       & (resource_history.c.resource_id == audit_chain.c.audit_id)
-                       & (resource_history.c.version_id == 1))
+                   audit_chain.c.chain_sha256, resource.c.content)
+            .outerjoin(resource, (resource.c.resource_type == "AuditEvent")
+                       & (resource.c.resource_id == audit_chain.c.audit_id))
             .where(audit_chain.c.seq > after).order_by(audit_chain.c.seq).limit(batch)
         )
         rows = list(await conn.execute(stmt))

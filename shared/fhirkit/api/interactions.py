@@ -258,12 +258,11 @@ async def history(
         at = date_range(values["_at"])
         if at is None:
             raise InvalidRequest(f"_at '{values['_at'][:40]}' is not a valid date, dateTime or instant")
-    cursor = natural(values.get("_cursor", ""))
     versions, next_cursor = await repo.history(
-        resource_type, resource_id, count=count, since=since, at=at, cursor=cursor
+        resource_type, resource_id, count=count, since=since, at=at, cursor=values.get("_cursor")
     )
     entries = [_history_entry(v, options.base) for v in versions]
-    links = _links(options.base, self_path, params, str(next_cursor) if next_cursor else None, None)
+    links = _links(options.base, self_path, params, next_cursor, None)
     return Result(200, responses.bundle_bytes("history", entries, links=links))
 
 

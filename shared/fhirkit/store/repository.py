@@ -116,6 +116,9 @@ class StoreConfig:
     check_references: bool = True
     # Who sees what (fhirkit.access). None only for stores without callers (engine unit tests).
     access: AccessPolicy | None = None
+    # Types written once and never changed or deleted (the audit trail): their one version is the
+    # resource row alone, without a copy in the history table; history and vread read that row.
+    append_only: frozenset[str] = frozenset()
 
     def hooks_for(self, resource_type: str) -> ResourceHooks:
         return self.hooks.get(resource_type) or _NO_HOOKS
@@ -248,6 +251,10 @@ class Repository:
         if current is None:
             raise ResourceNotFound(f"{resource_type}/{resource_id} is not known")
         await self._require_access(current)
+        if version == current.version_id:  # the current row holds it (an append-only type's only one)
+            if current.deleted:
+                raise ResourceGone(f"Version {version_id} of {resource_type}/{resource_id} is a deletion")
+            return current
         stmt = select(resource_history).where(
             resource_history.c.resource_type == resource_type,
             resource_history.c.resource_id == resource_id,
@@ -393,8 +400,9 @@ class Repository:
         if taken:
             raise VersionConflict(f"{rows[0]['resource_type']}/{taken[0]} was created concurrently; retry")
         rids = [inserted[values["resource_id"]] for values in rows]
-        await driver.insert_rows(self.conn, resource_history,
-                                 [{"rid": rid, "method": "POST", **values} for rid, values in zip(rids, rows)])
+        await driver.insert_rows(self.conn, resource_history, [
+            {"rid": rid, "method": "POST", **values} for rid, values in zip(rids, rows)
+            if values["resource_type"] not in self.config.append_only])
         by_kind: dict[str, list[dict[str, Any]]] = {}
         for n, (rid, body) in enumerate(zip(rids, bodies), 1):
             for kind, index in _index_of(body).items():
@@ -456,6 +464,8 @@ class Repository:
     async def _write_version(
         self, current: StoredResource, body: dict[str, Any] | None, method: str
     ) -> StoredResource:
+        if current.resource_type in self.config.append_only:  # its first version has no history row to keep it
+            raise Forbidden(f"{current.reference} cannot change: {current.resource_type} is append-only here")
         # What this transaction confirmed of the resource may no longer hold (it may be deleted,
         # or no longer visible).
         _forget_confirmed(self.conn, current.resource_type, current.resource_id)
@@ -491,13 +501,17 @@ class Repository:
         """A new resource's row, history row and index rows; False when the id exists already.
         ON CONFLICT DO NOTHING: a concurrent create of the same id answers no row (no savepoint)."""
         index = _index_of(body)
+        history = values["resource_type"] not in self.config.append_only
         if self._in_one_statement(index):  # as `_write_rows` does for a new version
-            statement, parameters = _created_at_once(values, method, index)
+            statement, parameters = _created_at_once(values, method, index, history=history)
             return bool(await driver.execute(self.conn, statement, parameters))
         inserted = await driver.execute(self.conn, _insert_resource(self._is_postgres), values)
         if not inserted:
             return False
-        await self._write_rows(inserted[0][0], values, method, index)
+        if history:
+            await self._write_rows(inserted[0][0], values, method, index)
+        else:
+            await self._write_index(inserted[0][0], index)
         return True
 
     def _in_one_statement(self, index: dict[str, list[dict[str, Any]]]) -> bool:
@@ -514,6 +528,9 @@ class Repository:
             await driver.execute(self.conn, statement, parameters)
             return
         await self._append_history(rid, values, method)
+        await self._write_index(rid, index)
+
+    async def _write_index(self, rid: int, index: dict[str, list[dict[str, Any]]]) -> None:
         for kind, rows in index.items():
             await driver.execute_many(self.conn, _INSERT_INDEX[kind], [{"rid": rid, **row} for row in rows])
 
@@ -823,21 +840,43 @@ class Repository:
         *,
         count: int,
         since: int | None,
-        cursor: int | None,
+        cursor: str | None,
         at: tuple[int, int] | None = None,
-    ) -> tuple[list[StoredResource], int | None]:
-        """Versions newest first; returns the page and the cursor (a history row id) of the next.
-        `at` (an inclusive range, `_at`) keeps the versions current at some moment of it."""
+    ) -> tuple[list[StoredResource], str | None]:
+        """Versions newest first; returns the page and the cursor of the next (opaque: a history
+        row id, a resource row id for an append-only type, both for a store-wide history of a
+        store holding one). `at` (an inclusive range, `_at`) keeps the versions current at some
+        moment of it. An append-only type's versions are its resource rows (`StoreConfig.append_only`)."""
         if resource_type is not None:
             self._require_type(resource_type)
-        stmt = select(resource_history)
-        if resource_type is not None:
-            stmt = stmt.where(resource_history.c.resource_type == resource_type)
         if resource_id is not None:
             current = await self._current(resource_type or "", resource_id)
             if current is None:
                 raise ResourceNotFound(f"{resource_type}/{resource_id} is not known")
             await self._require_access(current)
+            if current.resource_type in self.config.append_only:
+                kept = _written_within(current.last_updated, since, at)
+                return ([replace(current, method="POST")] if kept else []), None
+        if resource_type in self.config.append_only:
+            written = await self._append_only_page([resource_type], count, since, at, natural(cursor or ""))
+            return _page_of(written, count)
+        append_only = sorted(self.config.append_only & self.config.resource_types)
+        if resource_type is None and append_only:
+            return await self._store_history(append_only, count, since, at, cursor)
+        versions = await self._versions_page(resource_type, resource_id, count, since, at, natural(cursor or ""))
+        return _page_of(versions, count)
+
+    async def _versions_page(
+        self, resource_type: str | None, resource_id: str | None, count: int, since: int | None,
+        at: tuple[int, int] | None, before: int | None,
+    ) -> list[tuple[int, StoredResource]]:
+        """Up to `count + 1` history rows, newest first, each with its history row id."""
+        stmt = select(resource_history)
+        if resource_type is not None:
+            stmt = stmt.where(resource_history.c.resource_type == resource_type)
+        elif self.config.append_only:  # rows such a type had before it was append-only: its resource rows list it
+            stmt = stmt.where(resource_history.c.resource_type.not_in(sorted(self.config.append_only)))
+        if resource_id is not None:
             stmt = stmt.where(resource_history.c.resource_id == resource_id)
         else:
             holder = resource.alias("holder")
@@ -848,12 +887,64 @@ class Repository:
             stmt = stmt.where(resource_history.c.last_updated >= since)
         if at is not None:
             stmt = stmt.where(*_current_during(*at))
-        if cursor is not None:
-            stmt = stmt.where(resource_history.c.hid < cursor)
+        if before is not None:
+            stmt = stmt.where(resource_history.c.hid < before)
         stmt = stmt.order_by(resource_history.c.hid.desc()).limit(count + 1)
-        rows = list(await self.conn.execute(stmt))
-        next_cursor = rows[count - 1].hid if len(rows) > count > 0 else None
-        return [_stored(row) for row in rows[:count]], next_cursor
+        return [(row.hid, _stored(row)) for row in await self.conn.execute(stmt)]
+
+    async def _append_only_page(
+        self, types: list[str], count: int, since: int | None, at: tuple[int, int] | None, before: int | None,
+    ) -> list[tuple[int, StoredResource]]:
+        """Up to `count + 1` resources of append-only types, newest first, each with its row id:
+        each is its one version, current from when it was written on."""
+        stmt = select(resource).where(resource.c.resource_type.in_(types))
+        visible = self.visibility(resource, types[0] if len(types) == 1 else None)
+        if visible is not None:
+            stmt = stmt.where(visible)
+        if since is not None:
+            stmt = stmt.where(resource.c.last_updated >= since)
+        if at is not None:
+            stmt = stmt.where(resource.c.last_updated <= at[1])
+        if before is not None:
+            stmt = stmt.where(resource.c.rid < before)
+        stmt = stmt.order_by(resource.c.rid.desc()).limit(count + 1)
+        return [(row.rid, replace(_stored(row), method="POST")) for row in await self.conn.execute(stmt)]
+
+    async def _store_history(
+        self, append_only: list[str], count: int, since: int | None, at: tuple[int, int] | None, cursor: str | None,
+    ) -> tuple[list[StoredResource], str | None]:
+        """The whole store's history when some types are append-only: the history rows and those
+        types' resource rows, merged newest first. The cursor is where each of the two stands
+        (`<history row id>.<resource row id>`, a side left empty until the pages take from it)."""
+        if count <= 0:
+            return [], None
+        versions_at, _, written_at = (cursor or "").partition(".")
+        versions_before, written_before = natural(versions_at), natural(written_at)
+        versions = await self._versions_page(None, None, count, since, at, versions_before)
+        written = await self._append_only_page(append_only, count, since, at, written_before)
+        page: list[StoredResource] = []
+        while len(page) < count and (versions or written):
+            newer_version = bool(versions) and (not written or versions[0][1].last_updated >= written[0][1].last_updated)
+            key, stored = (versions if newer_version else written).pop(0)
+            if newer_version:
+                versions_before = key
+            else:
+                written_before = key
+            page.append(stored)
+        if not versions and not written:
+            return page, None
+        return page, f"{versions_before or ''}.{written_before or ''}"
+
+
+def _page_of(rows: list[tuple[int, StoredResource]], count: int) -> tuple[list[StoredResource], str | None]:
+    """A page of `count` from `count + 1` keyed rows, and the cursor of the next (the last row's key)."""
+    next_cursor = str(rows[count - 1][0]) if len(rows) > count > 0 else None
+    return [stored for _, stored in rows[:count]], next_cursor
+
+
+def _written_within(last_updated: int, since: int | None, at: tuple[int, int] | None) -> bool:
+    """Whether an append-only resource's one version passes `_since` and `_at`."""
+    return (since is None or last_updated >= since) and (at is None or last_updated <= at[1])
 
 
 def _current_during(low: int, high: int) -> list[ColumnElement[bool]]:
@@ -971,23 +1062,25 @@ def _rows_at_once(
 
 
 _RESOURCE_KEYS = _HISTORY_KEYS[2:]  # what the resource row and its first history row share
-_CREATED_AT_ONCE: dict[tuple[tuple[str, int], ...], Any] = {}
+_CREATED_AT_ONCE: dict[tuple[tuple[tuple[str, int], ...], bool], Any] = {}
 
 
 def _created_at_once(
-    values: dict[str, Any], method: str, index: dict[str, list[dict[str, Any]]]
+    values: dict[str, Any], method: str, index: dict[str, list[dict[str, Any]]], *, history: bool = True
 ) -> tuple[Any, dict[str, Any]]:
-    """PostgreSQL: a new resource's row, its history row and its index rows as one statement, the
-    later rows taking the `rid` the first one gets (data-modifying CTEs); it answers that `rid`, or
-    no row when the id exists already. Built once per shape (how many rows of each kind)."""
+    """PostgreSQL: a new resource's row, its history row (unless `history` is False: an
+    append-only type) and its index rows as one statement, the later rows taking the `rid` the
+    first one gets (data-modifying CTEs); it answers that `rid`, or no row when the id exists
+    already. Built once per shape (how many rows of each kind)."""
     shape = tuple((kind, len(rows)) for kind, rows in index.items())
-    statement = _CREATED_AT_ONCE.get(shape)
+    statement = _CREATED_AT_ONCE.get((shape, history))
     if statement is None:
         if len(_CREATED_AT_ONCE) > 2048:
             _CREATED_AT_ONCE.clear()
-        statement = _CREATED_AT_ONCE[shape] = text(_created_at_once_sql(shape))
+        statement = _CREATED_AT_ONCE[(shape, history)] = text(_created_at_once_sql(shape, history))
     parameters = {f"r_{key}": values[key] for key in _RESOURCE_KEYS}
-    parameters["h_method"] = method
+    if history:
+        parameters["h_method"] = method
     for kind, rows in index.items():
         columns = _INDEX_VALUE_COLUMNS[kind]
         for i, row in enumerate(rows):
@@ -995,7 +1088,7 @@ def _created_at_once(
     return statement, parameters
 
 
-def _created_at_once_sql(shape: tuple[tuple[str, int], ...]) -> str:
+def _created_at_once_sql(shape: tuple[tuple[str, int], ...], history: bool) -> str:
     def typed(name: str, column: Any) -> str:
         # Every value carries its type: rows in a VALUES list have no column to take one from.
         # Text goes as unbounded VARCHAR, so an over-long value fails as on a plain insert.
@@ -1006,9 +1099,10 @@ def _created_at_once_sql(shape: tuple[tuple[str, int], ...]) -> str:
     steps = [
         f"new AS (INSERT INTO {resource.name} ({', '.join(_RESOURCE_KEYS)}) VALUES ({given}) "
         "ON CONFLICT DO NOTHING RETURNING rid)",
-        f"write_history AS (INSERT INTO {resource_history.name} ({', '.join(_HISTORY_KEYS)}) "
-        f"SELECT rid, {typed('h_method', resource_history.c.method)}, {given} FROM new)",
     ]
+    if history:
+        steps.append(f"write_history AS (INSERT INTO {resource_history.name} ({', '.join(_HISTORY_KEYS)}) "
+                     f"SELECT rid, {typed('h_method', resource_history.c.method)}, {given} FROM new)")
     for kind, count in shape:
         table, columns = INDEX_TABLES[kind], _INDEX_VALUE_COLUMNS[kind]
         rows = ", ".join("(" + ", ".join(typed(f"{kind}{i}_{column}", table.c[column]) for column in columns) + ")"

@@ -1,7 +1,8 @@
 """The engine's storage schema, identical on SQLite and PostgreSQL.
 
 `fhir_resource` holds the current version of every resource as the stored JSON bytes;
-`fhir_resource_history` every version. Search runs on the `fhir_*_index` tables, filled at write
+`fhir_resource_history` every version (except of append-only types, whose one version is the
+current row: `StoreConfig.append_only`). Search runs on the `fhir_*_index` tables, filled at write
 time for the current version only, so a search is index lookups joined on `rid`, never a JSON scan.
 Times are microseconds since the Unix epoch (UTC) so that both databases compare them as integers.
 """
