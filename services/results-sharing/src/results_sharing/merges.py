@@ -69,7 +69,12 @@ def replaced_by(patient: dict[str, Any]) -> str | None:
 
 # --- reading: who is the same person ------------------------------------------------------------
 
-_SURVIVOR = select(db.patient_merge.c.survivor_id).where(db.patient_merge.c.merged_id == bindparam("patient_id"))
+def _survivor_of(patient: Any) -> Any:
+    """The record `patient` (a bound parameter or an SQL expression) was merged into, if it was."""
+    return select(db.patient_merge.c.survivor_id).where(db.patient_merge.c.merged_id == patient)
+
+
+_SURVIVOR = _survivor_of(bindparam("patient_id"))
 
 
 def same_person(patient: Any) -> CTE:
@@ -79,8 +84,8 @@ def same_person(patient: Any) -> CTE:
     last survivor. A CTE so that `$recognition-check` reads the person and their results in one
     statement."""
     table = db.patient_merge
-    lives_on = select(func.coalesce(select(table.c.survivor_id).where(table.c.merged_id == patient)
-                                    .scalar_subquery(), patient).label("survivor_id")).cte("lives_on")
+    lives_on = select(func.coalesce(_survivor_of(patient).scalar_subquery(), patient).label("survivor_id")).cte(
+        "lives_on")
     merged_into = (select(table.c.merged_id, false())
                    .join_from(table, lives_on, table.c.survivor_id == lives_on.c.survivor_id))
     return select(lives_on.c.survivor_id.label("patient_id"), true().label("survivor")).union_all(
