@@ -332,7 +332,8 @@ class Repository:
         hooks = self.config.hooks_for(resource_type)
         await hooks.before_write(self, None, context)
         stored = await self._write_version(current, None, "DELETE")
-        await hooks.after_write(self, None, replace(context, stored=stored))
+        async with driver.gathering(self.conn):
+            await hooks.after_write(self, None, replace(context, stored=stored))
         return stored
 
     async def conditional_targets(self, resource_type: str, criteria: str) -> list[StoredResource]:
@@ -384,7 +385,8 @@ class Repository:
         await self._create_rows_together(rows, named)
         stored = [StoredResource(resource_type, row["resource_id"], 1, now, False, row["content"], self.owner)
                   for row in rows]
-        await hooks.after_creates(self, named, [replace(c, stored=s) for c, s in zip(contexts, stored)])
+        async with driver.gathering(self.conn):
+            await hooks.after_creates(self, named, [replace(c, stored=s) for c, s in zip(contexts, stored)])
         return [WriteOutcome(one, created=True) for one in stored]
 
     def _first_version(self, body: dict[str, Any], now: int) -> dict[str, Any]:
@@ -425,7 +427,8 @@ class Repository:
         if not await self._create_rows(values, method, body):
             raise VersionConflict(f"{resource_type}/{resource_id} was created concurrently; retry")
         stored = StoredResource(resource_type, resource_id, 1, now, False, values["content"], self.owner)
-        await self.config.hooks_for(resource_type).after_write(self, body, replace(context, stored=stored))
+        async with driver.gathering(self.conn):
+            await self.config.hooks_for(resource_type).after_write(self, body, replace(context, stored=stored))
         return WriteOutcome(stored, created=True)
 
     async def _replace(
@@ -446,7 +449,8 @@ class Repository:
             # result is what is stored already: a re-send writes no new version.
             return WriteOutcome(current, created=False, changed=False)
         stored = await self._write_version(current, body, method)
-        await self.config.hooks_for(current.resource_type).after_write(self, body, replace(context, stored=stored))
+        async with driver.gathering(self.conn):
+            await self.config.hooks_for(current.resource_type).after_write(self, body, replace(context, stored=stored))
         return WriteOutcome(stored, created=current.deleted)
 
     async def _prepare(self, body: dict[str, Any], context: WriteContext) -> None:

@@ -51,7 +51,9 @@ class OutboxHooks:
         self, repo: "Repository", resource: dict[str, Any] | None, context: WriteContext
     ) -> None:
         # The change first, then what the service makes of it: a business event its own
-        # after_write emits for this write gets the next sequence number.
+        # after_write emits for this write gets the next sequence number. The event's row goes
+        # with the service's own next insert where it can (driver.gathering, opened by the
+        # repository around after-hooks); an emitted event's insert writes it first.
         await append_resource_event(repo.conn, self.service, context)
         await self.inner.after_write(repo, resource, context)
 
@@ -66,7 +68,7 @@ class OutboxHooks:
     ) -> None:
         # As after_write: the changes' events first (one statement), then the service's own part.
         events = [_resource_event(self.service, context, context.stored) for context in contexts]
-        await driver.insert_rows(repo.conn, outbox, [row_values(event) for event in events])
+        await driver.insert_later(repo.conn, outbox, [row_values(event) for event in events])
         repo.conn.info[PENDING_KEY] = True
         await cast(BatchHooks, self.inner).after_creates(repo, resources, contexts)
 
@@ -80,13 +82,16 @@ def with_outbox(
     return {name: OutboxHooks(service, hooks.get(name) or NoHooks()) for name in sorted(types)}
 
 
-async def append_resource_event(conn: AsyncConnection, service: str, context: WriteContext) -> Event:
+async def append_resource_event(conn: AsyncConnection, service: str, context: WriteContext) -> None:
+    """The resource event of a write, in its transaction (with the next insert inside
+    `driver.gathering`)."""
     # The version number, time, owner and the exact bytes a reader gets (null once deleted):
     # what the repository just wrote, or else read back inside this transaction.
     stored = context.stored or (await conn.execute(_CURRENT_VERSION, {
         "resource_type": context.resource_type, "resource_id": context.resource_id,
     })).one()
-    return await _append(conn, _resource_event(service, context, stored))
+    await driver.insert_later(conn, outbox, [row_values(_resource_event(service, context, stored))])
+    conn.info[PENDING_KEY] = True
 
 
 def _resource_event(service: str, context: WriteContext, stored: Any) -> Event:

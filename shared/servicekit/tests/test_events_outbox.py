@@ -5,11 +5,13 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
-from sqlalchemy import select, text, update
+from sqlalchemy import func, select, text, update
 
 from fhirkit import jsonio
+from fhirkit.store import driver
 from fhirkit.store.hooks import WriteContext
 from fhirkit.store.repository import Repository, StoreConfig
+from fhirkit.store.tables import access_opt_out
 from fhirkit.store.tables import resource as resource_table
 from servicekit.db import Database
 from servicekit.events import Event, InProcessBus, ServiceEvents, emit, outbox, subject_matches
@@ -273,3 +275,79 @@ async def test_the_dispatcher_finds_pending_rows_through_their_index_not_past_pu
     async with database.transaction(write=False) as conn:
         pending = [row.event_id for row in await conn.execute(statement)]
     assert pending == [f"e{i}" for i in range(2995, 3000)]
+
+
+class OptOutHooks:
+    """A service whose after_write adds rows of its own (here: an opt-out per Patient written),
+    with `driver.insert_rows` as the results service adds its recognition rows; `fail` makes it
+    fail after its rows are written."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.fail = fail
+        self.events_before_own_rows: list[int] = []
+
+    async def before_write(self, repo: Repository, resource: dict[str, Any] | None, context: WriteContext) -> None:
+        return None
+
+    async def after_write(self, repo: Repository, resource: dict[str, Any] | None, context: WriteContext) -> None:
+        # Through SQLAlchemy, past the driver: what is in the table before the hook's own insert.
+        self.events_before_own_rows.append(await repo.conn.scalar(select(func.count()).select_from(outbox)))
+        await driver.insert_rows(repo.conn, access_opt_out, [
+            {"consent_id": f"c-{context.resource_id}", "patient_id": context.resource_id, "recorded_at": 1}])
+        if self.fail:
+            raise RuntimeError("the service's rule failed after its rows")
+
+
+async def test_the_event_row_goes_with_the_services_own_rows_in_one_statement(database: Database) -> None:
+    """PostgreSQL: the outbox row waits for the hook's insert and goes in the same statement (one
+    round trip fewer per write); SQLite writes it at once. Either way both rows commit."""
+    hooks = OptOutHooks()
+    async with database.transaction(write=True) as conn:
+        await Repository(conn, _store(database, {"Patient": hooks})).create(
+            {"resourceType": "Patient", "active": True}, resource_id="p1")
+    assert hooks.events_before_own_rows == [0 if database.dialect == "postgresql" else 1]
+    assert [e.reference for e in await _events(database)] == ["Patient/p1"]
+    assert await count(database, "fhir_access_opt_out", "patient_id = 'p1'") == 1
+
+
+async def test_an_event_row_left_waiting_is_written_when_the_write_ends(database: Database) -> None:
+    """No later insert to go with: the row is written as the hooks return, and precedes what
+    the same transaction writes next."""
+    async with database.transaction(write=True) as conn:
+        repo = Repository(conn, _store(database))
+        await repo.create({"resourceType": "Patient", "active": True}, resource_id="p1")
+        await emit(conn, "patient.checked", {}, service="directory")
+        await repo.create({"resourceType": "Patient", "active": True}, resource_id="p2")
+    assert [e.subject for e in await _events(database)] == [
+        "directory.Patient.create", "directory.business.patient.checked", "directory.Patient.create"]
+
+
+async def test_a_failed_hook_leaves_no_waiting_row_for_the_next_transaction(database: Database) -> None:
+    """The failed write's event row never reaches the database, not even with a later
+    transaction's insert on the same pooled connection."""
+    with pytest.raises(RuntimeError):
+        async with database.transaction(write=True) as conn:
+            await driver.insert_rows(conn, access_opt_out, [{"consent_id": "c0", "patient_id": "x", "recorded_at": 1}])
+            async with driver.gathering(conn):
+                await driver.insert_later(conn, outbox, [_event_row("lost")])
+                raise RuntimeError("the hook failed")
+    for n in range(3):  # the pool hands back the connection just returned
+        async with database.transaction(write=True) as conn:
+            await driver.insert_rows(conn, access_opt_out, [{"consent_id": f"c{n}", "patient_id": "x", "recorded_at": 1}])
+    assert await count(database, "servicekit_outbox") == 0
+    assert await count(database, "fhir_access_opt_out") == 3
+    with pytest.raises(RuntimeError):
+        async with database.transaction(write=True) as conn:
+            await Repository(conn, _store(database, {"Patient": OptOutHooks(fail=True)})).create(
+                {"resourceType": "Patient"}, resource_id="failed")
+    async with database.transaction(write=True) as conn:
+        await Repository(conn, _store(database)).create({"resourceType": "Patient"}, resource_id="after")
+    assert [e.reference for e in await _events(database)] == ["Patient/after"]
+
+
+def _event_row(resource_id: str) -> dict[str, Any]:
+    from servicekit.events.envelope import row_values
+
+    return row_values(Event(id=f"e-{resource_id}", seq=0, service="directory", kind="resource", type="create",
+                            occurred_at=1, resource_type="Patient", resource_id=resource_id, version_id=1,
+                            owner=None, request_id=None, payload=b"{}"))
