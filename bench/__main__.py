@@ -52,6 +52,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--read-connections", type=int, default=32)
     parser.add_argument("--connections", type=int, default=16, help="create, search and $recognition-check")
     parser.add_argument("--loaders", type=int, default=4, help="concurrent loader connections")
+    parser.add_argument("--paired-rounds", type=int, default=3,
+                        help="search rounds alternating a second system loaded to the smallest size with the "
+                             "largest, for the growth target (0: none)")
     parser.add_argument("--skip-distributed", action="store_true")
     args = parser.parse_args()
     args.sizes = sorted(int(s.replace("_", "")) for s in args.observations.split(","))
@@ -118,8 +121,51 @@ def embedded(args: argparse.Namespace, postgres: str | None, logs: Path, stack: 
     read_row = read(args, server, tokens, stored, dataset.observations)
     create_row = create(args, server, tokens, dataset)
     system.stop(server)  # the floors get the machine to themselves
+    if len(args.sizes) > 1 and args.paired_rounds > 0:
+        result["rows"] += paired_search(args, postgres, logs, stack, (env, data_dir, dataset))
     floors = measure_floors(args, env, logs, stored, floor_url, dataset, run)
     result["rows"] = [*floors.values(), *_with_floors(result["rows"], read_row, create_row, floors)]
+
+
+Stored = tuple[dict[str, str], Path, data.Dataset]  # a system's environment, data directory and dataset
+
+
+def paired_search(args: argparse.Namespace, postgres: str | None, logs: Path, stack: ExitStack,
+                  largest: Stored) -> list[dict[str, Any]]:
+    """The search against a second store loaded to the smallest size and against the largest,
+    alternated round by round: the growth target then compares figures taken minutes apart. The
+    incremental load's two figures are most of an hour apart on a 1,000,000 run, and this
+    machine's speed moved by half within minutes (one create figure of one code: 3.5 to 7.0 ms
+    of CPU). One system serves at a time, started afresh for each figure (its caches warm in the
+    warm-up), so both run alike and PostgreSQL's connections suffice."""
+    run = uuid.uuid4().hex[:8]
+    data_dir = Path(tempfile.mkdtemp(prefix="bench-paired-"))
+    stack.callback(shutil.rmtree, data_dir, True)
+    urls = _databases(postgres, f"bench_{run}", list(system.DATABASES), stack)
+    env = system.environment(data_dir, urls, **system.pool_size_for(urls, args.workers))
+    system.run_cli(env, "migrate")
+    system.run_cli(env, "demo", "load")
+    smallest: Stored = (env, data_dir, data.Dataset(run, data.lab_items()))
+    print(f"paired search: a second store loaded to {args.sizes[0]:,}", flush=True)
+    with _serving(args, logs, smallest) as (server, tokens):
+        load_to(args, server, tokens, smallest[2], args.sizes[0])
+    _timed("analyze", lambda: system.analyze(urls.values()))
+    rows = []
+    for _ in range(args.paired_rounds):
+        for stored in (smallest, largest):
+            with _serving(args, logs, stored) as (server, tokens):
+                rows.append({**search(args, server, tokens, stored[2]), "key": "search-paired"})
+    return rows
+
+
+@contextmanager
+def _serving(args: argparse.Namespace, logs: Path, stored: Stored) -> Iterator[tuple[system.Server, system.Tokens]]:
+    env, data_dir, _ = stored
+    server = system.serve(env, "all", system.free_port(), args.workers, logs)
+    try:
+        yield server, system.Tokens(server.url, data_dir)
+    finally:
+        system.stop(server)
 
 
 def _databases(postgres: str | None, prefix: str, names: list[str], stack: ExitStack) -> dict[str, str]:

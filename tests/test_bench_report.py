@@ -1,0 +1,36 @@
+"""The bench's judgement of the search growth target (bench/report.py): arithmetic only, no load."""
+
+import importlib.util
+from pathlib import Path
+
+# bench/ is a directory of the repository, not an installed package.
+_spec = importlib.util.spec_from_file_location("bench_report", Path(__file__).parents[1] / "bench" / "report.py")
+assert _spec is not None and _spec.loader is not None
+report = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(report)
+evaluate, paired_growth = report.evaluate, report.paired_growth
+
+
+def _search(key: str, stored: int, p95: float) -> dict[str, object]:
+    return {"key": key, "stored": stored, "p95_ms": p95, "p99_ms": p95}
+
+
+def test_the_paired_growth_is_the_median_of_each_rounds_ratio() -> None:
+    rows = [_search("search-paired", 100_000, 20.0), _search("search-paired", 1_000_000, 24.0),   # 1.2
+            _search("search-paired", 100_000, 40.0), _search("search-paired", 1_000_000, 80.0),   # 2.0
+            _search("search-paired", 100_000, 30.0), _search("search-paired", 1_000_000, 39.0)]   # 1.3
+    assert paired_growth(rows) == 1.3
+    assert paired_growth(rows[:4]) == 1.6  # an even count: the mean of the middle two
+    # A ratio of medians would pair the slow round's 1,000,000 with another round's 100,000.
+    assert paired_growth([*rows, _search("search-paired", 100_000, 10.0)]) == 1.3  # an unfinished round
+    assert paired_growth([_search("search", 100_000, 20.0)]) is None
+
+
+def test_the_target_is_judged_on_the_paired_rounds_and_the_incremental_figures_are_shown() -> None:
+    report = {"sizes": [100_000, 1_000_000], "loads": [], "rows": [
+        _search("search", 100_000, 20.0), _search("search", 1_000_000, 41.0),  # 2.05 across the load
+        _search("search-paired", 100_000, 30.0), _search("search-paired", 1_000_000, 36.0)]}
+    growth = [t for t in evaluate(report) if "growth" in t["target"] or "before and after" in t["target"]]
+    assert [(t["measured"], t["status"]) for t in growth] == [("1.200x", "pass"), ("2.050x", "n/a")]
+    report["rows"] = report["rows"][:2]  # no paired rounds (--paired-rounds 0): judged as before
+    assert [(t["measured"], t["status"]) for t in evaluate(report) if "growth" in t["target"]] == [("2.050x", "miss")]
