@@ -136,12 +136,9 @@ async def insert_rows(
     if not rows:
         return []
     connection = _driver(conn) if conn.dialect.name == "postgresql" else None
-    gathered = conn.info.get(_GATHERED) if connection is not None else None
+    gathered = _take_gathered(conn) if connection is not None else []
     if connection is not None and (len(rows) > 1 or gathered):  # one row alone: the arrays cost more than they save
-        parts = [*(gathered or []), (table, rows)]
-        if gathered:
-            conn.info[_GATHERED] = []
-        sql, arrays = _unnest_inserts(parts, returning, skip_conflicts)
+        sql, arrays = _unnest_inserts([*gathered, (table, rows)], returning, skip_conflicts)
         return await _run_binary(connection, sql, arrays)
     statement = _plain_insert(table, conn.dialect.name, returning, skip_conflicts)
     if not returning:
@@ -187,11 +184,19 @@ async def insert_later(conn: AsyncConnection, table: Table, rows: Sequence[dict[
 
 async def flush_gathered(conn: AsyncConnection) -> None:
     """Writes the rows `insert_later` gathered, if any (one statement)."""
-    gathered = conn.info.get(_GATHERED)
+    gathered = _take_gathered(conn)
     if gathered:
-        conn.info[_GATHERED] = []
         sql, arrays = _unnest_inserts(gathered, (), False)
         await _run_binary(_driver(conn), sql, arrays)
+
+
+def _take_gathered(conn: AsyncConnection) -> list[tuple[Table, Sequence[dict[str, Any]]]]:
+    """The rows gathered so far, handed over once: the block goes on gathering anew."""
+    gathered = conn.info.get(_GATHERED)
+    if not gathered:
+        return []
+    conn.info[_GATHERED] = []
+    return gathered
 
 
 def _unnest_inserts(
