@@ -5,6 +5,7 @@ statements, each exactly as a single create would store it: row, history, index 
 from typing import Any
 
 import orjson
+import pytest
 from sqlalchemy import func, select
 
 from fhirkit.search.request import parse_search
@@ -50,25 +51,28 @@ async def test_a_batch_is_stored_row_history_and_indexes_each(database: Database
         assert len(page.matches) == 12
 
 
-async def test_insert_rows_keeps_awkward_values_exactly(database: Database) -> None:
-    """PostgreSQL gets one binary array per column: whole numbers mixed with fractions in a float
-    column, text with quotes, braces and commas, Chinese text, bytes with NUL and missing values
-    must all arrive as given (a text-format array refused the mixed numbers outright)."""
+@pytest.mark.parametrize("padding", [0, 4], ids=["as VALUES", "as arrays"])
+async def test_insert_rows_keeps_awkward_values_exactly(database: Database, padding: int) -> None:
+    """PostgreSQL gets a few rows as VALUES and more as one binary array per column: either way
+    whole numbers mixed with fractions in a float column, text with quotes, braces and commas,
+    Chinese text, bytes with NUL and missing values must all arrive as given (a text-format array
+    refused the mixed numbers outright). `padding` plain rows push the statement past FEW_ROWS."""
     from fhirkit.store import driver
     from fhirkit.store.tables import quantity_index
 
-    contents = [b'{"a":"\\u0000"}\x00\xff', None, "中文".encode()]
+    contents = [b'{"a":"\\u0000"}\x00\xff', None, "中文".encode(), *([b"{}"] * padding)]
+    assert (len(contents) > driver.FEW_ROWS) == (padding > 0)  # the path the case names
     async with database.transaction(write=True) as conn:
         inserted = await driver.insert_rows(conn, resource, [
             {"resource_type": "Basic", "resource_id": f"r{i}", "version_id": 1, "last_updated": 1 + i,
              "deleted": False, "owner": None, "content": content} for i, content in enumerate(contents)
         ], returning=("resource_id", "rid"))
         rid = dict(inserted)["r0"]
+        awkward = [(5, 'http://x/"{a,b}"\\', "mmol/L", "毫摩尔"), (5.5, None, None, None), (-2**53, "s", "c", None)]
         await driver.insert_rows(conn, quantity_index, [
             {"rid": rid, "resource_type": "Basic", "param": "value", "value": value, "system": system, "code": code,
              "unit": unit}
-            for value, system, code, unit in [(5, 'http://x/"{a,b}"\\', "mmol/L", "毫摩尔"), (5.5, None, None, None),
-                                              (-2**53, "s", "c", None)]
+            for value, system, code, unit in [*awkward, *([(7, "p", "p", "p")] * padding)]
         ])
     async with database.transaction(write=False) as conn:
         stored = dict(list(await conn.execute(select(resource.c.resource_id, resource.c.content))))
@@ -76,7 +80,7 @@ async def test_insert_rows_keeps_awkward_values_exactly(database: Database) -> N
             select(quantity_index.c.value, quantity_index.c.system, quantity_index.c.code, quantity_index.c.unit)))
     assert stored == {f"r{i}": content for i, content in enumerate(contents)}
     assert quantities == [(float(-2**53), "s", "c", None), (5.0, 'http://x/"{a,b}"\\', "mmol/L", "毫摩尔"),
-                          (5.5, None, None, None)]
+                          (5.5, None, None, None), *([(7.0, "p", "p", "p")] * padding)]
 
 
 async def test_insert_rows_skips_the_rows_whose_key_is_taken_and_returns_the_others(database: Database) -> None:
