@@ -5,6 +5,7 @@ data types a parameter of its kind may select (a token may be a CodeableConcept,
 Identifier, ContactPoint, code or boolean; a date a date, Period or Timing; and so on).
 """
 
+import functools
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -24,10 +25,10 @@ def index_rows(resource: dict[str, Any], kinds: frozenset[str] | set[str] = INDE
     date index alone, when a migration recomputes it)."""
     resource_type = resource["resourceType"]
     rows: IndexRows = {kind: [] for kind in kinds}
-    for name, param in definitions.parameters_for(resource_type).items():
-        if name in UNINDEXED or param.type not in kinds:
-            continue
-        converter = _CONVERTERS[param.type]
+    present = resource.keys()
+    for name, param, converter, roots in _indexers(resource_type, frozenset(kinds)):
+        if roots is not None and present.isdisjoint(roots):
+            continue  # nothing it selects is in the resource (most of a type's parameters)
         seen: set[tuple[Any, ...]] = set()
         for element in extract.extract_values(resource, param):
             for values in converter(extension_value(element), param):
@@ -37,6 +38,33 @@ def index_rows(resource: dict[str, Any], kinds: frozenset[str] | set[str] = INDE
                 seen.add(key)
                 rows[param.type].append({"resource_type": resource_type, "param": name, **values})
     return rows
+
+
+Indexer = tuple[str, definitions.SearchParamDef, Callable[[Any, Any], Iterator[Row]], frozenset[str] | None]
+
+
+@functools.cache
+def _indexers(resource_type: str, kinds: frozenset[str]) -> tuple[Indexer, ...]:
+    """The type's indexed parameters of those kinds, each with its converter and the top-level
+    keys its paths start from (None: it may select from anywhere, a FHIRPath expression)."""
+    return tuple((name, param, _CONVERTERS[param.type], _roots(param))
+                 for name, param in definitions.parameters_for(resource_type).items()
+                 if name not in UNINDEXED and param.type in kinds)
+
+
+def _roots(param: definitions.SearchParamDef) -> frozenset[str] | None:
+    if param.paths is None:
+        return None
+    roots: set[str] = set()
+    for alternative in param.paths:
+        first = alternative.keys[0] if alternative.keys else None
+        if isinstance(first, str):
+            roots.add(first)
+        elif isinstance(first, tuple):  # a choice element: any of its concrete keys
+            roots.update(first)
+        else:  # a path selecting the resource itself: always walked
+            return None
+    return frozenset(roots)
 
 
 def extension_value(element: Any) -> Any:

@@ -305,3 +305,31 @@ def test_fallback_never_raises(caplog: pytest.LogCaptureFixture) -> None:
             [False],
         )
     assert "failed" in caplog.text and "value" not in caplog.text.split("failed", 1)[1]
+
+
+def test_index_rows_skip_only_parameters_that_select_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`index_rows` passes over a parameter none of whose paths starts at a key the resource has:
+    on every official example it must give the rows of walking every parameter."""
+    from fhirkit.store import indexing
+
+    resources = [json.loads(path.read_bytes()) for path in _examples()]
+    skipping = [indexing.index_rows(resource) for resource in resources]
+    monkeypatch.setattr(indexing, "_roots", lambda param: None)  # every parameter walked
+    indexing._indexers.cache_clear()
+    try:
+        walking_all = [indexing.index_rows(resource) for resource in resources]
+    finally:
+        indexing._indexers.cache_clear()
+    assert skipping == walking_all
+    assert sum(len(rows) for by_kind in skipping for rows in by_kind.values()) > 2000  # the examples index
+
+
+def test_a_choice_element_and_a_nested_path_name_their_top_level_keys() -> None:
+    from fhirkit.store import indexing
+
+    assert indexing._roots(_param("Observation", "date")) == {
+        "effectiveDateTime", "effectivePeriod", "effectiveTiming", "effectiveInstant"}
+    assert indexing._roots(_param("Observation", "combo-code")) == {"code", "component"}
+    walked_by_fhirpath = next(p for t in definitions.all_resource_types()
+                              for p in definitions.parameters_for(t).values() if p.paths is None)
+    assert indexing._roots(walked_by_fhirpath) is None
