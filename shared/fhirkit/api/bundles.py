@@ -144,11 +144,11 @@ class BundleProcessor:
                 written.append((entry, bodies[position:] if last else bodies[position:position + 1]))
         self.repo.deferred_references = None
         # Every entry is written: now each reference must point at something that exists.
-        await self.repo.prefetch_references([body for _, bodies in written for body in bodies])
+        targets = iter(await self.repo.prefetch_references([body for _, bodies in written for body in bodies]))
         for entry, bodies in written:
             for body in bodies:
                 with located(entry.where):
-                    await self.repo.check_references(body)
+                    await self.repo.check_references(body, next(targets))
         ordered = [self._response_entry(results[e.index], e) for e in entries]
         return responses.bundle_bytes("transaction-response", ordered, timestamp=self._now())
 

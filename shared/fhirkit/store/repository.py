@@ -559,9 +559,11 @@ class Repository:
 
     # --- references -------------------------------------------------------------------------
 
-    async def check_references(self, body: dict[str, Any]) -> None:
-        """A reference to a missing resource of a type the product holds is refused (422)."""
-        local, foreign = self._targets(body)
+    async def check_references(self, body: dict[str, Any], targets: "ReferenceTargets | None" = None) -> None:
+        """A reference to a missing resource of a type the product holds is refused (422).
+        `targets`: the body's, as `prefetch_references` found them."""
+        local, foreign = targets if targets is not None else self._targets(body)
+        foreign = dict(foreign)
         missing = await self._missing_local(local)
         # A type several services hold (ServiceRequest, Task, Provenance) may live at another owner.
         foreign.update((key, path) for key, path in missing.items() if self.config.references.holds(key[0]))
@@ -570,29 +572,31 @@ class Repository:
             if not await self.config.references.exists(*key):
                 missing[key] = path
         if missing:
-            (target_type, target_id), path = next(iter(missing.items()))
+            (target_type, target_id), reference = next(iter(missing.items()))
+            path = _path_of(body, reference)
             raise UnprocessableEntity(
                 f"{path} refers to {target_type}/{target_id}, which does not exist",
                 expression=[path],
             )
 
-    async def prefetch_references(self, bodies: Sequence[dict[str, Any]]) -> None:
+    async def prefetch_references(self, bodies: Sequence[dict[str, Any]]) -> list["ReferenceTargets"]:
         """Ask other services about the targets of many bodies at once (a transaction's hundred
         results name up to a hundred patients), so that each body's check finds them answered.
-        Only a speed-up: whatever is not answered here is asked one by one as before."""
+        Only a speed-up: whatever is not answered here is asked one by one as before. Returns
+        each body's targets, for its `check_references`."""
+        targets = [self._targets(body) for body in bodies]
         exists_many = getattr(self.config.references, "exists_many", None)
-        if exists_many is None:
-            return
-        wanted = {key for body in bodies for key in self._targets(body)[1]}
-        if len(wanted) > 1:
+        wanted = {key for _, foreign in targets for key in foreign}
+        if exists_many is not None and len(wanted) > 1:
             await exists_many(wanted)
+        return targets
 
-    def _targets(self, body: dict[str, Any]) -> tuple[dict[tuple[str, str], str], dict[tuple[str, str], str]]:
-        """The body's references to check, by (type, id), each with the path of its first
-        mention: those this store holds, and those other services hold."""
+    def _targets(self, body: dict[str, Any]) -> "ReferenceTargets":
+        """The body's references to check, by (type, id), each with its first mention as
+        written: those this store holds, and those other services hold."""
         local: dict[tuple[str, str], str] = {}
         foreign: dict[tuple[str, str], str] = {}
-        for path, reference in _references(_outside_entries(body), body["resourceType"]):
+        for _, reference in _references(_outside_entries(body), []):
             parts = indexing.split_reference(reference)
             target_type, target_id = parts["target_type"], parts["target_id"]
             if target_type is None or target_id is None or reference.startswith(("http:", "https:", "urn:")):
@@ -601,9 +605,9 @@ class Repository:
             if (target_type, target_id) == (body["resourceType"], body.get("id")):
                 continue  # a resource may point at itself
             if target_type in self.config.resource_types:
-                local.setdefault(key, path)
+                local.setdefault(key, reference)
             elif self.config.references.holds(target_type):
-                foreign.setdefault(key, path)
+                foreign.setdefault(key, reference)
         return local, foreign
 
     async def _missing_local(self, wanted: dict[tuple[str, str], str]) -> dict[tuple[str, str], str]:
@@ -1206,17 +1210,31 @@ def _outside_entries(body: dict[str, Any]) -> dict[str, Any]:
     return {**body, "entry": entries}
 
 
-def _references(value: Any, path: str) -> Iterable[tuple[str, str]]:
+# A body's references (type, id) → the first that names it, as written.
+ReferenceTargets = tuple[dict[tuple[str, str], str], dict[tuple[str, str], str]]
+
+
+def _references(value: Any, found: list[tuple[str, str]], path: str = "") -> list[tuple[str, str]]:
+    """The literal references in `value` in document order (contained `#id` ones left out), each
+    with its path when `path` names `value` (else ""): building a path per element cost half of
+    the walk, and only a refusal names one (`_path_of`)."""
     if isinstance(value, dict):
         reference = value.get("reference")
         if isinstance(reference, str) and not reference.startswith("#"):
-            yield f"{path}.reference", reference
+            found.append((path and f"{path}.reference", reference))
         for key, child in value.items():
             if isinstance(child, dict | list) and key != "reference":
-                yield from _references(child, f"{path}.{key}")
+                _references(child, found, path and f"{path}.{key}")
     elif isinstance(value, list):
         for index, item in enumerate(value):
-            yield from _references(item, f"{path}[{index}]")
+            _references(item, found, path and f"{path}[{index}]")
+    return found
+
+
+def _path_of(body: dict[str, Any], reference: str) -> str:
+    """Where `reference` is first written in `body`, as `Observation.subject.reference`."""
+    written = _references(_outside_entries(body), [], body["resourceType"])
+    return next(path for path, found in written if found == reference)
 
 
 def _http_date(micros: int) -> str:

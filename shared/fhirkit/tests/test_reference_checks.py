@@ -48,3 +48,25 @@ async def test_what_a_transaction_confirmed_is_not_taken_into_the_next(database:
     async with database.transaction(write=True) as conn:
         with pytest.raises(UnprocessableEntity, match="Organization/o2"):
             await Repository(conn, STORE).check_references(patient_of("o2"))
+
+
+async def test_a_refusal_names_where_the_missing_target_is_first_written(database: Database) -> None:
+    """The walk that finds references keeps no paths; the refusal finds the first mention's."""
+    patient = {
+        "resourceType": "Patient",
+        "managingOrganization": {"reference": "Organization/o3"},
+        "generalPractitioner": [{"reference": "Organization/o3"}, {"reference": "Organization/gone"},
+                                {"reference": "Organization/gone/_history/2"}],
+        "contained": [{"resourceType": "Organization", "id": "c1"}],
+        "link": [{"other": {"reference": "#c1"}, "type": "seealso"}],
+    }
+    async with database.transaction(write=True) as conn:
+        repo = Repository(conn, STORE)
+        await repo.create(ORGANIZATION, resource_id="o3")
+        [targets] = await repo.prefetch_references([patient])
+        assert targets == ({("Organization", "o3"): "Organization/o3", ("Organization", "gone"): "Organization/gone"}, {})
+        for given in (targets, None):  # as a transaction hands them over, and found afresh
+            with pytest.raises(UnprocessableEntity) as refused:
+                await repo.check_references(patient, given)
+            assert refused.value.expression == ["Patient.generalPractitioner[1].reference"]
+            assert "Organization/gone, which does not exist" in str(refused.value)
