@@ -131,9 +131,9 @@ async def insert_rows(
     """Many rows (sharing their keys) into `table`. On PostgreSQL in one statement: up to
     `FEW_ROWS` as `INSERT … VALUES`, more as `INSERT … SELECT FROM unnest(one array per column)`,
     whose text does not change with the number of rows (it is prepared once); elsewhere one
-    insert per row. Returns the `returning`
-    columns of the rows, in no promised order. `skip_conflicts`: a row whose key exists already
-    is left out (ON CONFLICT DO NOTHING) and returns nothing."""
+    insert per row. Returns the `returning` columns of the rows, in no promised order.
+    `skip_conflicts`: a row whose key exists already is left out (ON CONFLICT DO NOTHING) and
+    returns nothing."""
     if not rows:
         return []
     connection = _driver(conn) if conn.dialect.name == "postgresql" else None

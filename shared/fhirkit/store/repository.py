@@ -566,11 +566,11 @@ class Repository:
         foreign = dict(foreign)
         missing = await self._missing_local(local)
         # A type several services hold (ServiceRequest, Task, Provenance) may live at another owner.
-        foreign.update((key, path) for key, path in missing.items() if self.config.references.holds(key[0]))
-        missing = {key: path for key, path in missing.items() if key not in foreign}
-        for key, path in foreign.items():
+        foreign.update((key, written) for key, written in missing.items() if self.config.references.holds(key[0]))
+        missing = {key: written for key, written in missing.items() if key not in foreign}
+        for key, written in foreign.items():
             if not await self.config.references.exists(*key):
-                missing[key] = path
+                missing[key] = written
         if missing:
             (target_type, target_id), reference = next(iter(missing.items()))
             path = _path_of(body, reference)
