@@ -210,12 +210,13 @@ def _inserts_sql(
     for n, (table, rows) in enumerate(parts):
         last = n == len(parts) - 1
         keys = tuple(name for name in table.c.keys() if any(name in row for row in rows))
-        if len(rows) <= FEW_ROWS:
+        few = len(rows) <= FEW_ROWS
+        if few:
             parameters += [row.get(key) for row in rows for key in keys]
-            steps.append(_values_insert(table, keys, len(rows), returning if last else (), skip_conflicts and last))
         else:
             parameters += [_column_array(table, key, rows) for key in keys]
-            steps.append(_unnest_insert(table, keys, returning if last else (), skip_conflicts and last))
+        steps.append(_insert_sql(table, keys, len(rows) if few else None, returning if last else (),
+                                 skip_conflicts and last))
     if len(steps) == 1:
         return steps[0], parameters
     ctes = ", ".join(f"gathered_{n} AS ({sql})" for n, sql in enumerate(steps[:-1]))
@@ -226,36 +227,30 @@ def _inserts_sql(
 # it saves. A create's outbox row and recognition row as unnest arrays in one statement were
 # slower than as two plain inserts (6 pairs of 6); as VALUES, faster (5 of 6; session 16).
 FEW_ROWS = 4
-# (table, columns, number of rows, returning, skip_conflicts) → the VALUES insert, built once.
-_VALUES_INSERTS: dict[tuple[str, tuple[str, ...], int, tuple[str, ...], bool], str] = {}
+# (table, columns, number of VALUES rows or None for arrays, returning, skip_conflicts) → the
+# insert, built once.
+_INSERTS: dict[tuple[str, tuple[str, ...], int | None, tuple[str, ...], bool], str] = {}
 
 
-def _values_insert(table: Table, keys: tuple[str, ...], count: int, returning: tuple[str, ...],
-                   skip_conflicts: bool) -> str:
-    found = _VALUES_INSERTS.get((table.name, keys, count, returning, skip_conflicts))
+def _insert_sql(table: Table, keys: tuple[str, ...], count: int | None, returning: tuple[str, ...],
+                skip_conflicts: bool) -> str:
+    """`count` rows as `VALUES`, or (None) any number as `unnest` of one array per column."""
+    cache_key = (table.name, keys, count, returning, skip_conflicts)
+    found = _INSERTS.get(cache_key)
     if found is None:
-        row = "(" + ", ".join("%s" for _ in keys) + ")"
-        sql = f"INSERT INTO {table.name} ({', '.join(keys)}) VALUES {', '.join(row for _ in range(count))}"
+        if count is None:
+            # `%b`: the arrays go in PostgreSQL's binary format. psycopg writes a text-format array
+            # in Python, escaping every element: 2.7 ms for 700 short strings and 2.5 ms for 60
+            # stored resources, against 0.34 and 0.06 ms in binary (an audit batch is about that size).
+            dialect = postgresql.dialect()
+            arrays = ", ".join(f"CAST(%b AS {table.c[key].type.compile(dialect=dialect)}[])" for key in keys)
+            source = f"SELECT * FROM unnest({arrays})"
+        else:
+            row = "(" + ", ".join("%s" for _ in keys) + ")"
+            source = "VALUES " + ", ".join(row for _ in range(count))
+        sql = f"INSERT INTO {table.name} ({', '.join(keys)}) {source}"
         sql += " ON CONFLICT DO NOTHING" if skip_conflicts else ""
-        found = _VALUES_INSERTS[(table.name, keys, count, returning, skip_conflicts)] = sql + _returning(returning)
-    return found
-
-
-# (table, columns, returning, skip_conflicts) → its statement, built once.
-_INSERTS: dict[tuple[str, tuple[str, ...], tuple[str, ...], bool], Any] = {}
-
-
-def _unnest_insert(table: Table, keys: tuple[str, ...], returning: tuple[str, ...], skip_conflicts: bool) -> str:
-    # `%b`: the arrays go in PostgreSQL's binary format. psycopg writes a text-format array in
-    # Python, escaping every element: 2.7 ms for 700 short strings and 2.5 ms for 60 stored
-    # resources, against 0.34 and 0.06 ms in binary (an audit batch is about that size).
-    found = _INSERTS.get((table.name, keys, returning, skip_conflicts))
-    if found is None:
-        dialect = postgresql.dialect()
-        arrays = ", ".join(f"CAST(%b AS {table.c[key].type.compile(dialect=dialect)}[])" for key in keys)
-        sql = f"INSERT INTO {table.name} ({', '.join(keys)}) SELECT * FROM unnest({arrays})"
-        sql += " ON CONFLICT DO NOTHING" if skip_conflicts else ""
-        found = _INSERTS[(table.name, keys, returning, skip_conflicts)] = sql + _returning(returning)
+        found = _INSERTS[cache_key] = sql + _returning(returning)
     return found
 
 
