@@ -45,3 +45,23 @@ def test_the_check_is_judged_on_its_first_figure_and_the_repeated_pairs_are_show
                       ("  the same pairs checked again (shown, not judged)", "18.000 ms", "n/a")]
     report["rows"] = report["rows"][:1]  # a report written before the repeated figure existed
     assert [t["status"] for t in evaluate(report) if "check" in t["target"]] == ["miss"]
+
+
+def test_read_and_create_are_judged_on_their_floors_and_shown_against_storage() -> None:
+    def figure(key: str, ratio: float) -> dict[str, object]:
+        return {"key": key, "stored": 1_000_000, "ratio": ratio, "p95_ms": 20.0, "p99_ms": 34.0}
+
+    report = {"sizes": [1_000_000], "loads": [], "rows": [
+        figure("read", 0.030), figure("create", 0.041),
+        figure("read-vs-storage", 0.583), figure("create-vs-storage", 0.184)]}
+    judged = [(t["target"], t["measured"], t["status"]) for t in evaluate(report)
+              if "read" in t["target"] or "create" in t["target"]]
+    assert judged == [
+        ("read by id >= 0.50 x bare-bytes floor", "0.030", "miss"),
+        ("  the same reads to the storage-select floor (shown, not judged)", "0.583", "n/a"),
+        ("read by id p99 <= 10 ms at 32 connections", "34.000 ms", "miss"),
+        ("create >= 0.60 x validate-only floor", "0.041", "miss"),
+        ("  the same creates to the storage-insert floor (shown, not judged)", "0.184", "n/a")]
+    report["rows"] = report["rows"][:2]  # no storage floors measured: nothing shown for them
+    assert [t["status"] for t in evaluate(report) if "read" in t["target"] or "create" in t["target"]] == [
+        "miss", "miss", "miss"]
