@@ -7,6 +7,7 @@ data never changes an expected result.
 """
 
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -323,6 +324,65 @@ def test_the_time_zone_is_a_setting():
     finally:
         values.set_local_time_zone(previous)
     assert values.date_range("2024-03-01")[0] == values.date_range("2024-02-29T16:00:00Z")[0]
+
+
+@pytest.mark.parametrize(("text", "low", "high"), [
+    ("2024", "2023-12-31T16:00:00+00:00", "2024-12-31T16:00:00+00:00"),  # read at +08:00: a leap year
+    ("2023-02", "2023-01-31T16:00:00+00:00", "2023-02-28T16:00:00+00:00"),
+    ("2024-02", "2024-01-31T16:00:00+00:00", "2024-02-29T16:00:00+00:00"),
+    ("2024-12-31", "2024-12-30T16:00:00+00:00", "2024-12-31T16:00:00+00:00"),
+    ("2024-03-01T07:30", "2024-02-29T23:30:00+00:00", "2024-02-29T23:31:00+00:00"),
+    ("2024-03-01T07:30:15Z", "2024-03-01T07:30:15+00:00", "2024-03-01T07:30:16+00:00"),
+    ("2024-03-01T07:30:15-05:30", "2024-03-01T13:00:15+00:00", "2024-03-01T13:00:16+00:00"),
+    ("2024-03-01T07:30:15.25+08:00", "2024-02-29T23:30:15.250000+00:00", "2024-02-29T23:30:15.260000+00:00"),
+    ("2024-03-01T07:30:15.123456789Z", "2024-03-01T07:30:15.123456+00:00", "2024-03-01T07:30:15.123457+00:00"),
+])
+def test_a_date_covers_its_precision(text: str, low: str, high: str):
+    """Its [low, high) as UTC instants."""
+    from fhirkit.search import values
+
+    def micros(instant: str) -> int:
+        return values.to_micros(datetime.fromisoformat(instant))
+
+    assert values.date_range(text) == (micros(low), micros(high) - 1)
+
+
+def test_the_first_and_last_seconds_of_the_calendar_have_ranges():
+    """Their ends lie outside what datetime can hold (before year 1 in UTC, after 9999)."""
+    from fhirkit.search import values
+
+    second = values.MICROS
+    first = values.to_micros(datetime(1, 1, 1, tzinfo=UTC)) - 8 * 3600 * second
+    assert values.date_range("0001-01-01T00:00:00+08:00") == (first, first + second - 1)
+    last = values.to_micros(datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC))
+    assert values.date_range("9999-12-31T23:59:59Z") == (last, last + second - 1)
+
+
+@pytest.mark.parametrize("text", ["2023-02-29", "2024-13", "2024-00", "2024-04-31", "2024-01-01T24:00",
+                                  "2024-01-01T10:60", "2024-01-01T10:00:60Z", "0000", "2024-1-01", "today"])
+def test_an_impossible_date_has_no_range(text: str):
+    from fhirkit.search import values
+
+    assert values.date_range(text) is None
+
+
+def test_a_named_zone_reads_each_end_at_its_own_offset():
+    """New York's 2024-03-10 lasted 23 hours and 2024-11-03 lasted 25: the day's end is read at the
+    offset in force then, not at the day's start."""
+    from fhirkit.search import values
+
+    previous = values.local_time_zone()
+    try:
+        values.set_local_time_zone("America/New_York")
+        for day, hours, midnight in (("2024-03-10", 23, "-05:00"), ("2024-11-03", 25, "-04:00"),
+                                     ("2024-07-04", 24, "-04:00")):
+            low, high = values.date_range(day)
+            assert (high + 1 - low) == hours * 3600 * values.MICROS
+            assert low == values.date_range(f"{day}T00:00:00{midnight}")[0]
+        low, high = values.date_range("2024-03-10T02:30")  # a minute the clocks skipped keeps the earlier offset
+        assert low == values.date_range("2024-03-10T02:30:00-05:00")[0] and high - low == 60 * values.MICROS - 1
+    finally:
+        values.set_local_time_zone(previous)
 
 
 def test_the_migration_recomputes_date_index_rows_read_as_utc(tmp_path: Path):
