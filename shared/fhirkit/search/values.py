@@ -115,15 +115,15 @@ def date_range(text: str) -> tuple[int, int] | None:
 
 
 def _range_from_match(match: re.Match[str]) -> tuple[int, int]:
-    """In integers, not datetimes (5-8 µs a value, and a lab result's write reads its times several
-    times). A named zone's offset is looked up at both ends, as its summer time may differ."""
+    """Counted in integers: through datetimes a value cost 5-8 µs, and a lab result's write reads
+    its times several times. A named zone's offset is looked up at both ends (summer time)."""
     y, m, d, hour, minute, second, fraction, tz = match.groups()
     year, month, day = int(y), int(m or 1), int(d or 1)
     start = (date(year, month, day).toordinal() - _EPOCH_ORDINAL) * _DAY  # date() refuses a bad day
     if m is None:
         span = (366 if calendar.isleap(year) else 365) * _DAY
     elif d is None:
-        span = _days_in_month(year, month) * _DAY
+        span = calendar.monthrange(year, month)[1] * _DAY
     elif hour is None:
         span = _DAY
     else:
@@ -145,19 +145,13 @@ _DAY = 86_400 * MICROS
 _EPOCH_ORDINAL = date(1970, 1, 1).toordinal()
 
 
-def _days_in_month(year: int, month: int) -> int:
-    return 29 if month == 2 and calendar.isleap(year) else _MONTH_DAYS[month]
-
-
-_MONTH_DAYS = (0, 31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)
-
-
 def _offset_micros(zone: tzinfo, local_micros: int) -> int:
     """The zone's offset from UTC at a local time, in microseconds."""
     offset = zone.utcoffset(None)  # a fixed offset answers without a moment; a named zone does not
     if offset is None:
         offset = zone.utcoffset(_NAIVE_EPOCH + timedelta(microseconds=local_micros))
-        assert offset is not None
+        if offset is None:
+            raise ValueError(f"the time zone {zone} has no offset")
     return (offset.days * 86400 + offset.seconds) * MICROS + offset.microseconds
 
 
