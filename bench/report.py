@@ -59,35 +59,33 @@ def evaluate(report: dict[str, Any]) -> list[dict[str, Any]]:
     read = _one(report, "read")
     if read:
         add("read by id >= 0.50 x bare-bytes floor", read.get("ratio"), _ge(read.get("ratio"), 0.5))
-        _shown_against_storage(add, report, "read-vs-storage", "  the same reads to the storage-select floor")
+        _shown(add, "the same reads to the storage-select floor", _ratio(report, "read-vs-storage"))
         add("read by id p99 <= 10 ms at 32 connections", read["p99_ms"], read["p99_ms"] <= 10, " ms")
     create = _one(report, "create")
     if create:
         add("create >= 0.60 x validate-only floor", create.get("ratio"), _ge(create.get("ratio"), 0.6))
-        _shown_against_storage(add, report, "create-vs-storage", "  the same creates to the storage-insert floor")
+        _shown(add, "the same creates to the storage-insert floor", _ratio(report, "create-vs-storage"))
     partial = largest < TARGET_SIZE
     search = rows.get(("search", largest))
     if search:
         add(f"search p95 <= 50 ms at 1,000,000 (at {largest:,})", search["p95_ms"], search["p95_ms"] <= 50,
             " ms", partial)
-        _shown_against_machine(add, search, "  search p95 (s) x storage-select floor/s", 175)
+        _shown(add, "search p95 (s) x storage-select floor/s", _p95_times_floor(search), 175)
     _growth(add, rows, sizes, report["rows"])
     loads = report["loads"]
     if loads:
         rate = _overall_rate(loads)
         add("transaction of 100 Observations >= 1,500 resources/s", rate, rate >= 1500, " res/s")
-        insert_floor = _one(report, "floor-storage-insert")
-        if insert_floor and insert_floor.get("rps"):
-            add("  the same to the storage-insert floor (shown, not judged; 0.65 proposed)",
-                rate / insert_floor["rps"], None)
+        insert_floor = (_one(report, "floor-storage-insert") or {}).get("rps")
+        _shown(add, "the same to the storage-insert floor", rate / insert_floor if insert_floor else None, 0.65)
     check = rows.get(("recognition", largest))
     if check:
         add(f"$recognition-check p95 <= 20 ms at 1,000,000 (at {largest:,})", check["p95_ms"],
             check["p95_ms"] <= 20, " ms", partial)
-        _shown_against_machine(add, check, "  check p95 (s) x storage-select floor/s", 70)
+        _shown(add, "check p95 (s) x storage-select floor/s", _p95_times_floor(check), 70)
     repeated = rows.get(("recognition-repeated", largest))
     if repeated:  # the first figure records most pairs' grants; this one finds them held
-        add("  the same pairs checked again (shown, not judged)", repeated["p95_ms"], None, " ms")
+        _shown(add, "the same pairs checked again", repeated["p95_ms"], unit=" ms")
     hop = report.get("distributed", {}).get("hop")
     add("gateway hop <= 2 ms at p50", hop["p50_ms"] if hop else None,
         None if not hop else hop["p50_ms"] <= 2, " ms")
@@ -99,20 +97,24 @@ def evaluate(report: dict[str, Any]) -> list[dict[str, Any]]:
     return targets
 
 
-def _shown_against_storage(add: Any, report: dict[str, Any], key: str, text: str) -> None:
-    """The ratio to the storage floor under the judged one: the bare-bytes and validation floors
-    do none of the database work a read or create must do (bench/README, session 17)."""
-    row = _one(report, key)
-    if row and row.get("ratio") is not None:
-        add(f"{text} (shown, not judged)", row["ratio"], None)
+def _shown(add: Any, text: str, value: float | None, proposed: float | None = None, unit: str = "") -> None:
+    """A figure under the target it restates, not judged; nothing when it was not measured.
+    Read and create against the storage floors (the bare-bytes and validation floors do none of
+    the database work they must do: bench/README, session 17); search, check and transaction with
+    the machine's speed taken out (they moved with the storage floors while the machine changed
+    threefold: session 18). `proposed`: the bound the README proposes."""
+    if value is not None:
+        note = "shown, not judged" + (f"; {proposed:g} proposed" if proposed is not None else "")
+        add(f"  {text} ({note})", value, None, unit)
 
 
-def _shown_against_machine(add: Any, row: dict[str, Any], text: str, proposed: int) -> None:
-    """A latency with the machine's speed taken out: p95 in seconds times the storage-select
-    floor's requests/s. It stayed put while the machine changed threefold (bench/README, session
-    18), where the ms moved with the floor; `proposed` is the bound the README proposes."""
-    if row.get("floor_rps"):
-        add(f"{text} (shown, not judged; {proposed} proposed)", row["p95_ms"] / 1000 * row["floor_rps"], None)
+def _ratio(report: dict[str, Any], key: str) -> float | None:
+    return (_one(report, key) or {}).get("ratio")
+
+
+def _p95_times_floor(row: dict[str, Any]) -> float | None:
+    """p95 in seconds times the storage-select floor's requests/s."""
+    return row["p95_ms"] / 1000 * row["floor_rps"] if row.get("floor_rps") else None
 
 
 def _growth(add: Any, rows: dict[tuple[str, Any], dict[str, Any]], sizes: list[int],
