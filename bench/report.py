@@ -40,8 +40,9 @@ def print_table(report: dict[str, Any]) -> None:
         print(f"resident memory, {name}: " + ", ".join(f"{p['role']} {p['rss_mb']} MB" for p in memory["processes"]))
     hop = report.get("distributed", {}).get("hop")
     if hop:
-        print(f"gateway hop at p50: {hop['p50_ms']} ms at 1 connection, {hop['p50_ms_loaded']} ms at "
-              f"{hop['loaded_connections']} connections")
+        rounds = ", ".join(str(r) for r in hop.get("p50_ms_rounds", []))
+        print(f"gateway hop at p50: {hop['p50_ms']} ms at 1 connection (median of rounds: {rounds}), "
+              f"{hop['p50_ms_loaded']} ms at {hop['loaded_connections']} connections")
 
 
 def evaluate(report: dict[str, Any]) -> list[dict[str, Any]]:
@@ -86,9 +87,8 @@ def evaluate(report: dict[str, Any]) -> list[dict[str, Any]]:
     repeated = rows.get(("recognition-repeated", largest))
     if repeated:  # the first figure records most pairs' grants; this one finds them held
         _shown(add, "the same pairs checked again", repeated["p95_ms"], unit=" ms")
-    hop = report.get("distributed", {}).get("hop")
-    add("gateway hop <= 2 ms at p50", hop["p50_ms"] if hop else None,
-        None if not hop else hop["p50_ms"] <= 2, " ms")
+    hop = (report.get("distributed", {}).get("hop") or {}).get("p50_ms")
+    add("gateway hop <= 2 ms at p50", hop, None if hop is None else hop <= 2, " ms")
     memory = report.get("memory", {}).get("embedded")
     if memory:
         worst = max(p["rss_mb"] for p in memory["processes"])
@@ -145,11 +145,26 @@ def paired_growth(all_rows: list[dict[str, Any]]) -> float | None:
     """The median over the paired rounds of the largest size's p95 / the smallest's (each round
     is two rows in that order, see bench.__main__.paired_search); None without a complete round."""
     paired = [r["p95_ms"] for r in all_rows if r["key"] == "search-paired"]
-    ratios = sorted(high / low for low, high in zip(paired[::2], paired[1::2]) if low)
-    if not ratios:
+    return _median([high / low for low, high in zip(paired[::2], paired[1::2]) if low])
+
+
+def gateway_hop(rows: list[dict[str, Any]], connections: int) -> tuple[float | None, list[float]]:
+    """The median over rounds of p50 through the gateway − p50 at the service, at `connections`,
+    and each round's difference (rounds: a gateway row then a direct row, see
+    bench.__main__._hop_rows)."""
+    through = [r["p50_ms"] for r in rows if r["key"] == "gateway" and r["connections"] == connections]
+    direct = [r["p50_ms"] for r in rows if r["key"] == "direct" and r["connections"] == connections]
+    rounds = [round(g - d, 2) for g, d in zip(through, direct)]
+    hop = _median(rounds)
+    return (None if hop is None else round(hop, 2)), rounds
+
+
+def _median(values: list[float]) -> float | None:
+    ordered = sorted(values)
+    if not ordered:
         return None
-    middle = len(ratios) // 2
-    return ratios[middle] if len(ratios) % 2 else (ratios[middle - 1] + ratios[middle]) / 2
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
 
 
 def _overall_rate(loads: list[dict[str, Any]]) -> float:

@@ -89,3 +89,23 @@ def test_search_check_and_transaction_are_shown_against_the_machines_storage_flo
     # Without the floors (a report from before they were measured) nothing is shown.
     report["rows"] = [{k: v for k, v in row.items() if k != "floor_rps"} for row in report["rows"][1:]]
     assert not [t for t in evaluate(report) if "proposed" in t["target"]]
+
+
+def _hop_row(key: str, connections: int, p50: float) -> dict[str, object]:
+    return {"key": key, "connections": connections, "p50_ms": p50}
+
+
+def test_the_gateway_hop_is_the_median_of_alternating_rounds_and_judged_on_it() -> None:
+    rows = [_hop_row("gateway", 1, 1.10), _hop_row("direct", 1, 0.60),   # 0.50
+            _hop_row("gateway", 1, 3.40), _hop_row("direct", 1, 0.70),   # 2.70: a slow moment
+            _hop_row("gateway", 1, 1.20), _hop_row("direct", 1, 0.65),   # 0.55
+            _hop_row("gateway", 32, 18.0), _hop_row("direct", 32, 13.5)]
+    assert report.gateway_hop(rows, 1) == (0.55, [0.5, 2.7, 0.55])
+    assert report.gateway_hop(rows, 32) == (4.5, [4.5])
+    assert report.gateway_hop(rows, 8) == (None, [])
+    judged = {"sizes": [], "loads": [], "rows": [], "distributed": {"hop": {"p50_ms": 0.55}}}
+    assert [(t["measured"], t["status"]) for t in evaluate(judged) if "hop" in t["target"]] == [("0.550 ms", "pass")]
+    judged["distributed"]["hop"]["p50_ms"] = 2.7
+    assert [t["status"] for t in evaluate(judged) if "hop" in t["target"]] == ["miss"]
+    # A run without the distributed figures (SQLite, --skip-distributed) judges nothing.
+    assert [t["status"] for t in evaluate({"sizes": [], "loads": [], "rows": []}) if "hop" in t["target"]] == ["n/a"]
