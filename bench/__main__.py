@@ -17,6 +17,7 @@ import asyncio
 import os
 import platform
 import shutil
+import sys
 import tempfile
 import time
 import uuid
@@ -338,10 +339,9 @@ def measure_floors(args: argparse.Namespace, env: dict[str, str], logs: Path, st
 
 @contextmanager
 def _floor_server(args: argparse.Namespace, env: dict[str, str], logs: Path, mode: str, spec: Path) -> Iterator[str]:
-    """The floor app under uvicorn, as many workers as the system had."""
+    """The floor app with as many workers as the system had, served the same way (bench.floor.main)."""
     port = system.free_port()
-    command = [system.UVICORN, "--factory", "bench.floor:create_app", "--host", "127.0.0.1", "--port", str(port),
-               "--workers", str(args.workers), "--no-access-log", "--log-level", "warning"]
+    command = [sys.executable, "-m", "bench.floor", "--port", str(port), "--workers", str(args.workers)]
     server = system.start(f"floor-{mode}", command, {**env, "BENCH_FLOOR_MODE": mode, "BENCH_FLOOR_DATA": str(spec)},
                           port, logs)
     try:

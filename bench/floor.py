@@ -9,9 +9,14 @@ machine the system's own work leaves.
                               driver, pool and SQLite pragmas as the services
 
 BENCH_FLOOR_DATA names a JSON file {"resources": {id: stored JSON text}, "database_url": …}.
-Run by the suite as `uvicorn --factory bench.floor:create_app --workers N`.
+Run by the suite as `python -m bench.floor --port P --workers N`, served as `alliance serve
+--workers N` serves the system (`gateway.workers`: a socket per worker, connections balanced).
+Until session 19 the floors ran under `uvicorn --workers N`, whose workers share one socket:
+wrk's connections then landed mostly on one worker in some figures and not in others, and the
+same floor measured 3,000 and 1,900 selects/s from one server, a figure apart.
 """
 
+import argparse
 import json
 import os
 import uuid
@@ -120,3 +125,25 @@ def prepare_storage(database_url: str, resources: dict[str, str]) -> None:
 def create_app() -> Floor:
     """uvicorn's factory (`--factory`): one Floor per worker, configured by the environment."""
     return Floor(os.environ["BENCH_FLOOR_MODE"], os.environ["BENCH_FLOOR_DATA"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.floor", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--workers", type=int, default=1)
+    args = parser.parse_args()
+    options: dict[str, Any] = {"log_level": "warning", "access_log": False}
+    if args.workers > 1:
+        from gateway.workers import serve_workers
+
+        serve_workers("bench.floor:create_app", args.host, args.port, args.workers, **options)
+    else:
+        import uvicorn
+
+        uvicorn.run("bench.floor:create_app", factory=True, host=args.host, port=args.port, **options)
+
+
+if __name__ == "__main__":
+    main()

@@ -20,7 +20,6 @@ from typing import Any
 import httpx
 
 ALLIANCE = str(Path(sys.executable).parent / "alliance")
-UVICORN = str(Path(sys.executable).parent / "uvicorn")
 REPO = Path(__file__).resolve().parents[1]
 SERVICES = ("directory", "referral", "results-sharing", "telemedicine")
 DATABASES = (*SERVICES, "platform")
