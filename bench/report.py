@@ -1,6 +1,7 @@
 """The suite's table, the issue-10 targets with pass/miss, and the JSON written to bench/results/."""
 
 import json
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -160,11 +161,7 @@ def gateway_hop(rows: list[dict[str, Any]], connections: int) -> tuple[float | N
 
 
 def _median(values: list[float]) -> float | None:
-    ordered = sorted(values)
-    if not ordered:
-        return None
-    middle = len(ordered) // 2
-    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+    return statistics.median(values) if values else None
 
 
 def _overall_rate(loads: list[dict[str, Any]]) -> float:
