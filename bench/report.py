@@ -39,6 +39,10 @@ def print_table(report: dict[str, Any]) -> None:
               f"(patients: {load['patients']['resources_per_s']} resources/s)")
     for name, memory in report.get("memory", {}).items():
         print(f"resident memory, {name}: " + ", ".join(f"{p['role']} {p['rss_mb']} MB" for p in memory["processes"]))
+    for row in report["rows"]:
+        if len(row.get("rps_rounds", [])) > 1:
+            rounds = ", ".join(f"{rps:,.0f}" for rps in row["rps_rounds"])
+            print(f"{row['name']}: requests/s by round {rounds} (the median round counts)")
     hop = report.get("distributed", {}).get("hop")
     if hop:
         rounds = ", ".join(str(r) for r in hop.get("p50_ms_rounds", []))
@@ -158,6 +162,15 @@ def gateway_hop(rows: list[dict[str, Any]], connections: int) -> tuple[float | N
     rounds = [round(g - d, 2) for g, d in zip(through, direct)]
     hop = _median(rounds)
     return (None if hop is None else round(hop, 2)), rounds
+
+
+def median_round(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Of one figure measured in rounds, the round with the median requests/s (the lower middle
+    one of an even count: a figure that was measured, with its own latencies), and every round's
+    requests/s in `rps_rounds`."""
+    middle = statistics.median_low([row["rps"] for row in rows])
+    chosen = next(row for row in rows if row["rps"] == middle)
+    return {**chosen, "rps_rounds": [row["rps"] for row in rows]}
 
 
 def _median(values: list[float]) -> float | None:

@@ -3,6 +3,8 @@
 import importlib.util
 from pathlib import Path
 
+import pytest
+
 # bench/ is a directory of the repository, not an installed package.
 _spec = importlib.util.spec_from_file_location("bench_report", Path(__file__).parents[1] / "bench" / "report.py")
 assert _spec is not None and _spec.loader is not None
@@ -109,3 +111,27 @@ def test_the_gateway_hop_is_the_median_of_alternating_rounds_and_judged_on_it() 
     assert [t["status"] for t in evaluate(judged) if "hop" in t["target"]] == ["miss"]
     # A run without the distributed figures (SQLite, --skip-distributed) judges nothing.
     assert [t["status"] for t in evaluate({"sizes": [], "loads": [], "rows": []}) if "hop" in t["target"]] == ["n/a"]
+
+
+def _floor_round(rps: float, p99: float) -> dict[str, object]:
+    return {"key": "floor-storage-read", "name": "floor: storage select by id", "rps": rps, "p99_ms": p99}
+
+
+def test_a_floor_measured_in_rounds_is_its_median_round_whole() -> None:
+    rounds = [_floor_round(3_075.0, 21.0), _floor_round(1_922.0, 40.0), _floor_round(2_988.0, 22.0)]
+    floor = report.median_round(rounds)
+    # The median round itself, its latencies with it: not a mean, not one round's rate with another's p99.
+    assert (floor["rps"], floor["p99_ms"]) == (2_988.0, 22.0)
+    assert floor["rps_rounds"] == [3_075.0, 1_922.0, 2_988.0]
+    assert report.median_round(rounds[:2])["rps"] == 1_922.0  # even: the lower middle, a measured round
+    assert report.median_round(rounds[:1])["rps_rounds"] == [3_075.0]
+
+
+def test_the_table_prints_each_floors_rounds(capsys: pytest.CaptureFixture[str]) -> None:
+    row = {**report.median_round([_floor_round(3_075.0, 21.0), _floor_round(2_988.0, 22.0),
+                                  _floor_round(3_037.0, 20.0)]),
+           "connections": 32, "p50_ms": 9.0, "p95_ms": 15.0, "error_rate": 0.0, "stored": None}
+    report.print_table({"date": "2026-11-25", "machine": {"cpu_count": 2, "cpu_model": "x"}, "database_version": "pg",
+                        "workers": 2, "seconds": 5.0, "rows": [row], "loads": []})
+    printed = capsys.readouterr().out
+    assert "floor: storage select by id: requests/s by round 3,075, 2,988, 3,037 (the median round counts)" in printed
