@@ -10,7 +10,10 @@ from fhirkit.errors import InvalidRequest
 
 
 def _round_trip(literal: str) -> bytes:
-    return jsonio.dumps(jsonio.loads(f'{{"value":{literal},"list":[{literal}]}}'.encode()))
+    compact = jsonio.dumps(jsonio.loads(f'{{"value":{literal},"list":[{literal}]}}'.encode()))
+    spaced = jsonio.dumps(jsonio.loads(f'{{ "value" : {literal} ,\n "list" : [ {literal}\t] }}'.encode()))
+    assert spaced == compact
+    return compact
 
 
 # JSON number literals: a sign, an integer part without leading zeros, maybe decimals, maybe an exponent.
@@ -42,6 +45,16 @@ def test_what_a_float_would_change_keeps_its_text(literal: str) -> None:
     value = jsonio.loads(f'{{"value":{literal}}}'.encode())["value"]
     assert not isinstance(value, float)  # a FhirDecimal, or an exact int
     assert _round_trip(literal) == f'{{"value":{literal},"list":[{literal}]}}'.encode()
+
+
+def test_strings_that_look_numeric_leave_the_fast_parser_alone() -> None:
+    """Instants with milliseconds, 18-digit ID card numbers, UUIDs with `3e5` in them: a body
+    full of them still takes orjson (its numbers come out as floats, not FhirDecimal)."""
+    body = (b'{"resourceType":"Observation","issued":"2026-11-25T10:00:00.000+08:00",'
+            b'"identifier":[{"value":"110101199003074512"},{"value":"urn:uuid:3e5a0d2e-1e10-4e00-8e9a-0e10d1e2f300"}],'
+            b'"valueQuantity":{"value":4.5},"note":[{"text":"1.5 mmol/L, 1e3 cells"}]}')
+    assert type(jsonio.loads(body)["valueQuantity"]["value"]) is float
+    assert jsonio.dumps(jsonio.loads(body)) == body
 
 
 @pytest.mark.parametrize("constant", [b"NaN", b"Infinity", b"-Infinity"])
