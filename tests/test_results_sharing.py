@@ -968,3 +968,36 @@ class TestResultsCreatedTogether:
                                                                       unit="g/L"))))
         assert len(written) == 2
         assert len(parses) == 1, "the gateway parsed the Bundle to route it; the service took that parse"
+
+    async def test_a_transactions_results_are_each_worked_out_once(self, api: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+        from results_sharing import results
+
+        worked_out: list[str] = []
+        original = results.shared_result
+
+        def counting(body: dict[str, Any]) -> Any:
+            worked_out.append(body["code"]["coding"][0]["code"])
+            return original(body)
+
+        monkeypatch.setattr(results, "shared_result", counting)
+        patient = (await TestBundleReferences().new_patients(api, 1))[0]
+        written = locations(await upload(api, LAB, posted(observation(patient, LAB, "2823-3", "钾", value=4.0),
+                                                          observation(patient, LAB, "718-7", "血红蛋白", value=130,
+                                                                      unit="g/L"))))
+        assert len(written) == 2
+        assert sorted(worked_out) == ["2823-3", "718-7"]  # not once per hook (before_creates, before_write, after)
+
+    async def test_a_kept_shared_result_is_let_go_by_the_writes_last_hook(self, system: Any) -> None:
+        """A later write of the same dict, changed, must not be judged on what the first one kept."""
+        from results_sharing import results
+
+        body = {"resourceType": "Observation", "status": "final", "subject": {"reference": "Patient/p1"},
+                "code": {"coding": [{"system": LOINC, "code": "718-7"}]}}
+        database = system.state.apps["results-sharing"].state.database
+        async with database.transaction(write=False) as conn:
+            first = results._shared_result_of(conn, body)
+            assert results._shared_result_of(conn, body) is first
+            assert results._shared_result_of(conn, {**body}) is not first  # another dict, alike: its own
+            assert results._shared_result_of(conn, body, last=True) is first
+            body["status"] = "entered-in-error"
+            assert results._shared_result_of(conn, body).status == "entered-in-error"
