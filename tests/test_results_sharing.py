@@ -962,11 +962,7 @@ class TestResultsCreatedTogether:
             return original(raw)
 
         monkeypatch.setattr(jsonio, "loads", counting)
-        patient = (await TestBundleReferences().new_patients(api, 1))[0]
-        written = locations(await upload(api, LAB, posted(observation(patient, LAB, "2823-3", "钾", value=4.0),
-                                                          observation(patient, LAB, "718-7", "血红蛋白", value=130,
-                                                                      unit="g/L"))))
-        assert len(written) == 2
+        assert len(await _post_two_lab_results(api)) == 2
         assert len(parses) == 1, "the gateway parsed the Bundle to route it; the service took that parse"
 
     async def test_a_transactions_results_are_each_worked_out_once(self, api: Any, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -980,11 +976,7 @@ class TestResultsCreatedTogether:
             return original(body)
 
         monkeypatch.setattr(results, "shared_result", counting)
-        patient = (await TestBundleReferences().new_patients(api, 1))[0]
-        written = locations(await upload(api, LAB, posted(observation(patient, LAB, "2823-3", "钾", value=4.0),
-                                                          observation(patient, LAB, "718-7", "血红蛋白", value=130,
-                                                                      unit="g/L"))))
-        assert len(written) == 2
+        assert len(await _post_two_lab_results(api)) == 2
         assert sorted(worked_out) == ["2823-3", "718-7"]  # not once per hook (before_creates, before_write, after)
 
     async def test_a_kept_shared_result_is_let_go_by_the_writes_last_hook(self, system: Any) -> None:
@@ -1001,3 +993,11 @@ class TestResultsCreatedTogether:
             assert results._shared_result_of(conn, body, last=True) is first
             body["status"] = "entered-in-error"
             assert results._shared_result_of(conn, body).status == "entered-in-error"
+
+
+async def _post_two_lab_results(api: Any) -> list[str]:
+    """A transaction of two lab results for a new patient, as the lab center; their locations."""
+    patient = (await TestBundleReferences().new_patients(api, 1))[0]
+    return locations(await upload(api, LAB, posted(observation(patient, LAB, "2823-3", "钾", value=4.0),
+                                                   observation(patient, LAB, "718-7", "血红蛋白", value=130,
+                                                               unit="g/L"))))
