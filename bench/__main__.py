@@ -7,8 +7,8 @@ Starts `alliance serve` (embedded: one process with every service, N uvicorn wor
 databases, loads the demo alliance, patients and lab Observations through the HTTP API (bundles
 of 100, several connections: the transaction figure), and drives each scenario with wrk. Floors
 (bench/floor.py) are served as the system is, with the same workers and the same wrk settings in
-the same run, in rounds (the median round counts). Then, on PostgreSQL, the distributed mode: each service its own process behind the gateway,
-for the gateway hop. Prints a table and the targets, writes bench/results/bench-*.json. See
+the same run, in rounds (the median round counts). Then, on PostgreSQL, the distributed mode:
+each service its own process behind the gateway, for the gateway hop. Prints a table and the targets, writes bench/results/bench-*.json. See
 bench/README.md. Never run as a test.
 """
 
