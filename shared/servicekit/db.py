@@ -27,6 +27,13 @@ def is_sqlite(url: str) -> bool:
     return url.startswith("sqlite")
 
 
+def _driver_connection(conn: AsyncConnection) -> Any:
+    """psycopg's connection under a started `conn`, read straight off it as the store's driver
+    does: `get_raw_connection()` spawns a greenlet to read the same attribute, which only an
+    invalidated connection needs (to reconnect), and a connection just taken from the pool is not."""
+    return conn.sync_connection.connection.driver_connection  # type: ignore[union-attr]
+
+
 def sync_url(url: str) -> str:
     """The URL Alembic uses: the same database through a synchronous driver."""
     return url.replace("sqlite+aiosqlite", "sqlite").replace("postgresql+asyncpg", "postgresql+psycopg")
@@ -170,7 +177,7 @@ class Database:
         async with self.engine.connect() as conn:
             # The driver's own switch, flipped back before the pool takes the connection again:
             # SQLAlchemy's isolation-level option did the same at twice the cost.
-            raw = (await conn.get_raw_connection()).driver_connection
+            raw = _driver_connection(conn)
             await raw.set_autocommit(True)
             try:
                 yield conn
@@ -192,7 +199,7 @@ class Database:
     async def writing(self, conn: AsyncConnection) -> AsyncIterator[None]:
         """The writes of a `reads_then_writes()` connection, as one transaction (BEGIN … COMMIT,
         ROLLBACK on an error). Inside a transaction already: nothing more."""
-        raw = None if is_sqlite(self.url) else (await conn.get_raw_connection()).driver_connection
+        raw = None if is_sqlite(self.url) else _driver_connection(conn)
         if raw is None or not raw.autocommit:
             yield
             return
