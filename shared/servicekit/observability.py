@@ -61,6 +61,16 @@ class Metrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
         )
         self.service = service
+        # The labelled series by (method, status): `labels()` checks and locks on every call.
+        self._series: dict[tuple[str, int], tuple[Any, Any]] = {}
+
+    def observe(self, method: str, status: int, seconds: float) -> None:
+        series = self._series.get((method, status))
+        if series is None:
+            series = self._series[(method, status)] = (
+                self.requests.labels(self.service, method, str(status)), self.latency.labels(self.service, method))
+        series[0].inc()
+        series[1].observe(seconds)
 
     def response(self) -> Response:
         return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
@@ -97,12 +107,12 @@ class RequestContextMiddleware:
         finally:
             elapsed = time.perf_counter() - started
             method, status = scope["method"], status_holder["status"]
-            self.metrics.requests.labels(self.service, method, str(status)).inc()
-            self.metrics.latency.labels(self.service, method).observe(elapsed)
-            self.log.info(
-                "request", extra={"service": self.service, "method": method, "route": _route(scope),
-                                  "status": status, "duration_ms": round(elapsed * 1000, 2)},
-            )
+            self.metrics.observe(method, status, elapsed)
+            if self.log.isEnabledFor(logging.INFO):  # the access log's fields only when it is written
+                self.log.info(
+                    "request", extra={"service": self.service, "method": method, "route": _route(scope),
+                                      "status": status, "duration_ms": round(elapsed * 1000, 2)},
+                )
             request_id_var.reset(token)
 
 
