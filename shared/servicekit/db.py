@@ -30,7 +30,8 @@ def is_sqlite(url: str) -> bool:
 def _driver_connection(conn: AsyncConnection) -> Any:
     """psycopg's connection under a started `conn`, read straight off it as the store's driver
     does: `get_raw_connection()` spawns a greenlet to read the same attribute, which only an
-    invalidated connection needs (to reconnect), and a connection just taken from the pool is not."""
+    invalidated connection needs (to reconnect). A request's connection is not: one lost under
+    a request has failed that request already (503, `fhirkit.api.handlers`)."""
     return conn.sync_connection.connection.driver_connection  # type: ignore[union-attr]
 
 
