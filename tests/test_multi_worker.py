@@ -537,6 +537,10 @@ def test_a_worker_killed_while_leading_loses_no_event(server: Server) -> None:
         victim = _leading_worker(server)
         os.kill(victim, signal.SIGKILL)
         killed_at = time.monotonic()
+        # A connection the kernel hashed to the victim's socket before its process was torn down
+        # is reset with it (SO_REUSEPORT: each worker has its own queue); the test's requests
+        # are about the events, so they start once that socket is gone.
+        wait_until("the killed worker's sockets closed", lambda: _exited(victim), timeout=10)
         tasks = [refer(server, COUNTY) for _ in range(3)]
         for task_id in tasks:
             accept(server, task_id)
@@ -564,6 +568,14 @@ def _workers(server: Server) -> list[int]:
         if int(fields[1]) == server.pid and b"resource_tracker" not in _cmdline(stat.parent):
             children.append(int(stat.parent.name))
     return children
+
+
+def _exited(pid: int) -> bool:
+    """The process is gone or a zombie: either way its files, sockets included, are closed."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except OSError:
+        return True
 
 
 def _cmdline(process: Path) -> bytes:
