@@ -19,20 +19,12 @@ from sqlalchemy import event, make_url, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.util import await_only
 
-from fhirkit.store.driver import as_dbapi_error
+from fhirkit.store.driver import as_dbapi_error, driver_connection
 from servicekit import sqlite_inline
 
 
 def is_sqlite(url: str) -> bool:
     return url.startswith("sqlite")
-
-
-def _driver_connection(conn: AsyncConnection) -> Any:
-    """psycopg's connection under a started `conn`, read straight off it as the store's driver
-    does: `get_raw_connection()` spawns a greenlet to read the same attribute, which only an
-    invalidated connection needs (to reconnect). A request's connection is not: one lost under
-    a request has failed that request already (503, `fhirkit.api.handlers`)."""
-    return conn.sync_connection.connection.driver_connection  # type: ignore[union-attr]
 
 
 def sync_url(url: str) -> str:
@@ -178,7 +170,7 @@ class Database:
         async with self.engine.connect() as conn:
             # The driver's own switch, flipped back before the pool takes the connection again:
             # SQLAlchemy's isolation-level option did the same at twice the cost.
-            raw = _driver_connection(conn)
+            raw = driver_connection(conn)
             await raw.set_autocommit(True)
             try:
                 yield conn
@@ -200,7 +192,7 @@ class Database:
     async def writing(self, conn: AsyncConnection) -> AsyncIterator[None]:
         """The writes of a `reads_then_writes()` connection, as one transaction (BEGIN … COMMIT,
         ROLLBACK on an error). Inside a transaction already: nothing more."""
-        raw = None if is_sqlite(self.url) else _driver_connection(conn)
+        raw = None if is_sqlite(self.url) else driver_connection(conn)
         if raw is None or not raw.autocommit:
             yield
             return

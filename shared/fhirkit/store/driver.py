@@ -90,9 +90,17 @@ def _compile(statement: Executable, conn: AsyncConnection, keys: Sequence[str]) 
     return ready
 
 
+def driver_connection(conn: AsyncConnection) -> Any:
+    """The DBAPI driver's own connection under a started `conn` (psycopg's, or sqlite_inline's),
+    read straight off it: `get_raw_connection()` spawns a greenlet to read the same attribute,
+    which only an invalidated connection needs (to reconnect). A request's connection is not: one
+    lost under a request has failed that request already (503, `fhirkit.api.handlers`)."""
+    return conn.sync_connection.connection.driver_connection  # type: ignore[union-attr]
+
+
 def _driver(conn: AsyncConnection) -> Any:
     """The driver's connection if it is one this module drives, else None."""
-    connection = conn.sync_connection.connection.driver_connection  # type: ignore[union-attr]
+    connection = driver_connection(conn)
     if hasattr(connection, "run_statement") or conn.dialect.driver == "psycopg":
         return connection
     return None

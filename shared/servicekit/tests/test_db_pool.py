@@ -6,14 +6,11 @@ import pytest
 from psycopg.pq import TransactionStatus
 from sqlalchemy import text
 
+from fhirkit.store.driver import driver_connection
 from servicekit.db import Database
 
 POSTGRES = os.environ.get("ALLIANCE_TEST_POSTGRES_URL")
 pytestmark = pytest.mark.skipif(not POSTGRES, reason="needs ALLIANCE_TEST_POSTGRES_URL")
-
-
-def _driver(conn):
-    return conn.sync_connection.connection.driver_connection
 
 
 async def _probe_exists(raw) -> bool:
@@ -31,18 +28,18 @@ async def database():
 
 async def test_work_left_in_a_transaction_is_rolled_back_before_the_next_checkout(database) -> None:
     async with database.engine.connect() as conn:
-        raw = _driver(conn)
+        raw = driver_connection(conn)
         await raw.execute("CREATE TEMP TABLE pool_probe (n int)")  # psycopg opens a transaction
         assert raw.info.transaction_status == TransactionStatus.INTRANS
     async with database.statement() as conn:
-        assert _driver(conn) is raw
+        assert driver_connection(conn) is raw
         assert raw.info.transaction_status == TransactionStatus.IDLE
         assert not await _probe_exists(raw)
 
 
 async def test_a_failed_transaction_is_rolled_back_before_the_next_checkout(database) -> None:
     async with database.engine.connect() as conn:
-        raw = _driver(conn)
+        raw = driver_connection(conn)
         with pytest.raises(Exception, match="division by zero"):
             await raw.execute("SELECT 1 / 0")
         assert raw.info.transaction_status == TransactionStatus.INERROR
@@ -52,7 +49,7 @@ async def test_a_failed_transaction_is_rolled_back_before_the_next_checkout(data
 
 async def test_statements_and_transactions_hand_back_an_idle_connection(database) -> None:
     async with database.statement() as conn:
-        raw = _driver(conn)
+        raw = driver_connection(conn)
         assert raw.autocommit
         await raw.execute("CREATE TEMP TABLE pool_probe (n int)")  # autocommit: kept
     assert not raw.autocommit and raw.info.transaction_status == TransactionStatus.IDLE
