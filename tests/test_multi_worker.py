@@ -560,22 +560,26 @@ def test_a_worker_killed_while_leading_loses_no_event(server: Server) -> None:
 
 def _workers(server: Server) -> list[int]:
     children = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == server.pid and b"resource_tracker" not in _cmdline(stat.parent):
-            children.append(int(stat.parent.name))
+    for process in Path("/proc").glob("[0-9]*"):
+        fields = _stat(process)
+        if fields and int(fields[1]) == server.pid and b"resource_tracker" not in _cmdline(process):
+            children.append(int(process.name))
     return children
 
 
 def _exited(pid: int) -> bool:
     """The process is gone or a zombie: either way its files, sockets included, are closed."""
+    fields = _stat(Path(f"/proc/{pid}"))
+    return fields is None or fields[0] in ("Z", "X")
+
+
+def _stat(process: Path) -> list[str] | None:
+    """The fields of `/proc/<pid>/stat` after the command name (state, parent pid, …); None
+    once the process is gone."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+        return (process / "stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
-        return True
+        return None
 
 
 def _cmdline(process: Path) -> bytes:
