@@ -8,8 +8,8 @@ databases, loads the demo alliance, patients and lab Observations through the HT
 of 100, several connections: the transaction figure), and drives each scenario with wrk. Floors
 (bench/floor.py) are served as the system is, with the same workers and the same wrk settings in
 the same run, in rounds (the median round counts). Then, on PostgreSQL, the distributed mode:
-each service its own process behind the gateway, for the gateway hop. Prints a table and the targets, writes bench/results/bench-*.json. See
-bench/README.md. Never run as a test.
+each service its own process behind the gateway, for the gateway hop. Prints a table and the
+targets, writes bench/results/bench-*.json. See bench/README.md. Never run as a test.
 """
 
 import argparse
